@@ -1,0 +1,38 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format clean migrate
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Bastion needs Python 3.11+"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## demo: migrate and serve the reference service on http://127.0.0.1:8000 (SQLite by default)
+demo: $(STAMP)
+	$(BIN)/conversations demo
+
+## test: run the whole test suite (PostgreSQL tests skip when no server answers, unless CI=true)
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## lint: ruff and mypy --strict
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+migrate: $(STAMP)
+	$(BIN)/bastion db upgrade --migrations conversations:migrations
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

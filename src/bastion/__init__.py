@@ -1,0 +1,74 @@
+"""Bastion: an async database layer for FastAPI/ASGI services.
+
+The core (this package) never imports FastAPI; the FastAPI glue is in :mod:`bastion.fastapi`.
+
+>>> settings = load_settings()                      # DATABASE_URL, DB_POOL_SIZE, …
+>>> async with Database(settings) as db:            # doctest: +SKIP
+...     async with db.write() as session:           # commits when the block ends
+...         session.add(Note(text="hello"))
+"""
+
+from bastion.database import Database, DatabaseState, PoolStatus
+from bastion.errors import (
+    BastionError,
+    CheckViolationError,
+    CommitOutcomeUnknownError,
+    ConfigurationError,
+    DatabaseStateError,
+    DatabaseUnavailableError,
+    ForeignKeyViolationError,
+    IntegrityViolationError,
+    NotFoundError,
+    NotNullViolationError,
+    PoolTimeoutError,
+    QueryError,
+    StaleVersionError,
+    TransactionConflictError,
+    UniqueViolationError,
+)
+from bastion.settings import DatabaseSettings, load_settings
+from bastion.types import UTCDateTime, utcnow
+from bastion.urls import normalise_database_url
+from bastion.validation import (
+    HttpUrlText,
+    JSONObject,
+    SafeText,
+    check_http_url,
+    check_json_object,
+    check_safe_text,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BastionError",
+    "CheckViolationError",
+    "CommitOutcomeUnknownError",
+    "ConfigurationError",
+    "Database",
+    "DatabaseSettings",
+    "DatabaseState",
+    "DatabaseStateError",
+    "DatabaseUnavailableError",
+    "ForeignKeyViolationError",
+    "HttpUrlText",
+    "IntegrityViolationError",
+    "JSONObject",
+    "NotFoundError",
+    "NotNullViolationError",
+    "PoolStatus",
+    "PoolTimeoutError",
+    "QueryError",
+    "SafeText",
+    "StaleVersionError",
+    "TransactionConflictError",
+    "UTCDateTime",
+    "UniqueViolationError",
+    "__version__",
+    "check_http_url",
+    "check_json_object",
+    "check_safe_text",
+    "load_settings",
+    "normalise_database_url",
+    "utcnow",
+]

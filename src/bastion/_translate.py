@@ -1,0 +1,154 @@
+"""The one seam where driver exceptions become Bastion errors.
+
+Classification reads machine-readable fields only — PostgreSQL SQLSTATE, SQLite extended
+result codes, SQLAlchemy's ``connection_invalidated`` — never message text, which changes with
+server versions and locales. The tables are data so that tests can walk them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Final
+
+from sqlalchemy import exc as sa_exc
+
+from bastion.errors import (
+    BastionError,
+    CheckViolationError,
+    CommitOutcomeUnknownError,
+    DatabaseUnavailableError,
+    ForeignKeyViolationError,
+    IntegrityViolationError,
+    NotNullViolationError,
+    PoolTimeoutError,
+    QueryError,
+    TransactionConflictError,
+    UniqueViolationError,
+)
+
+__all__ = ["POSTGRES_SQLSTATES", "SQLITE_CODES", "translate_error"]
+
+# Exact SQLSTATEs first; a missing code falls back to its two-character class below.
+POSTGRES_SQLSTATES: Final[dict[str, type[BastionError]]] = {
+    "23505": UniqueViolationError,
+    "23P01": UniqueViolationError,  # exclusion constraint: an overlapping row exists
+    "23503": ForeignKeyViolationError,
+    "23502": NotNullViolationError,
+    "23514": CheckViolationError,
+    "40001": TransactionConflictError,  # serialization_failure
+    "40P01": TransactionConflictError,  # deadlock_detected
+    "55P03": TransactionConflictError,  # lock_not_available (NOWAIT / lock_timeout)
+    "57P01": DatabaseUnavailableError,  # admin_shutdown
+    "57P02": DatabaseUnavailableError,  # crash_shutdown
+    "57P03": DatabaseUnavailableError,  # cannot_connect_now (starting up / recovering)
+    "53300": DatabaseUnavailableError,  # too_many_connections
+    "28000": DatabaseUnavailableError,  # invalid_authorization_specification
+    "28P01": DatabaseUnavailableError,  # invalid_password
+    "3D000": DatabaseUnavailableError,  # invalid_catalog_name: the database does not exist
+    "25006": QueryError,  # read_only_sql_transaction: a write inside a read unit
+}
+POSTGRES_SQLSTATE_CLASSES: Final[dict[str, type[BastionError]]] = {
+    "08": DatabaseUnavailableError,  # connection exception
+    "23": IntegrityViolationError,
+    "40": TransactionConflictError,
+    "53": DatabaseUnavailableError,  # insufficient resources
+    "58": DatabaseUnavailableError,  # system error (I/O)
+}
+
+# SQLite extended result codes (https://sqlite.org/rescode.html), then primary codes.
+SQLITE_CODES: Final[dict[int, type[BastionError]]] = {
+    2067: UniqueViolationError,  # SQLITE_CONSTRAINT_UNIQUE
+    1555: UniqueViolationError,  # SQLITE_CONSTRAINT_PRIMARYKEY
+    787: ForeignKeyViolationError,  # SQLITE_CONSTRAINT_FOREIGNKEY
+    1299: NotNullViolationError,  # SQLITE_CONSTRAINT_NOTNULL
+    275: CheckViolationError,  # SQLITE_CONSTRAINT_CHECK
+    19: IntegrityViolationError,  # SQLITE_CONSTRAINT
+    5: TransactionConflictError,  # SQLITE_BUSY (and BUSY_SNAPSHOT, BUSY_RECOVERY)
+    6: TransactionConflictError,  # SQLITE_LOCKED
+    8: DatabaseUnavailableError,  # SQLITE_READONLY
+    10: DatabaseUnavailableError,  # SQLITE_IOERR
+    11: DatabaseUnavailableError,  # SQLITE_CORRUPT
+    13: DatabaseUnavailableError,  # SQLITE_FULL
+    14: DatabaseUnavailableError,  # SQLITE_CANTOPEN
+    26: DatabaseUnavailableError,  # SQLITE_NOTADB
+}
+
+_DESCRIPTIONS: Final[dict[type[BastionError], str]] = {
+    UniqueViolationError: "a row with the same unique key already exists",
+    ForeignKeyViolationError: "a referenced row does not exist",
+    NotNullViolationError: "a required value is missing",
+    CheckViolationError: "a check constraint rejected the row",
+    IntegrityViolationError: "the row violates a database constraint",
+    TransactionConflictError: "the transaction conflicted with another one; retry it",
+    DatabaseUnavailableError: "the database is unavailable",
+    PoolTimeoutError: "no database connection became free in time",
+    QueryError: "the database rejected the statement",
+}
+
+
+def translate_error(exc: BaseException, *, during_commit: bool = False) -> BastionError | None:
+    """Return the Bastion error for a driver-level ``exc``, or ``None`` if it is not one.
+
+    ``during_commit`` marks an error raised by COMMIT itself: a lost connection there makes
+    the outcome unknown (:class:`CommitOutcomeUnknownError`) rather than merely unavailable.
+    The caller raises the result ``from exc``.
+    """
+    if isinstance(exc, BastionError):
+        return exc
+    if isinstance(exc, sa_exc.TimeoutError):
+        return PoolTimeoutError(_DESCRIPTIONS[PoolTimeoutError])
+    if isinstance(exc, sa_exc.DBAPIError):
+        return _translate_dbapi_error(exc, during_commit=during_commit)
+    if isinstance(exc, OSError | TimeoutError):
+        # Raised raw by drivers while connecting (refused, unreachable, DNS, timeout).
+        return _unavailable(during_commit, f"cannot connect: {type(exc).__name__}")
+    return None
+
+
+def _translate_dbapi_error(exc: sa_exc.DBAPIError, *, during_commit: bool) -> BastionError:
+    original = exc.orig
+    sqlstate, error_type = _classify(original)
+    if exc.connection_invalidated or (
+        error_type is DatabaseUnavailableError
+        and (sqlstate is None or sqlstate.startswith(("08", "57P")))
+    ):
+        if during_commit:
+            return CommitOutcomeUnknownError(
+                "the connection was lost during COMMIT; the write may or may not have been applied",
+                sqlstate=sqlstate,
+            )
+        return DatabaseUnavailableError(_DESCRIPTIONS[DatabaseUnavailableError], sqlstate=sqlstate)
+    if error_type is None:
+        error_type = QueryError
+    constraint = getattr(getattr(original, "__cause__", None), "constraint_name", None)
+    message = _DESCRIPTIONS.get(error_type, _DESCRIPTIONS[QueryError])
+    if constraint:
+        message = f"{message} ({constraint})"
+    return error_type(message, sqlstate=sqlstate, constraint=constraint)
+
+
+def _classify(original: BaseException | None) -> tuple[str | None, type[BastionError] | None]:
+    """The driver code of ``original`` and the Bastion error type it maps to."""
+    if isinstance(original, sqlite3.Error):
+        code = getattr(original, "sqlite_errorcode", None)
+        name = getattr(original, "sqlite_errorname", None)
+        if code is None:
+            # Errors raised by the sqlite3 module itself (closed connection, misuse) carry no
+            # result code.
+            return None, None
+        error_type = SQLITE_CODES.get(code) or SQLITE_CODES.get(code & 0xFF)
+        return name, error_type
+    sqlstate = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+    if not isinstance(sqlstate, str):
+        return None, None
+    error_type = POSTGRES_SQLSTATES.get(sqlstate) or POSTGRES_SQLSTATE_CLASSES.get(sqlstate[:2])
+    return sqlstate, error_type
+
+
+def _unavailable(during_commit: bool, reason: str) -> BastionError:
+    if during_commit:
+        return CommitOutcomeUnknownError(
+            f"the connection was lost during COMMIT ({reason}); the write may or may not have "
+            "been applied"
+        )
+    return DatabaseUnavailableError(f"{_DESCRIPTIONS[DatabaseUnavailableError]} ({reason})")

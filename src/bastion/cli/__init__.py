@@ -1,0 +1,27 @@
+"""The ``bastion`` command: a thin shell over the library.
+
+Exit codes: 0 success; 1 the operation failed (database unreachable, migration error);
+2 bad usage or configuration (the message names the variable or option to fix).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from bastion.cli._run import run_cli
+from bastion.cli.db import db_app
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="bastion",
+    help="Bastion: database operations for your service.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(db_app, name="db")
+
+
+def main() -> None:
+    """Entry point of the ``bastion`` console script."""
+    run_cli(app)

@@ -1,0 +1,157 @@
+"""The one error tree of Bastion, ordered by what the caller can do about it.
+
+::
+
+    BastionError
+    ├── ConfigurationError          fix the settings; raised at start, never per request
+    ├── DatabaseStateError          a Database used before start() or after close()
+    ├── DatabaseUnavailableError    the database cannot be reached now: retry later (503)
+    │   └── PoolTimeoutError        no free connection within DB_POOL_TIMEOUT (503)
+    ├── TransactionConflictError    serialization failure, deadlock, busy: re-run the unit (503)
+    ├── CommitOutcomeUnknownError   the connection died during COMMIT: the write may or may
+    │                               not have happened; resolve it, do not blindly re-run (503)
+    ├── IntegrityViolationError     the data breaks a rule the database enforces (422)
+    │   ├── UniqueViolationError        a row with that key already exists (409)
+    │   ├── ForeignKeyViolationError    the referenced parent does not exist (422)
+    │   ├── NotNullViolationError       a required column is missing (422)
+    │   └── CheckViolationError         a CHECK constraint failed (422)
+    ├── NotFoundError               the thing asked for does not exist (or is not yours) (404)
+    ├── StaleVersionError           optimistic lock: someone changed it first (412)
+    └── QueryError                  any other database error: a bug, not the caller's (500)
+
+Driver exceptions are translated into this tree at one seam (``bastion._translate``), from
+machine-readable fields only (PostgreSQL SQLSTATE, SQLite extended result codes, SQLAlchemy's
+``connection_invalidated``), and always chained with ``raise … from exc``. Messages never carry
+SQL parameters, so they are safe to show to clients and to log.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BastionError",
+    "CheckViolationError",
+    "CommitOutcomeUnknownError",
+    "ConfigurationError",
+    "DatabaseStateError",
+    "DatabaseUnavailableError",
+    "ForeignKeyViolationError",
+    "IntegrityViolationError",
+    "NotFoundError",
+    "NotNullViolationError",
+    "PoolTimeoutError",
+    "QueryError",
+    "StaleVersionError",
+    "TransactionConflictError",
+    "UniqueViolationError",
+]
+
+
+class BastionError(Exception):
+    """Base of every error Bastion raises.
+
+    Attributes:
+        code: a stable machine-readable name (``"unique_violation"``), used in HTTP bodies.
+        sqlstate: the driver's code when the error came from the database (PostgreSQL
+            SQLSTATE such as ``"23505"``, or ``"SQLITE_CONSTRAINT_UNIQUE"``), else ``None``.
+        constraint: the violated constraint's name when the driver reports it.
+    """
+
+    code = "database_error"
+
+    def __init__(
+        self, message: str, *, sqlstate: str | None = None, constraint: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+        self.constraint = constraint
+
+
+class ConfigurationError(BastionError):
+    """Settings are invalid or incompatible; the message names the variable to fix."""
+
+    code = "configuration_error"
+
+
+class DatabaseStateError(BastionError):
+    """The :class:`~bastion.Database` is not running (not started yet, or closed)."""
+
+    code = "database_not_running"
+
+
+class DatabaseUnavailableError(BastionError):
+    """The database cannot be reached or refuses work right now; retrying later may succeed."""
+
+    code = "database_unavailable"
+
+
+class PoolTimeoutError(DatabaseUnavailableError):
+    """Every pooled connection stayed busy for the whole ``DB_POOL_TIMEOUT``."""
+
+    code = "pool_timeout"
+
+
+class TransactionConflictError(BastionError):
+    """The transaction lost a race (serialization failure, deadlock, SQLite busy).
+
+    Nothing was written; re-running the whole unit of work is safe.
+    """
+
+    code = "transaction_conflict"
+
+
+class CommitOutcomeUnknownError(BastionError):
+    """The connection was lost while COMMIT was in flight: the write may have been applied.
+
+    Do not re-run the unit blindly; check whether it took effect (an idempotency key) first.
+    """
+
+    code = "commit_outcome_unknown"
+
+
+class IntegrityViolationError(BastionError):
+    """The data breaks a constraint the database enforces; nothing was written."""
+
+    code = "integrity_violation"
+
+
+class UniqueViolationError(IntegrityViolationError):
+    """A row with the same unique key already exists."""
+
+    code = "unique_violation"
+
+
+class ForeignKeyViolationError(IntegrityViolationError):
+    """A referenced row does not exist (or a referenced row is still in use)."""
+
+    code = "foreign_key_violation"
+
+
+class NotNullViolationError(IntegrityViolationError):
+    """A required column was given no value."""
+
+    code = "not_null_violation"
+
+
+class CheckViolationError(IntegrityViolationError):
+    """A CHECK constraint rejected the row."""
+
+    code = "check_violation"
+
+
+class NotFoundError(BastionError):
+    """The requested row does not exist, or the caller may not know that it exists."""
+
+    code = "not_found"
+
+
+class StaleVersionError(BastionError):
+    """An optimistic-lock update found a newer version than the caller had read."""
+
+    code = "stale_version"
+
+
+class QueryError(BastionError):
+    """Any other database error, such as invalid SQL: a defect, not the caller's fault."""
+
+    code = "query_error"

@@ -1,0 +1,37 @@
+"""FastAPI integration: lifespan, unit-of-work dependencies, error mapping, health.
+
+>>> app = FastAPI(lifespan=database_lifespan(load_settings()))  # doctest: +SKIP
+>>> install_error_handlers(app)
+>>> app.include_router(create_health_router())
+>>> @app.post("/notes", status_code=201)
+... async def create_note(body: NoteIn, session: WriteSession) -> NoteOut:
+...     note = Note(text=body.text)
+...     session.add(note)
+...     await session.flush()          # COMMIT follows, before the response is sent
+...     return NoteOut.model_validate(note)
+"""
+
+from bastion.fastapi._body_limit import BodySizeLimitMiddleware
+from bastion.fastapi._dependencies import DatabaseDep, ReadSession, WriteSession, get_database
+from bastion.fastapi._errors import (
+    HTTP_STATUS_BY_ERROR,
+    RETRY_AFTER_S,
+    error_response,
+    install_error_handlers,
+)
+from bastion.fastapi._health import create_health_router
+from bastion.fastapi._lifespan import database_lifespan
+
+__all__ = [
+    "HTTP_STATUS_BY_ERROR",
+    "RETRY_AFTER_S",
+    "BodySizeLimitMiddleware",
+    "DatabaseDep",
+    "ReadSession",
+    "WriteSession",
+    "create_health_router",
+    "database_lifespan",
+    "error_response",
+    "get_database",
+    "install_error_handlers",
+]

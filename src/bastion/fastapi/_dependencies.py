@@ -1,0 +1,59 @@
+"""FastAPI dependencies that hand a route a unit of work.
+
+Both are declared with ``scope="function"``: FastAPI runs their exit — the COMMIT of a write
+unit — after the route returns but *before* the response is sent. A COMMIT that fails
+therefore becomes an error response; the client never sees 2xx for a write that did not land.
+(With the default request scope, teardown runs after the response has gone out.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import HTTPConnection
+
+from bastion.database import Database
+from bastion.errors import DatabaseStateError
+
+__all__ = ["DatabaseDep", "ReadSession", "WriteSession", "get_database"]
+
+
+def get_database(connection: HTTPConnection) -> Database:
+    """The Database the lifespan stored on the app.
+
+    Raises:
+        DatabaseStateError: the app was not started with :func:`database_lifespan`.
+    """
+    database = getattr(connection.app.state, "database", None)
+    if not isinstance(database, Database):
+        raise DatabaseStateError(
+            "no Database on app.state; create the app with lifespan=database_lifespan(...)"
+        )
+    return database
+
+
+async def _read_session(
+    database: Annotated[Database, Depends(get_database)],
+) -> AsyncIterator[AsyncSession]:
+    async with database.read() as session:
+        yield session
+
+
+async def _write_session(
+    database: Annotated[Database, Depends(get_database)],
+) -> AsyncIterator[AsyncSession]:
+    async with database.write() as session:
+        yield session
+
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
+"""The running :class:`~bastion.Database`, for routes that open units themselves."""
+
+ReadSession = Annotated[AsyncSession, Depends(_read_session, scope="function")]
+"""A session in a read unit (one round trip per SELECT on PostgreSQL)."""
+
+WriteSession = Annotated[AsyncSession, Depends(_write_session, scope="function")]
+"""A session in a write unit, committed before the response is sent."""

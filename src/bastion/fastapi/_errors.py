@@ -1,0 +1,83 @@
+"""Bastion errors → HTTP responses, installed on an app with :func:`install_error_handlers`.
+
+Every error body has the same shape, ``{"detail": …, "code": …}``: ``detail`` is a message
+(or, for invalid requests, a list of ``{loc, msg, type}``) and ``code`` a stable name. Bodies
+never echo the input or carry SQL, parameters or driver messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from bastion.errors import (
+    BastionError,
+    CommitOutcomeUnknownError,
+    DatabaseStateError,
+    DatabaseUnavailableError,
+    IntegrityViolationError,
+    NotFoundError,
+    QueryError,
+    StaleVersionError,
+    TransactionConflictError,
+    UniqueViolationError,
+)
+
+__all__ = ["HTTP_STATUS_BY_ERROR", "RETRY_AFTER_S", "error_response", "install_error_handlers"]
+
+RETRY_AFTER_S: Final = 1
+"""Seconds a client is told to wait (``Retry-After``) after a 503."""
+
+# Most specific first: the first class the error is an instance of decides.
+HTTP_STATUS_BY_ERROR: Final[Mapping[type[BastionError], int]] = {
+    NotFoundError: 404,
+    StaleVersionError: 412,
+    UniqueViolationError: 409,
+    IntegrityViolationError: 422,
+    DatabaseUnavailableError: 503,
+    TransactionConflictError: 503,
+    CommitOutcomeUnknownError: 503,
+    DatabaseStateError: 503,
+    QueryError: 500,
+}
+
+_GENERIC_500 = "internal error"
+
+
+def error_response(error: BastionError) -> JSONResponse:
+    """The response for ``error``: its status, code and message (``Retry-After`` on 503)."""
+    status = next(
+        (status for kind, status in HTTP_STATUS_BY_ERROR.items() if isinstance(error, kind)),
+        500,
+    )
+    # A 500 is our defect; its message may describe internals, so the client gets none.
+    detail = error.message if status < 500 or status == 503 else _GENERIC_500
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"detail": detail, "code": error.code}, status, headers=headers)
+
+
+async def _bastion_error_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BastionError)
+    return error_response(exc)
+
+
+async def _validation_error_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    fields = [_describe_field_error(error) for error in exc.errors()]
+    return JSONResponse({"detail": fields, "code": "validation_error"}, 422)
+
+
+def _describe_field_error(error: Mapping[str, Any]) -> dict[str, Any]:
+    # "input" and "ctx" are dropped: they echo what the client sent (possibly huge or hostile).
+    return {"loc": list(error.get("loc", ())), "msg": error.get("msg"), "type": error.get("type")}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map :mod:`bastion.errors` and request validation failures to JSON responses."""
+    app.add_exception_handler(BastionError, _bastion_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_error_handler)

@@ -1,0 +1,39 @@
+"""The FastAPI lifespan that starts and closes a :class:`~bastion.Database`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from starlette.types import ASGIApp
+
+from bastion.database import Database
+from bastion.migrations import upgrade
+from bastion.settings import DatabaseSettings
+
+__all__ = ["database_lifespan"]
+
+
+def database_lifespan(
+    settings: DatabaseSettings, *, migrations: str | None = None
+) -> Callable[[ASGIApp], AbstractAsyncContextManager[None]]:
+    """A lifespan that starts a Database, stores it on ``app.state.database``, and closes it.
+
+    With ``migrations`` (an Alembic ``script_location`` such as ``"myservice:migrations"``),
+    the database is upgraded to head before the app takes requests.
+
+    >>> app = FastAPI(lifespan=database_lifespan(load_settings()))  # doctest: +SKIP
+
+    Raises (at start-up, which then aborts):
+        DatabaseUnavailableError, ConfigurationError: see :meth:`Database.start`.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
+        async with Database(settings) as database:
+            if migrations is not None:
+                await upgrade(database, migrations)
+            app.state.database = database  # type: ignore[attr-defined]
+            yield
+
+    return lifespan

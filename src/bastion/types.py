@@ -1,0 +1,56 @@
+"""Column types that behave the same on PostgreSQL and SQLite.
+
+:class:`UTCDateTime` stores instants: it refuses naive datetimes (whose meaning depends on the
+machine that made them), converts aware ones to UTC, and always returns aware UTC datetimes —
+PostgreSQL keeps them in ``timestamptz``; SQLite, which has no time zones, keeps the UTC wall
+clock, so text order is time order.
+
+>>> from sqlalchemy.orm import Mapped, mapped_column
+>>> class Event(Base):  # doctest: +SKIP
+...     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["UTCDateTime", "utcnow"]
+
+
+def utcnow() -> datetime:
+    """The current instant as an aware UTC datetime (evaluated per call, per row)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware-UTC ``datetime`` column; naive values are rejected with ``ValueError``."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(
+                "naive datetime given to a UTCDateTime column; pass an aware datetime "
+                "(for example bastion.utcnow())"
+            )
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {type(value).__name__}")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)

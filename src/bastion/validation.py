@@ -1,0 +1,138 @@
+"""Reusable pydantic field types for what a database can and must not hold.
+
+They reject — never rewrite — input: text is stored as sent (escaping is an output concern),
+so a value either passes unchanged or the request fails with 422.
+
+>>> class NoteIn(BaseModel):
+...     title: Annotated[SafeText, Field(min_length=1, max_length=200)]
+...     metadata: JSONObject = {}
+...     link: HttpUrlText | None = None
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import unicodedata
+from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator
+
+__all__ = [
+    "HttpUrlText",
+    "JSONObject",
+    "SafeText",
+    "check_http_url",
+    "check_json_object",
+    "check_safe_text",
+]
+
+ALLOWED_CONTROL_CHARACTERS: Final = frozenset("\t\n\r")
+JSON_OBJECT_MAX_BYTES: Final = 16 * 1024
+JSON_OBJECT_MAX_DEPTH: Final = 8
+URL_MAX_LENGTH: Final = 2048
+
+
+def check_safe_text(value: str) -> str:
+    """Return ``value`` unchanged if it holds no control character but tab, newline and CR.
+
+    Raises:
+        ValueError: a NUL byte, another control character, or a lone surrogate (which cannot
+            be stored as UTF-8) is present; the message gives its position.
+    """
+    for position, character in enumerate(value):
+        category = unicodedata.category(character)
+        if category == "Cc" and character not in ALLOWED_CONTROL_CHARACTERS:
+            raise ValueError(
+                f"control character U+{ord(character):04X} at position {position} is not allowed"
+            )
+        if category == "Cs":
+            raise ValueError(f"lone surrogate U+{ord(character):04X} at position {position}")
+    return value
+
+
+SafeText = Annotated[str, AfterValidator(check_safe_text)]
+"""A ``str`` that passes :func:`check_safe_text`; add ``Field(max_length=…)`` for a limit."""
+
+
+def check_json_object(
+    value: dict[str, Any],
+    *,
+    max_bytes: int = JSON_OBJECT_MAX_BYTES,
+    max_depth: int = JSON_OBJECT_MAX_DEPTH,
+) -> dict[str, Any]:
+    """Return ``value`` unchanged if it is a JSON object within the size and depth limits.
+
+    Depth counts nested objects and arrays: ``{}`` is 1, ``{"a": [1]}`` is 2. Strings
+    (keys and values) may hold no NUL or lone surrogate — PostgreSQL's ``jsonb`` cannot store
+    them — and numbers must be finite (``NaN`` is not JSON).
+
+    Raises:
+        ValueError: any of those rules is broken.
+    """
+    _check_json_value(value, depth=1, max_depth=max_depth, path="$")
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > max_bytes:
+        raise ValueError(f"JSON object is {size} bytes; at most {max_bytes} are allowed")
+    return value
+
+
+def _check_json_value(value: Any, *, depth: int, max_depth: int, path: str) -> None:
+    if isinstance(value, dict | list) and depth > max_depth:
+        raise ValueError(f"JSON nested deeper than {max_depth} levels at {path}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"JSON object key at {path} is not a string")
+            _check_json_string(key, path)
+            _check_json_value(item, depth=depth + 1, max_depth=max_depth, path=f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json_value(item, depth=depth + 1, max_depth=max_depth, path=f"{path}[{index}]")
+    elif isinstance(value, str):
+        _check_json_string(value, path)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"non-finite number at {path}")
+
+
+def _check_json_string(value: str, path: str) -> None:
+    if "\x00" in value:
+        raise ValueError(f"NUL character in JSON string at {path}")
+    if any(unicodedata.category(character) == "Cs" for character in value):
+        raise ValueError(f"lone surrogate in JSON string at {path}")
+
+
+JSONObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]
+"""A JSON object of at most 16 KiB, nested at most 8 deep, storable on every backend."""
+
+
+def check_http_url(value: str, *, max_length: int = URL_MAX_LENGTH) -> str:
+    """Return ``value`` unchanged if it is an absolute http(s) URL of at most ``max_length``.
+
+    Raises:
+        ValueError: another scheme (``javascript:``, ``file:``, …), no host, whitespace or
+            control characters, or too long.
+    """
+    if len(value) > max_length:
+        raise ValueError(f"URL is {len(value)} characters; at most {max_length} are allowed")
+    if any(
+        character.isspace() or unicodedata.category(character) in ("Cc", "Cs")
+        for character in value
+    ):
+        raise ValueError("URL contains whitespace or control characters")
+    try:
+        parts = urlsplit(value)
+        hostname = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise ValueError("URL is malformed") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError("URL must start with http:// or https://")
+    if not hostname:
+        raise ValueError("URL has no host")
+    return value
+
+
+HttpUrlText = Annotated[str, AfterValidator(check_http_url)]
+"""An http(s) URL of at most 2,048 characters, kept exactly as sent."""

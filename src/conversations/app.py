@@ -1,0 +1,51 @@
+"""The FastAPI application of the conversation store.
+
+Run it with ``uvicorn conversations.app:create_app --factory`` after
+``bastion db upgrade -m conversations:migrations``, or all at once with ``make demo``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from fastapi import FastAPI
+
+from bastion import DatabaseSettings, load_settings
+from bastion.fastapi import (
+    BodySizeLimitMiddleware,
+    create_health_router,
+    database_lifespan,
+    install_error_handlers,
+)
+from conversations import MIGRATIONS
+from conversations.routes import conversations, messages
+
+__all__ = ["MAX_BODY_BYTES", "create_app"]
+
+# Large enough for a 100,000-character message of 4-byte characters plus metadata and sources.
+MAX_BODY_BYTES: Final = 1024 * 1024
+
+
+def create_app(
+    settings: DatabaseSettings | None = None, *, migrate_on_start: bool = False
+) -> FastAPI:
+    """Build the app. Settings default to the environment (``DATABASE_URL``, …).
+
+    With ``migrate_on_start`` the schema is upgraded to head before the first request; with
+    several workers, run ``bastion db upgrade`` once before starting them instead.
+
+    Raises:
+        ConfigurationError: a setting in the environment is invalid.
+    """
+    settings = settings if settings is not None else load_settings()
+    app = FastAPI(
+        title="Conversations (Bastion reference service)",
+        version="0.1.0",
+        lifespan=database_lifespan(settings, migrations=MIGRATIONS if migrate_on_start else None),
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.include_router(create_health_router())
+    app.include_router(conversations.router)
+    app.include_router(messages.router)
+    return app

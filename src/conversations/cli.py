@@ -1,0 +1,109 @@
+"""The ``conversations`` command: create users and keys, and run the demo.
+
+``conversations create-user NAME`` prints only the new API key on stdout, so it can be
+captured: ``KEY=$(conversations create-user alice)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+
+from bastion import Database, load_settings
+from bastion.cli._run import fail, run_cli
+from bastion.migrations import is_at_head, upgrade
+from conversations import MIGRATIONS
+from conversations.users import create_user, issue_key
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="conversations",
+    help="The Bastion reference service: a conversation store.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+async def _require_migrated(database: Database) -> None:
+    if not await is_at_head(database, MIGRATIONS):
+        fail(
+            "the database schema is not up to date; run: "
+            f"bastion db upgrade --migrations {MIGRATIONS}"
+        )
+
+
+@app.command("create-user")
+def create_user_command(
+    name: Annotated[str, typer.Argument(help="A unique user name.")],
+) -> None:
+    """Create a user and print their API key (only the key, on stdout)."""
+    if not 1 <= len(name) <= 100 or not name.isprintable():
+        fail("NAME must be 1 to 100 printable characters", 2)
+
+    async def run() -> str:
+        async with Database(load_settings()) as database:
+            await _require_migrated(database)
+            return await create_user(database, name)
+
+    typer.echo(asyncio.run(run()))
+
+
+@app.command("add-key")
+def add_key_command(
+    name: Annotated[str, typer.Argument(help="An existing user's name.")],
+) -> None:
+    """Issue another API key for an existing user and print it."""
+
+    async def run() -> str:
+        async with Database(load_settings()) as database:
+            await _require_migrated(database)
+            return await issue_key(database, name)
+
+    typer.echo(asyncio.run(run()))
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Migrate the database, issue a key for the user 'demo', and serve the API."""
+    import uvicorn
+
+    from conversations.app import create_app
+
+    settings = load_settings()
+
+    async def prepare() -> str:
+        async with Database(settings) as database:
+            await upgrade(database, MIGRATIONS)
+            return await issue_key(database, "demo", create=True)
+
+    key = asyncio.run(prepare())
+    base = f"http://{host}:{port}"
+    typer.echo(
+        "\n".join(
+            [
+                "",
+                f"Conversations demo on {settings.display_url}",
+                f"  API:       {base}/v1/conversations",
+                f"  Docs:      {base}/docs",
+                f"  Demo key:  {key}",
+                "",
+                "Try it:",
+                f'  export KEY="{key}"',
+                f"  curl -s -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' "
+                f'-d \'{{"title": "Hello"}}\' {base}/v1/conversations',
+                "",
+            ]
+        )
+    )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+def main() -> None:
+    """Entry point of the ``conversations`` console script."""
+    run_cli(app)

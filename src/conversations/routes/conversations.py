@@ -1,0 +1,215 @@
+"""``/v1/conversations``: create, read, list, update, soft-delete and restore.
+
+Every statement is scoped to the caller (``owner_id``), so another user's conversation is
+indistinguishable from one that does not exist: 404 either way.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Final, Literal
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response
+from pydantic import AwareDatetime
+from sqlalchemy import ColumnElement, Select, func, select, update
+
+from bastion import NotFoundError, SafeText, StaleVersionError, utcnow
+from bastion.fastapi import ReadSession, WriteSession
+from conversations.auth import CurrentUser
+from conversations.models import Conversation
+from conversations.routes._ids import parse_conversation_id
+from conversations.schemas import (
+    ConversationCreate,
+    ConversationOut,
+    ConversationPage,
+    ConversationUpdate,
+    Status,
+)
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+
+SortKey = Literal["created_at", "-created_at", "updated_at", "-updated_at", "title", "-title"]
+_SORT_COLUMNS: Final = {
+    "created_at": Conversation.created_at,
+    "updated_at": Conversation.updated_at,
+    "title": Conversation.title,
+}
+MAX_OFFSET: Final = 1_000_000
+
+
+def _etag(conversation: ConversationOut) -> str:
+    return f'"{conversation.version}"'
+
+
+def _owned(owner_id: uuid.UUID, conversation_id: uuid.UUID) -> list[ColumnElement[bool]]:
+    return [Conversation.id == conversation_id, Conversation.owner_id == owner_id]
+
+
+def _visible(owner_id: uuid.UUID, conversation_id: uuid.UUID) -> list[ColumnElement[bool]]:
+    return [*_owned(owner_id, conversation_id), Conversation.deleted_at.is_(None)]
+
+
+def _expected_version(if_match: str | None) -> int | None:
+    """The version an ``If-Match`` header asks for (``None``: no precondition)."""
+    if if_match is None or if_match.strip() == "*":
+        return None
+    tag = if_match.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit() or len(tag) > 18:
+        raise HTTPException(400, 'If-Match must be a version number, such as "3"')
+    return int(tag)
+
+
+@router.post("", status_code=201)
+async def create_conversation(
+    body: ConversationCreate, user_id: CurrentUser, session: WriteSession, response: Response
+) -> ConversationOut:
+    conversation = Conversation(owner_id=user_id, title=body.title, metadata_=body.metadata)
+    session.add(conversation)
+    await session.flush()
+    result = ConversationOut.model_validate(conversation)
+    response.headers["Location"] = f"{router.prefix}/{result.id}"
+    response.headers["ETag"] = _etag(result)
+    return result
+
+
+@router.get("/{conversation_id}")
+async def get_conversation(
+    conversation_id: str, user_id: CurrentUser, session: ReadSession, response: Response
+) -> ConversationOut:
+    cid = parse_conversation_id(conversation_id)
+    conversation = await session.scalar(select(Conversation).where(*_visible(user_id, cid)))
+    if conversation is None:
+        raise NotFoundError("conversation not found")
+    result = ConversationOut.model_validate(conversation)
+    response.headers["ETag"] = _etag(result)
+    return result
+
+
+@router.get("")
+async def list_conversations(
+    user_id: CurrentUser,
+    session: ReadSession,
+    status: Status | None = None,
+    q: Annotated[SafeText | None, Query(max_length=200)] = None,
+    created_after: AwareDatetime | None = None,
+    created_before: AwareDatetime | None = None,
+    sort: SortKey = "-created_at",
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    include_deleted: bool = False,
+) -> ConversationPage:
+    query: Select[Conversation] = select(Conversation).where(Conversation.owner_id == user_id)
+    if not include_deleted:
+        query = query.where(Conversation.deleted_at.is_(None))
+    if status is not None:
+        query = query.where(Conversation.status == status)
+    if q:
+        pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        query = query.where(Conversation.title.ilike(pattern, escape="\\"))
+    if created_after is not None:
+        query = query.where(Conversation.created_at > created_after)
+    if created_before is not None:
+        query = query.where(Conversation.created_at < created_before)
+
+    total = await session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    column = _SORT_COLUMNS[sort.lstrip("-")]
+    # The id breaks ties, so equal sort keys still page in one stable order.
+    if sort.startswith("-"):
+        query = query.order_by(column.desc(), Conversation.id.desc())
+    else:
+        query = query.order_by(column.asc(), Conversation.id.asc())
+    rows = await session.scalars(query.limit(limit).offset(offset))
+    return ConversationPage(
+        items=[ConversationOut.model_validate(row) for row in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.patch("/{conversation_id}")
+async def update_conversation(
+    conversation_id: str,
+    body: ConversationUpdate,
+    user_id: CurrentUser,
+    session: WriteSession,
+    response: Response,
+    if_match: Annotated[str | None, Header()] = None,
+) -> ConversationOut:
+    cid = parse_conversation_id(conversation_id)
+    expected = _expected_version(if_match)
+    changes = body.model_dump(exclude_unset=True)
+    values: dict[object, object] = {
+        Conversation.version: Conversation.version + 1,
+        Conversation.updated_at: utcnow(),
+    }
+    if "title" in changes:
+        values[Conversation.title] = changes["title"]
+    if "status" in changes:
+        values[Conversation.status] = changes["status"]
+    if "metadata" in changes:
+        values[Conversation.metadata_] = changes["metadata"]
+    statement = update(Conversation).where(*_visible(user_id, cid))
+    if expected is not None:
+        statement = statement.where(Conversation.version == expected)
+    updated = await session.scalar(statement.values(values).returning(Conversation))
+    if updated is None:
+        current = await session.scalar(select(Conversation.version).where(*_visible(user_id, cid)))
+        if current is None:
+            raise NotFoundError("conversation not found")
+        raise StaleVersionError(
+            f"conversation is at version {current}, not {expected}; re-read it and retry"
+        )
+    result = ConversationOut.model_validate(updated)
+    response.headers["ETag"] = _etag(result)
+    return result
+
+
+@router.delete("/{conversation_id}", status_code=204)
+async def delete_conversation(
+    conversation_id: str, user_id: CurrentUser, session: WriteSession
+) -> Response:
+    cid = parse_conversation_id(conversation_id)
+    now = utcnow()
+    deleted = await session.scalar(
+        update(Conversation)
+        .where(*_visible(user_id, cid))
+        .values(
+            {
+                Conversation.deleted_at: now,
+                Conversation.updated_at: now,
+                Conversation.version: Conversation.version + 1,
+            }
+        )
+        .returning(Conversation.id)
+    )
+    if deleted is None:
+        raise NotFoundError("conversation not found")
+    return Response(status_code=204)
+
+
+@router.post("/{conversation_id}/restore")
+async def restore_conversation(
+    conversation_id: str, user_id: CurrentUser, session: WriteSession
+) -> ConversationOut:
+    cid = parse_conversation_id(conversation_id)
+    restored = await session.scalar(
+        update(Conversation)
+        .where(*_owned(user_id, cid), Conversation.deleted_at.is_not(None))
+        .values(
+            {
+                Conversation.deleted_at: None,
+                Conversation.updated_at: utcnow(),
+                Conversation.version: Conversation.version + 1,
+            }
+        )
+        .returning(Conversation)
+    )
+    if restored is None:
+        # Restoring a conversation that is not deleted changes nothing and is not an error.
+        restored = await session.scalar(select(Conversation).where(*_owned(user_id, cid)))
+        if restored is None:
+            raise NotFoundError("conversation not found")
+    return ConversationOut.model_validate(restored)

@@ -1,0 +1,118 @@
+"""Request and response bodies of the ``/v1`` API.
+
+Requests forbid unknown fields and use Bastion's validated types, so everything the database
+must not hold is refused with 422 before a transaction starts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bastion import HttpUrlText, JSONObject, SafeText
+
+__all__ = [
+    "ConversationCreate",
+    "ConversationOut",
+    "ConversationPage",
+    "ConversationUpdate",
+    "MessageCreate",
+    "MessageOut",
+    "MessagePage",
+    "SourceIn",
+    "SourceOut",
+]
+
+Title = Annotated[SafeText, Field(min_length=1, max_length=200)]
+Content = Annotated[SafeText, Field(min_length=1, max_length=100_000)]
+SourceTitle = Annotated[SafeText, Field(max_length=500)]
+Status = Literal["active", "archived"]
+Role = Literal["user", "assistant", "system"]
+
+MAX_SOURCES_PER_MESSAGE = 50
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConversationCreate(_Request):
+    title: Title
+    metadata: JSONObject = Field(default_factory=dict)
+
+
+class ConversationUpdate(_Request):
+    """A partial update: only the fields sent change; an explicit ``null`` is refused."""
+
+    title: Title | None = None
+    status: Status | None = None
+    metadata: JSONObject | None = None
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> Self:
+        if not self.model_fields_set:
+            raise ValueError("send at least one of title, status, metadata")
+        for name in self.model_fields_set:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} may not be null")
+        return self
+
+
+class SourceIn(_Request):
+    url: HttpUrlText
+    title: SourceTitle | None = None
+
+
+class MessageCreate(_Request):
+    role: Role
+    content: Content
+    metadata: JSONObject = Field(default_factory=dict)
+    sources: list[SourceIn] = Field(default_factory=list, max_length=MAX_SOURCES_PER_MESSAGE)
+
+
+class ConversationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    title: str
+    status: Status
+    metadata: dict[str, Any] = Field(validation_alias="metadata_")
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+    version: int
+
+
+class ConversationPage(BaseModel):
+    items: list[ConversationOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class SourceOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    url: str
+    title: str | None
+
+
+class MessageOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    conversation_id: uuid.UUID
+    role: Role
+    content: str
+    metadata: dict[str, Any] = Field(validation_alias="metadata_")
+    sources: list[SourceOut]
+    created_at: datetime
+
+
+class MessagePage(BaseModel):
+    items: list[MessageOut]
+    next_cursor: str | None
+    total: int
