@@ -28,7 +28,7 @@ from bastion.errors import (
 )
 from bastion.settings import DatabaseSettings, load_settings
 from bastion.types import UTCDateTime, utcnow
-from bastion.urls import normalise_database_url
+from bastion.urls import Backend, normalise_database_url
 from bastion.validation import (
     HttpUrlText,
     JSONObject,
@@ -41,6 +41,7 @@ from bastion.validation import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backend",
     "BastionError",
     "CheckViolationError",
     "CommitOutcomeUnknownError",

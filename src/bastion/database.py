@@ -58,7 +58,7 @@ from bastion.errors import (
     DatabaseUnavailableError,
 )
 from bastion.settings import DatabaseSettings
-from bastion.urls import is_memory_sqlite
+from bastion.urls import Backend, is_memory_sqlite
 
 __all__ = ["Database", "DatabaseState", "PoolStatus"]
 
@@ -132,7 +132,7 @@ class Database:
         return self._state
 
     @property
-    def backend(self) -> str:
+    def backend(self) -> Backend:
         """``"postgresql"`` or ``"sqlite"``."""
         return self.settings.backend
 
@@ -243,6 +243,9 @@ class Database:
         session = maker()
         try:
             yield session
+            if session.new or session.dirty or session.deleted:
+                # Changes made in a read unit would otherwise vanish without a word.
+                raise DatabaseStateError("a read unit cannot write; use Database.write()")
             if consistent:
                 await session.commit()
         except Exception as exc:

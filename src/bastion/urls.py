@@ -18,7 +18,7 @@ from typing import Literal
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-__all__ = ["Backend", "backend_of", "is_memory_sqlite", "normalise_database_url"]
+__all__ = ["Backend", "normalise_database_url"]
 
 Backend = Literal["postgresql", "sqlite"]
 
@@ -50,7 +50,7 @@ def normalise_database_url(raw: str) -> URL:
     """
     text = raw.strip()
     if text == ":memory:":
-        return make_url("sqlite+aiosqlite:///:memory:")
+        return make_url("sqlite+aiosqlite://")
     try:
         url = make_url(text)
     except ArgumentError:

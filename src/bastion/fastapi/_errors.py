@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -77,7 +78,28 @@ def _describe_field_error(error: Mapping[str, Any]) -> dict[str, Any]:
     return {"loc": list(error.get("loc", ())), "msg": error.get("msg"), "type": error.get("type")}
 
 
+_HTTP_CODES: Final[Mapping[int, str]] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    412: "precondition_failed",
+    413: "request_too_large",
+    422: "validation_error",
+}
+
+
+async def _http_error_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"detail": exc.detail, "code": code}, exc.status_code, headers=exc.headers
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Map :mod:`bastion.errors` and request validation failures to JSON responses."""
+    """Give every error the same JSON shape: Bastion errors, invalid requests, HTTP errors."""
     app.add_exception_handler(BastionError, _bastion_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler)

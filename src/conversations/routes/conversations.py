@@ -65,7 +65,14 @@ def _expected_version(if_match: str | None) -> int | None:
 async def create_conversation(
     body: ConversationCreate, user_id: CurrentUser, session: WriteSession, response: Response
 ) -> ConversationOut:
-    conversation = Conversation(owner_id=user_id, title=body.title, metadata_=body.metadata)
+    now = utcnow()
+    conversation = Conversation(
+        owner_id=user_id,
+        title=body.title,
+        metadata_=body.metadata,
+        created_at=now,
+        updated_at=now,
+    )
     session.add(conversation)
     await session.flush()
     result = ConversationOut.model_validate(conversation)
