@@ -1,0 +1,201 @@
+"""The /v1/conversations API on both backends: the life of a conversation."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import httpx
+
+from tests.conftest import Users
+
+Client = httpx.AsyncClient
+
+
+async def create(client: Client, headers: dict[str, str], **body: object) -> dict[str, object]:
+    response = await client.post("/v1/conversations", json=body, headers=headers)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+async def test_create_returns_the_conversation_with_its_fields(
+    app_client: Client, users: Users
+) -> None:
+    response = await app_client.post(
+        "/v1/conversations",
+        json={"title": "Trip <planning> & notes", "metadata": {"topic": "travel", "n": [1, 2]}},
+        headers=users.alice,
+    )
+
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == {
+        "id", "title", "status", "metadata", "created_at", "updated_at", "deleted_at", "version"
+    }
+    assert body["title"] == "Trip <planning> & notes"  # stored as sent, never escaped
+    assert body["metadata"] == {"topic": "travel", "n": [1, 2]}
+    assert (body["status"], body["version"], body["deleted_at"]) == ("active", 1, None)
+    created = datetime.fromisoformat(body["created_at"])
+    assert created.utcoffset() is not None and created.utcoffset().total_seconds() == 0
+    assert body["created_at"] == body["updated_at"]
+    assert response.headers["location"] == f"/v1/conversations/{body['id']}"
+    assert response.headers["etag"] == '"1"'
+
+    fetched = await app_client.get(f"/v1/conversations/{body['id']}", headers=users.alice)
+    assert fetched.status_code == 200
+    assert fetched.json() == body
+
+
+async def test_another_users_conversation_is_not_found_for_every_verb(
+    app_client: Client, users: Users
+) -> None:
+    conversation = await create(app_client, users.alice, title="Alice only")
+    path = f"/v1/conversations/{conversation['id']}"
+
+    attempts = [
+        await app_client.get(path, headers=users.bob),
+        await app_client.patch(path, json={"title": "mine now"}, headers=users.bob),
+        await app_client.delete(path, headers=users.bob),
+        await app_client.post(f"{path}/restore", headers=users.bob),
+        await app_client.post(
+            f"{path}/messages", json={"role": "user", "content": "hi"}, headers=users.bob
+        ),
+        await app_client.get(f"{path}/messages", headers=users.bob),
+    ]
+
+    assert [response.status_code for response in attempts] == [404] * len(attempts)
+    assert (await app_client.get("/v1/conversations", headers=users.bob)).json()["total"] == 0
+    unchanged = await app_client.get(path, headers=users.alice)
+    assert unchanged.json() == conversation
+
+
+async def test_patch_changes_only_what_was_sent_and_bumps_the_version(
+    app_client: Client, users: Users
+) -> None:
+    conversation = await create(app_client, users.alice, title="Draft", metadata={"a": 1})
+    path = f"/v1/conversations/{conversation['id']}"
+
+    response = await app_client.patch(path, json={"status": "archived"}, headers=users.alice)
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["title"], body["status"], body["metadata"]) == ("Draft", "archived", {"a": 1})
+    assert body["version"] == 2
+    assert response.headers["etag"] == '"2"'
+    assert body["updated_at"] > conversation["updated_at"]  # type: ignore[operator]
+
+
+async def test_patch_with_a_stale_if_match_is_refused_with_412(
+    app_client: Client, users: Users
+) -> None:
+    conversation = await create(app_client, users.alice, title="Draft")
+    path = f"/v1/conversations/{conversation['id']}"
+    first = await app_client.patch(
+        path, json={"title": "First"}, headers={**users.alice, "If-Match": '"1"'}
+    )
+    assert first.status_code == 200
+
+    stale = await app_client.patch(
+        path, json={"title": "Second"}, headers={**users.alice, "If-Match": '"1"'}
+    )
+
+    assert stale.status_code == 412
+    assert stale.json()["code"] == "stale_version"
+    current = (await app_client.get(path, headers=users.alice)).json()
+    assert (current["title"], current["version"]) == ("First", 2)
+
+
+async def test_concurrent_patches_with_the_same_version_let_exactly_one_win(
+    app_client: Client, users: Users
+) -> None:
+    conversation = await create(app_client, users.alice, title="Race")
+    path = f"/v1/conversations/{conversation['id']}"
+
+    responses = await asyncio.gather(
+        *(
+            app_client.patch(
+                path, json={"title": f"writer {n}"}, headers={**users.alice, "If-Match": "1"}
+            )
+            for n in range(8)
+        )
+    )
+
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200] + [412] * 7
+    current = (await app_client.get(path, headers=users.alice)).json()
+    assert current["version"] == 2
+
+
+async def test_delete_hides_the_conversation_and_restore_brings_it_back(
+    app_client: Client, users: Users
+) -> None:
+    conversation = await create(app_client, users.alice, title="Soon gone")
+    path = f"/v1/conversations/{conversation['id']}"
+
+    deleted = await app_client.delete(path, headers=users.alice)
+    assert deleted.status_code == 204
+    assert deleted.content == b""
+    assert (await app_client.get(path, headers=users.alice)).status_code == 404
+    assert (await app_client.delete(path, headers=users.alice)).status_code == 404
+    listed = await app_client.get("/v1/conversations", headers=users.alice)
+    assert listed.json()["total"] == 0
+    with_deleted = await app_client.get(
+        "/v1/conversations", params={"include_deleted": "true"}, headers=users.alice
+    )
+    assert with_deleted.json()["total"] == 1
+    assert with_deleted.json()["items"][0]["deleted_at"] is not None
+
+    restored = await app_client.post(f"{path}/restore", headers=users.alice)
+    assert restored.status_code == 200
+    assert restored.json()["deleted_at"] is None
+    assert restored.json()["version"] == 3
+    assert (await app_client.get(path, headers=users.alice)).status_code == 200
+    again = await app_client.post(f"{path}/restore", headers=users.alice)
+    assert again.status_code == 200
+    assert again.json()["version"] == 3  # restoring a live conversation changes nothing
+
+
+async def test_list_filters_sorts_and_pages_with_a_total(app_client: Client, users: Users) -> None:
+    titles = ["alpha", "Beta 100%", "gamma_1", "delta", "epsilon"]
+    made = [await create(app_client, users.alice, title=title) for title in titles]
+    await create(app_client, users.bob, title="alpha of bob")
+    await app_client.patch(
+        f"/v1/conversations/{made[3]['id']}", json={"status": "archived"}, headers=users.alice
+    )
+
+    async def listing(**params: object) -> dict[str, object]:
+        response = await app_client.get(
+            "/v1/conversations", params=params, headers=users.alice
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    everything = await listing()
+    assert everything["total"] == 5
+    assert [item["title"] for item in everything["items"]] == titles[::-1]  # newest first
+
+    page = await listing(limit=2, offset=2, sort="created_at")
+    assert (page["total"], page["limit"], page["offset"]) == (5, 2, 2)
+    assert [item["title"] for item in page["items"]] == ["gamma_1", "delta"]
+
+    by_title = await listing(sort="title")
+    assert [item["title"] for item in by_title["items"]][0] in ("Beta 100%", "alpha")
+
+    archived = await listing(status="archived")
+    assert [item["title"] for item in archived["items"]] == ["delta"]
+
+    # LIKE wildcards in q are literal characters.
+    assert [item["title"] for item in (await listing(q="100%"))["items"]] == ["Beta 100%"]
+    assert [item["title"] for item in (await listing(q="a_1"))["items"]] == ["gamma_1"]
+    assert (await listing(q="ALPHA"))["total"] == 1
+    assert [item["title"] for item in (await listing(q="%"))["items"]] == ["Beta 100%"]
+    assert (await listing(q="_"))["total"] == 1
+
+    middle = made[2]["created_at"]
+    after = await listing(created_after=middle, sort="created_at")
+    assert [item["title"] for item in after["items"]] == ["delta", "epsilon"]
+    before = await listing(created_before=middle, sort="created_at")
+    assert [item["title"] for item in before["items"]] == ["alpha", "Beta 100%"]
+
+    updated_first = await listing(sort="-updated_at", limit=1)
+    assert updated_first["items"][0]["title"] == "delta"  # type: ignore[index]
