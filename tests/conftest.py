@@ -10,6 +10,7 @@ PostgreSQL stops the run with a failure.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import uuid
@@ -195,6 +196,8 @@ async def users(settings: DatabaseSettings) -> Users:
         return Users(await create_user(database, "alice"), await create_user(database, "bob"))
 
 
-@pytest.fixture
-def project_root() -> Iterator[Path]:
-    yield Path(__file__).resolve().parent.parent
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect after each test, so an unclosed connection is blamed on the test that leaked it."""
+    yield
+    gc.collect()

@@ -42,7 +42,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import ORMExecuteState, Session
-from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool
+from sqlalchemy.util import greenlet_spawn
 
 from bastion._sqlite import (
     READ_UNIT,
@@ -58,7 +59,7 @@ from bastion.errors import (
     DatabaseUnavailableError,
 )
 from bastion.settings import DatabaseSettings
-from bastion.urls import Backend, is_memory_sqlite
+from bastion.urls import Backend
 
 __all__ = ["Database", "DatabaseState", "PoolStatus"]
 
@@ -122,6 +123,9 @@ class Database:
         self._read_sessions: async_sessionmaker[AsyncSession] | None = None
         self._snapshot_sessions: async_sessionmaker[AsyncSession] | None = None
         self._write_sessions: async_sessionmaker[AsyncSession] | None = None
+        # The pool that was live when close() gave up waiting: units still running then
+        # return their connections to it, and those must be closed, not parked.
+        self._retired_pool: Pool | None = None
 
     def __repr__(self) -> str:
         return f"<Database {self.settings.display_url} {self._state.value}>"
@@ -205,6 +209,7 @@ class Database:
         self._state = DatabaseState.CLOSING
         timeout_s = self.settings.close_timeout_s if timeout_s is None else timeout_s
         engine = self._engine
+        pool_in_use = engine.pool
         try:
             await asyncio.wait_for(self._drain(engine), timeout_s)
         except TimeoutError:
@@ -213,6 +218,7 @@ class Database:
                 engine.pool.checkedout(),  # type: ignore[attr-defined]
                 timeout_s,
             )
+            self._retired_pool = pool_in_use
         finally:
             await engine.dispose()
             self._state = DatabaseState.CLOSED
@@ -251,7 +257,7 @@ class Database:
         except Exception as exc:
             _raise_translated(exc)
         finally:
-            await _close_shielded(session)
+            await self._end_session(session)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -280,9 +286,16 @@ class Database:
         except Exception as exc:
             _raise_translated(exc)
         finally:
-            await _close_shielded(session)
+            await self._end_session(session)
 
     # -- internals -------------------------------------------------------------------------
+
+    async def _end_session(self, session: AsyncSession) -> None:
+        await _close_shielded(session)
+        if self._retired_pool is not None and self._state is DatabaseState.CLOSED:
+            # Closes the connection this unit just returned (the pool only holds returned
+            # ones); needs a greenlet because closing an async driver connection awaits.
+            await greenlet_spawn(self._retired_pool.dispose)
 
     def _require_running(self) -> None:
         if self._state is not DatabaseState.RUNNING:
@@ -305,7 +318,7 @@ class Database:
             )
             return create_async_engine(url, **options)
 
-        memory = is_memory_sqlite(url)
+        memory = settings.is_memory
         if memory:
             # Every connection to ":memory:" is a different, empty database: keep exactly one
             # and lend it to one unit at a time.

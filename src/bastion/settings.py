@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL
 
 from bastion.errors import ConfigurationError
-from bastion.urls import Backend, backend_of, normalise_database_url
+from bastion.urls import Backend, backend_of, is_memory_sqlite, normalise_database_url
 
 __all__ = ["DatabaseSettings", "load_settings"]
 
@@ -113,6 +113,11 @@ class DatabaseSettings(BaseSettings):
     def backend(self) -> Backend:
         """``"postgresql"`` or ``"sqlite"``."""
         return backend_of(self.url)
+
+    @property
+    def is_memory(self) -> bool:
+        """Whether this is an in-memory SQLite database, gone when its connection closes."""
+        return is_memory_sqlite(self.url)
 
     @property
     def display_url(self) -> str:

@@ -66,41 +66,42 @@ def check_json_object(
 
     Depth counts nested objects and arrays: ``{}`` is 1, ``{"a": [1]}`` is 2. Strings
     (keys and values) may hold no NUL or lone surrogate — PostgreSQL's ``jsonb`` cannot store
-    them — and numbers must be finite (``NaN`` is not JSON).
+    them — and numbers must be finite (``NaN`` is not JSON). Messages never quote the
+    client's keys or values.
 
     Raises:
         ValueError: any of those rules is broken.
     """
-    _check_json_value(value, depth=1, max_depth=max_depth, path="$")
+    _check_json_value(value, depth=1, max_depth=max_depth)
     size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
     if size > max_bytes:
         raise ValueError(f"JSON object is {size} bytes; at most {max_bytes} are allowed")
     return value
 
 
-def _check_json_value(value: Any, *, depth: int, max_depth: int, path: str) -> None:
+def _check_json_value(value: Any, *, depth: int, max_depth: int) -> None:
     if isinstance(value, dict | list) and depth > max_depth:
-        raise ValueError(f"JSON nested deeper than {max_depth} levels at {path}")
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise ValueError(f"JSON object key at {path} is not a string")
-            _check_json_string(key, path)
-            _check_json_value(item, depth=depth + 1, max_depth=max_depth, path=f"{path}.{key}")
+                raise ValueError("JSON object keys must be strings")
+            _check_json_string(key, depth)
+            _check_json_value(item, depth=depth + 1, max_depth=max_depth)
     elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_json_value(item, depth=depth + 1, max_depth=max_depth, path=f"{path}[{index}]")
+        for item in value:
+            _check_json_value(item, depth=depth + 1, max_depth=max_depth)
     elif isinstance(value, str):
-        _check_json_string(value, path)
+        _check_json_string(value, depth)
     elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"non-finite number at {path}")
+        raise ValueError(f"non-finite number at depth {depth}")
 
 
-def _check_json_string(value: str, path: str) -> None:
+def _check_json_string(value: str, depth: int) -> None:
     if "\x00" in value:
-        raise ValueError(f"NUL character in JSON string at {path}")
+        raise ValueError(f"NUL character in a JSON string at depth {depth}")
     if any(unicodedata.category(character) == "Cs" for character in value):
-        raise ValueError(f"lone surrogate in JSON string at {path}")
+        raise ValueError(f"lone surrogate in a JSON string at depth {depth}")
 
 
 JSONObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]

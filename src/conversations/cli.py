@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from bastion import Database, load_settings
+from bastion import Database, UniqueViolationError, load_settings
 from bastion.cli._run import fail, run_cli
 from bastion.migrations import is_at_head, upgrade
 from conversations import MIGRATIONS
@@ -46,7 +46,10 @@ def create_user_command(
     async def run() -> str:
         async with Database(load_settings()) as database:
             await _require_migrated(database)
-            return await create_user(database, name)
+            try:
+                return await create_user(database, name)
+            except UniqueViolationError:
+                fail(f"a user named {name!r} already exists; use add-key to give them a new key")
 
     typer.echo(asyncio.run(run()))
 
@@ -76,6 +79,12 @@ def demo(
     from conversations.app import create_app
 
     settings = load_settings()
+    if settings.is_memory:
+        fail(
+            "the demo needs a database file or server: an in-memory SQLite database would "
+            "vanish between migrating and serving (try DATABASE_URL=sqlite:///./data/demo.db)",
+            2,
+        )
 
     async def prepare() -> str:
         async with Database(settings) as database:

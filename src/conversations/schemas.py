@@ -10,9 +10,9 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from bastion import HttpUrlText, JSONObject, SafeText
+from bastion import HttpUrlText, JSONObject, check_safe_text
 
 __all__ = [
     "ConversationCreate",
@@ -26,9 +26,10 @@ __all__ = [
     "SourceOut",
 ]
 
-Title = Annotated[SafeText, Field(min_length=1, max_length=200)]
-Content = Annotated[SafeText, Field(min_length=1, max_length=100_000)]
-SourceTitle = Annotated[SafeText, Field(max_length=500)]
+# Length first, so an oversize value is refused before it is scanned character by character.
+Title = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_safe_text)]
+Content = Annotated[str, Field(min_length=1, max_length=100_000), AfterValidator(check_safe_text)]
+SourceTitle = Annotated[str, Field(max_length=500), AfterValidator(check_safe_text)]
 Status = Literal["active", "archived"]
 Role = Literal["user", "assistant", "system"]
 

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from tests.conftest import Users
 
 from bastion import Database, DatabaseSettings
 from conversations.auth import hash_api_key
 from conversations.users import create_user
-from tests.conftest import Users
 
 Client = httpx.AsyncClient
 
 
 @pytest.mark.parametrize(
     "authorization",
-    [None, "", "Bearer", "Bearer ", "Basic YWxpY2U6cHc=", "Bearer cv_not-a-real-key", "Bearer " + "x" * 5000],
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        "Basic YWxpY2U6cHc=",
+        "Bearer cv_not-a-real-key",
+        "Bearer " + "x" * 5000,
+    ],
 )
 async def test_requests_without_a_valid_key_get_401(
     app_client: Client, users: Users, authorization: str | None

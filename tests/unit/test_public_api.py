@@ -24,9 +24,7 @@ CORE_MODULES = [
 def test_every_public_name_of_a_core_module_is_exported_from_bastion(module_name: str) -> None:
     module = importlib.import_module(module_name)
     missing = [
-        name
-        for name in module.__all__
-        if name not in bastion.__all__ and not name.isupper()
+        name for name in module.__all__ if name not in bastion.__all__ and not name.isupper()
     ]
     assert missing == []
 

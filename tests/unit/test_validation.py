@@ -12,9 +12,11 @@ def test_safe_text_passes_unchanged(text: str) -> None:
     assert check_safe_text(text) is text
 
 
-@pytest.mark.parametrize("bad", ["nul\x00byte", "bell\x07", "esc\x1b[31m", "del\x7f", "c1\x85", "\ud800"])
+@pytest.mark.parametrize(
+    "bad", ["nul\x00byte", "bell\x07", "esc\x1b[31m", "del\x7f", "c1\x85", "\ud800"]
+)
 def test_safe_text_refuses_control_characters_and_lone_surrogates(bad: str) -> None:
-    with pytest.raises(ValueError, match="position|surrogate"):
+    with pytest.raises(ValueError, match=r"position|surrogate"):
         check_safe_text(bad)
 
 
@@ -50,13 +52,18 @@ def test_json_object_size_limit_is_16_kib_of_utf8() -> None:
     [{"k": "a\x00b"}, {"a\x00": 1}, {"k": float("nan")}, {"k": [float("inf")]}, {"k": "\udfff"}],
 )
 def test_json_object_refuses_what_jsonb_cannot_store(bad: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match="NUL|non-finite|surrogate"):
+    with pytest.raises(ValueError, match=r"NUL|non-finite|surrogate"):
         check_json_object(bad)
 
 
 @pytest.mark.parametrize(
     "url",
-    ["http://example.com", "https://example.com/a?b=c#d", "HTTPS://EXAMPLE.COM", "http://[::1]:8080/"],
+    [
+        "http://example.com",
+        "https://example.com/a?b=c#d",
+        "HTTPS://EXAMPLE.COM",
+        "http://[::1]:8080/",
+    ],
 )
 def test_http_urls_pass_unchanged(url: str) -> None:
     assert check_http_url(url) is url

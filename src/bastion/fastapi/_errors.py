@@ -7,6 +7,7 @@ never echo the input or carry SQL, parameters or driver messages.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -49,6 +50,8 @@ HTTP_STATUS_BY_ERROR: Final[Mapping[type[BastionError], int]] = {
 
 _GENERIC_500 = "internal error"
 
+logger = logging.getLogger("bastion.fastapi")
+
 
 def error_response(error: BastionError) -> JSONResponse:
     """The response for ``error``: its status, code and message (``Retry-After`` on 503)."""
@@ -62,9 +65,16 @@ def error_response(error: BastionError) -> JSONResponse:
     return JSONResponse({"detail": detail, "code": error.code}, status, headers=headers)
 
 
-async def _bastion_error_handler(_request: Request, exc: Exception) -> Response:
+async def _bastion_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BastionError)
-    return error_response(exc)
+    response = error_response(exc)
+    route = f"{request.method} {request.url.path}"
+    if response.status_code == 503:
+        logger.warning("%s answered 503: %s (%s)", route, exc.message, exc.code)
+    elif response.status_code >= 500:
+        # The client sees only "internal error"; the cause must reach the operator.
+        logger.error("%s failed: %s", route, exc.message, exc_info=exc)
+    return response
 
 
 async def _validation_error_handler(_request: Request, exc: Exception) -> Response:
@@ -93,9 +103,7 @@ _HTTP_CODES: Final[Mapping[int, str]] = {
 async def _http_error_handler(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return JSONResponse(
-        {"detail": exc.detail, "code": code}, exc.status_code, headers=exc.headers
-    )
+    return JSONResponse({"detail": exc.detail, "code": code}, exc.status_code, headers=exc.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

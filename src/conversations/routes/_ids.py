@@ -7,7 +7,7 @@ import binascii
 import uuid
 from typing import Final
 
-from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
 
 from bastion import NotFoundError
 
@@ -40,9 +40,17 @@ def decode_cursor(cursor: str) -> int:
     """The message id a cursor from :func:`encode_cursor` resumes after.
 
     Raises:
-        HTTPException: 422 when the cursor was not made by this service.
+        RequestValidationError: the cursor was not made by this service (a 422).
     """
-    invalid = HTTPException(422, "invalid cursor: pass next_cursor from the previous page")
+    invalid = RequestValidationError(
+        [
+            {
+                "loc": ("query", "cursor"),
+                "msg": "invalid cursor: pass next_cursor from the previous page",
+                "type": "value_error",
+            }
+        ]
+    )
     if len(cursor) > _MAX_CURSOR_LENGTH:
         raise invalid
     try:
@@ -50,6 +58,8 @@ def decode_cursor(cursor: str) -> int:
     except (UnicodeError, binascii.Error, ValueError):
         raise invalid from None
     digits = text.removeprefix(_CURSOR_PREFIX)
-    if not text.startswith(_CURSOR_PREFIX) or not digits.isdigit() or len(digits) > 18:
+    if not text.startswith(_CURSOR_PREFIX) or not digits.isascii() or not digits.isdigit():
+        raise invalid
+    if len(digits) > 18:
         raise invalid
     return int(digits)

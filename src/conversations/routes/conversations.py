@@ -56,7 +56,7 @@ def _expected_version(if_match: str | None) -> int | None:
     if if_match is None or if_match.strip() == "*":
         return None
     tag = if_match.strip().removeprefix("W/").strip('"')
-    if not tag.isdigit() or len(tag) > 18:
+    if not (tag.isascii() and tag.isdigit()) or len(tag) > 18:
         raise HTTPException(400, 'If-Match must be a version number, such as "3"')
     return int(tag)
 
