@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from tests.conftest import Users
 
 from bastion import Database, DatabaseSettings
 from conversations.auth import hash_api_key
 from conversations.users import create_user
+from tests.conftest import Users
 
 Client = httpx.AsyncClient
 

@@ -6,6 +6,7 @@ import asyncio
 from datetime import datetime, timedelta
 
 import httpx
+
 from tests.conftest import Users
 
 Client = httpx.AsyncClient

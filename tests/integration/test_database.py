@@ -8,8 +8,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import IntegrityError
-from tests.conftest import make_settings
-from tests.integration.conftest import Child, Parent
 
 from bastion import (
     CheckViolationError,
@@ -24,6 +22,8 @@ from bastion import (
     PoolTimeoutError,
     UniqueViolationError,
 )
+from tests.conftest import make_settings
+from tests.integration.conftest import Child, Parent
 
 
 class BoomError(Exception):

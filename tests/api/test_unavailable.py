@@ -1,0 +1,55 @@
+"""When the database cannot serve: 503 with Retry-After, quickly, and nothing leaked."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from sqlalchemy import text
+
+from bastion import Database, DatabaseUnavailableError, TransactionConflictError
+from bastion.fastapi import error_response
+from conversations.app import create_app
+from tests.conftest import Users, make_settings
+
+
+async def test_an_exhausted_pool_answers_503_with_retry_after(
+    database_url: str, users: Users
+) -> None:
+    settings = make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=0.2)
+    app = create_app(settings)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            database: Database = app.state.database
+            async with database.read() as holder:
+                await holder.execute(text("SELECT 1"))
+                busy = await client.get("/v1/conversations", headers=users.alice)
+                unready = await client.get("/health/ready")
+            served = await client.get("/v1/conversations", headers=users.alice)
+            ready = await client.get("/health/ready")
+        assert database.pool_status().checked_out == 0
+
+    assert busy.status_code == 503
+    assert busy.headers["retry-after"] == "1"
+    assert busy.json() == {
+        "detail": "no database connection became free in time",
+        "code": "pool_timeout",
+    }
+    assert unready.status_code == 503
+    assert unready.json()["database"]["status"] == "unhealthy"
+    assert (served.status_code, ready.status_code) == (200, 200)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (DatabaseUnavailableError("the database is unavailable"), "database_unavailable"),
+        (TransactionConflictError("retry it"), "transaction_conflict"),
+    ],
+)
+def test_transient_errors_map_to_503_with_retry_after(error: Exception, code: str) -> None:
+    response = error_response(error)  # type: ignore[arg-type]
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert code.encode() in response.body
