@@ -49,6 +49,7 @@ HTTP_STATUS_BY_ERROR: Final[Mapping[type[BastionError], int]] = {
 }
 
 _GENERIC_500 = "internal error"
+_MAX_LOCATION_PART = 64
 
 logger = logging.getLogger("bastion.fastapi")
 
@@ -85,7 +86,14 @@ async def _validation_error_handler(_request: Request, exc: Exception) -> Respon
 
 def _describe_field_error(error: Mapping[str, Any]) -> dict[str, Any]:
     # "input" and "ctx" are dropped: they echo what the client sent (possibly huge or hostile).
-    return {"loc": list(error.get("loc", ())), "msg": error.get("msg"), "type": error.get("type")}
+    # Locations can hold client-chosen keys (an unknown field), so long ones are cut short.
+    location = [
+        part[: _MAX_LOCATION_PART - 1] + "…"
+        if isinstance(part, str) and len(part) > _MAX_LOCATION_PART
+        else part
+        for part in error.get("loc", ())
+    ]
+    return {"loc": location, "msg": error.get("msg"), "type": error.get("type")}
 
 
 _HTTP_CODES: Final[Mapping[int, str]] = {
@@ -102,6 +110,11 @@ _HTTP_CODES: Final[Mapping[int, str]] = {
 
 async def _http_error_handler(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+        # FastAPI turns only JSONDecodeError into a 422; a body that is not UTF-8, or holds a
+        # number Python refuses to parse, reaches us as a 400 caused by another ValueError.
+        detail = [{"loc": ["body"], "msg": "body is not valid JSON", "type": "json_invalid"}]
+        return JSONResponse({"detail": detail, "code": "validation_error"}, 422)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return JSONResponse({"detail": exc.detail, "code": code}, exc.status_code, headers=exc.headers)
 
