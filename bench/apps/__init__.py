@@ -1,0 +1,1 @@
+"""Baseline servers the benchmark runs beside the reference service, same endpoints each."""

@@ -1,0 +1,331 @@
+"""``make bench``: the reference service beside baselines, interleaved, on SQLite and PostgreSQL.
+
+For each backend: seed a database, start one uvicorn process per variant (``bastion`` — the
+reference service itself — ``raw``, ``naive``, ``sync``), then for every scenario run ``wrk``
+against each variant in turn, round after round (the order rotates each round), so that the
+machine's drift hits every variant alike. Ratios are medians of per-round ratios.
+
+Writes ``bench/results/latest.json`` and ``bench/results/latest.md``.
+``BENCH_QUICK=1`` gives a short smoke run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+LUA = ROOT / "bench" / "wrk" / "conversations.lua"
+QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "BENCH_POSTGRES_URL", os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+)
+
+ROUNDS = 2 if QUICK else 3
+DURATION_S = 2 if QUICK else 5
+WARMUP_S = 1 if QUICK else 2
+THREADS = 2
+CONNECTIONS = 64
+VARIANTS = {
+    "bastion": "conversations.app:create_app",
+    "raw": "bench.apps.raw:app",
+    "naive": "bench.apps.naive:app",
+    "sync": "bench.apps.sync:app",
+}
+MESSAGE_BODY = json.dumps(
+    {
+        "role": "user",
+        "content": "A benchmark message with a little text in it.",
+        "metadata": {"client": "wrk"},
+        "sources": [{"url": "https://example.com/source", "title": "Source"}],
+    }
+)
+SCENARIOS = {
+    "get_conversation": {"BENCH_SUFFIX": "", "BENCH_METHOD": "GET"},
+    "list_messages": {"BENCH_SUFFIX": "/messages?limit=20", "BENCH_METHOD": "GET"},
+    "create_message": {
+        "BENCH_SUFFIX": "/messages",
+        "BENCH_METHOD": "POST",
+        "BENCH_BODY": MESSAGE_BODY,
+    },
+}
+
+
+@dataclass
+class Result:
+    backend: str
+    scenario: str
+    variant: str
+    round: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Server:
+    """One variant in its own uvicorn process."""
+
+    def __init__(self, variant: str, env: dict[str, str], workdir: Path) -> None:
+        self.variant = variant
+        self.port = free_port()
+        target = VARIANTS[variant]
+        command = [sys.executable, "-m", "uvicorn", target, "--port", str(self.port)]
+        command += ["--log-level", "warning", "--no-access-log", "--loop", "uvloop"]
+        if variant == "bastion":
+            command.append("--factory")
+        self.log = (workdir / f"{variant}.log").open("w")
+        self.process = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.variant} exited; see its log")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.variant} did not start")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def run_wrk(port: int, env: dict[str, str], duration_s: int, connections: int) -> dict[str, float]:
+    command = [
+        "wrk",
+        f"-t{THREADS}",
+        f"-c{connections}",
+        f"-d{duration_s}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        f"http://127.0.0.1:{port}",
+    ]
+    output = subprocess.run(
+        command, env={**os.environ, **env}, capture_output=True, text=True, check=True
+    ).stdout
+    match = re.search(r"BENCH_JSON (\{.*\})", output)
+    if match is None:
+        raise RuntimeError(f"wrk printed no summary:\n{output}")
+    return dict(json.loads(match.group(1)))
+
+
+def summarise(backend: str, scenario: str, variant: str, rnd: int, raw: dict[str, float]) -> Result:
+    errors = int(raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"])
+    return Result(
+        backend=backend,
+        scenario=scenario,
+        variant=variant,
+        round=rnd,
+        rps=round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
+        p50_ms=round(raw["p50_us"] / 1000, 2),
+        p99_ms=round(raw["p99_us"] / 1000, 2),
+        errors=errors,
+    )
+
+
+def loop_lag_p99_ms(port: int) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=5) as reply:
+            body = json.load(reply)
+    except (OSError, ValueError):
+        return None
+    lag = body.get("loop_lag_ms")
+    return None if lag is None else float(lag["p99"])
+
+
+async def create_postgres_database(name: str) -> str:
+    connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    return f"{base}/{name}"
+
+
+def bench_backend(backend: str, workdir: Path, results: list[Result], lags: dict[str, float]) -> None:
+    if backend == "postgresql":
+        url = asyncio.run(create_postgres_database("bastion_bench"))
+    else:
+        url = f"sqlite:///{workdir}/bench.db"
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "BENCH_DATABASE_URL": url,
+        "DB_POOL_SIZE": "10",
+        "DB_MAX_OVERFLOW": "10",
+        "PYTHONPATH": str(ROOT),
+    }
+    subprocess.run(
+        [sys.executable, "-m", "bench.seed", str(workdir)], env=env, cwd=ROOT, check=True
+    )
+    wrk_env = {
+        "BENCH_IDS": str(workdir / "ids.txt"),
+        "BENCH_KEY": (workdir / "key.txt").read_text().strip(),
+    }
+    servers = {variant: Server(variant, env, workdir) for variant in VARIANTS}
+    bastion_lags: list[float] = []
+    try:
+        for scenario, scenario_env in SCENARIOS.items():
+            for variant, server in servers.items():  # warm every variant up once
+                run_wrk(server.port, {**wrk_env, **scenario_env}, WARMUP_S, CONNECTIONS)
+            order = list(servers)
+            for rnd in range(ROUNDS):
+                for variant in order:
+                    raw = run_wrk(
+                        servers[variant].port, {**wrk_env, **scenario_env}, DURATION_S, CONNECTIONS
+                    )
+                    result = summarise(backend, scenario, variant, rnd, raw)
+                    results.append(result)
+                    print(
+                        f"{backend:10} {scenario:17} {variant:8} round {rnd}: "
+                        f"{result.rps:8.1f} req/s  p50 {result.p50_ms:7.2f} ms  "
+                        f"p99 {result.p99_ms:7.2f} ms  errors {result.errors}",
+                        flush=True,
+                    )
+                    if variant == "bastion":
+                        lag = loop_lag_p99_ms(servers[variant].port)
+                        if lag is not None:
+                            bastion_lags.append(lag)
+                order = order[1:] + order[:1]
+        scenario_env = SCENARIOS["get_conversation"]
+        raw = run_wrk(
+            servers["bastion"].port, {**wrk_env, **scenario_env}, DURATION_S * 2, 1000
+        )
+        result = summarise(backend, "concurrency_1000", "bastion", 0, raw)
+        results.append(result)
+        print(f"{backend:10} concurrency_1000 bastion: {result}", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    if bastion_lags:
+        lags[backend] = max(bastion_lags)
+
+
+def ratios(results: list[Result]) -> dict[str, float]:
+    by_key = {(r.backend, r.scenario, r.variant, r.round): r for r in results}
+    out: dict[str, float] = {}
+    for backend, scenario in sorted({(r.backend, r.scenario) for r in results}):
+        if scenario == "concurrency_1000":
+            continue
+        for baseline in ("raw", "naive", "sync"):
+            per_round = [
+                by_key[(backend, scenario, "bastion", rnd)].rps
+                / by_key[(backend, scenario, baseline, rnd)].rps
+                for rnd in range(ROUNDS)
+                if (backend, scenario, baseline, rnd) in by_key
+                and by_key[(backend, scenario, baseline, rnd)].rps > 0
+            ]
+            if per_round:
+                key = f"{backend}.{scenario}.bastion_vs_{baseline}"
+                out[key] = round(statistics.median(per_round), 3)
+    return out
+
+
+def aggregate(results: list[Result]) -> list[dict[str, object]]:
+    groups: dict[tuple[str, str, str], list[Result]] = {}
+    for result in results:
+        groups.setdefault((result.backend, result.scenario, result.variant), []).append(result)
+    return [
+        {
+            "backend": backend,
+            "scenario": scenario,
+            "variant": variant,
+            "rps": round(statistics.median(r.rps for r in group), 1),
+            "p50_ms": round(statistics.median(r.p50_ms for r in group), 2),
+            "p99_ms": round(statistics.median(r.p99_ms for r in group), 2),
+            "errors": sum(r.errors for r in group),
+        }
+        for (backend, scenario, variant), group in groups.items()
+    ]
+
+
+def write_markdown(report: dict[str, object], path: Path) -> None:
+    lines = [
+        f"# Benchmark results ({report['mode']}, {report['rounds']} rounds × {report['duration_s']} s, "
+        f"wrk -t{THREADS} -c{CONNECTIONS})",
+        "",
+        "| backend | scenario | variant | req/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for row in report["results"]:  # type: ignore[attr-defined]
+        lines.append(
+            f"| {row['backend']} | {row['scenario']} | {row['variant']} | {row['rps']} | "
+            f"{row['p50_ms']} | {row['p99_ms']} | {row['errors']} |"
+        )
+    lines += ["", "| ratio (median of per-round ratios) | value |", "|---|---:|"]
+    for key, value in report["ratios"].items():  # type: ignore[attr-defined]
+        lines.append(f"| {key} | {value} |")
+    lines += ["", "| loop lag p99 under load (bastion) | ms |", "|---|---:|"]
+    for backend, value in report["loop_lag_p99_ms"].items():  # type: ignore[attr-defined]
+        lines.append(f"| {backend} | {value} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install -y wrk")
+    backends = os.environ.get("BENCH_BACKENDS", "sqlite,postgresql").split(",")
+    results: list[Result] = []
+    lags: dict[str, float] = {}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp:
+        for backend in backends:
+            workdir = Path(tmp) / backend
+            workdir.mkdir()
+            bench_backend(backend, workdir, results, lags)
+    report = {
+        "mode": "quick" if QUICK else "full",
+        "rounds": ROUNDS,
+        "duration_s": DURATION_S,
+        "connections": CONNECTIONS,
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "results": aggregate(results),
+        "ratios": ratios(results),
+        "loop_lag_p99_ms": lags,
+        "rounds_raw": [asdict(r) for r in results],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, RESULTS / "latest.md")
+    print((RESULTS / "latest.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
