@@ -36,6 +36,7 @@ from typing import Any, Self
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -99,6 +100,13 @@ def _refuse_flush(session: Session, _context: Any, _instances: Any) -> None:
         raise DatabaseStateError("a read unit cannot write; use Database.write()")
 
 
+def _refuse_write_construct(
+    _connection: Any, statement: Any, _multiparams: Any, _params: Any, _options: Any
+) -> None:
+    if getattr(statement, "is_dml", False):
+        raise DatabaseStateError("a read unit cannot write; use Database.write()")
+
+
 event.listen(_ReadOnlySession, "do_orm_execute", _refuse_write_statement)
 event.listen(_ReadOnlySession, "before_flush", _refuse_flush)
 
@@ -123,6 +131,7 @@ class Database:
         self._read_sessions: async_sessionmaker[AsyncSession] | None = None
         self._snapshot_sessions: async_sessionmaker[AsyncSession] | None = None
         self._write_sessions: async_sessionmaker[AsyncSession] | None = None
+        self._read_engine: AsyncEngine | None = None
         # The pool that was live when close() gave up waiting: units still running then
         # return their connections to it, and those must be closed, not parked.
         self._retired_pool: Pool | None = None
@@ -246,18 +255,42 @@ class Database:
         self._require_running()
         maker = self._snapshot_sessions if consistent else self._read_sessions
         assert maker is not None
-        session = maker()
         try:
-            yield session
-            if session.new or session.dirty or session.deleted:
-                # Changes made in a read unit would otherwise vanish without a word.
-                raise DatabaseStateError("a read unit cannot write; use Database.write()")
-            if consistent:
-                await session.commit()
+            # The session's own __aexit__ closes it even if this task is cancelled meanwhile,
+            # so a cancelled request still returns its connection to the pool.
+            async with maker() as session:
+                yield session
+                if session.new or session.dirty or session.deleted:
+                    # Changes made in a read unit would otherwise vanish without a word.
+                    raise DatabaseStateError("a read unit cannot write; use Database.write()")
+                if consistent:
+                    await session.commit()
         except Exception as exc:
             _raise_translated(exc)
         finally:
-            await self._end_session(session)
+            await self._close_retired_connections()
+
+    @asynccontextmanager
+    async def read_connection(self) -> AsyncIterator[AsyncConnection]:
+        """A read unit on a Core ``AsyncConnection``: the leanest way to run SELECTs.
+
+        Same guarantees as :meth:`read` (no transaction, one round trip per statement on
+        PostgreSQL, INSERT/UPDATE/DELETE constructs refused), without the ORM session: rows
+        come back as rows, for routes that turn them straight into response models.
+
+        Raises:
+            DatabaseStateError: the Database is not running, or the block tried to write.
+            DatabaseUnavailableError, PoolTimeoutError, QueryError, …: translated errors.
+        """
+        self._require_running()
+        assert self._read_engine is not None
+        try:
+            async with self._read_engine.connect() as connection:
+                yield connection
+        except Exception as exc:
+            _raise_translated(exc)
+        finally:
+            await self._close_retired_connections()
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -275,23 +308,22 @@ class Database:
         """
         self._require_running()
         assert self._write_sessions is not None
-        session = self._write_sessions()
         try:
-            yield session
-            await session.flush()
-            try:
-                await session.commit()
-            except Exception as exc:
-                _raise_translated(exc, during_commit=True)
+            async with self._write_sessions() as session:
+                yield session
+                await session.flush()
+                try:
+                    await session.commit()
+                except Exception as exc:
+                    _raise_translated(exc, during_commit=True)
         except Exception as exc:
             _raise_translated(exc)
         finally:
-            await self._end_session(session)
+            await self._close_retired_connections()
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _end_session(self, session: AsyncSession) -> None:
-        await _close_shielded(session)
+    async def _close_retired_connections(self) -> None:
         if self._retired_pool is not None and self._state is DatabaseState.CLOSED:
             # Closes the connection this unit just returned (the pool only holds returned
             # ones); needs a greenlet because closing an async driver connection awaits.
@@ -347,6 +379,9 @@ class Database:
         else:
             read_engine = engine.execution_options(**{UNIT_OPTION: READ_UNIT})
             snapshot_engine = engine.execution_options(**{UNIT_OPTION: SNAPSHOT_UNIT})
+        for reading_engine in (read_engine, snapshot_engine):
+            event.listen(reading_engine.sync_engine, "before_execute", _refuse_write_construct)
+        self._read_engine = read_engine
         # expire_on_commit=False: attributes stay loaded after COMMIT, so code reading them
         # afterwards does not trigger implicit (and, under asyncio, failing) lazy loads.
         self._read_sessions = async_sessionmaker(
@@ -394,15 +429,3 @@ def _raise_translated(exc: Exception, *, during_commit: bool = False) -> None:
     if translated is None or translated is exc:
         raise exc
     raise translated from exc
-
-
-async def _close_shielded(session: AsyncSession) -> None:
-    # Shielded so that a cancelled request still returns its connection to the pool: the
-    # close runs to completion even if the awaiting task is cancelled meanwhile.
-    close = asyncio.ensure_future(session.close())
-    try:
-        await asyncio.shield(close)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        logger.warning("closing a database session failed", exc_info=True)

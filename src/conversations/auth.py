@@ -13,14 +13,14 @@ import uuid
 from typing import Annotated, Final
 
 from fastapi import Depends, HTTPException
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 
-from bastion import Database
-from bastion.fastapi import DatabaseDep
+from bastion.fastapi import DatabaseDep, ReadConnection
 from conversations.models import ApiKey
 
-__all__ = ["CurrentUser", "generate_api_key", "hash_api_key", "user_for_key"]
+__all__ = ["CurrentReader", "CurrentUser", "generate_api_key", "hash_api_key", "user_for_key"]
 
 KEY_PREFIX: Final = "cv_"
 MAX_KEY_LENGTH: Final = 100
@@ -36,21 +36,21 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-async def user_for_key(database: Database, key: str) -> uuid.UUID | None:
+_USER_FOR_KEY = select(ApiKey.user_id).where(
+    ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)
+)
+
+
+async def user_for_key(connection: AsyncConnection, key: str) -> uuid.UUID | None:
     """The id of the user owning ``key``, or ``None`` if it is unknown or revoked."""
-    async with database.read() as session:
-        return await session.scalar(
-            select(ApiKey.user_id).where(
-                ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None)
-            )
-        )
+    return await connection.scalar(_USER_FOR_KEY, {"key_hash": hash_api_key(key)})
 
 
 def _unauthorized(message: str) -> HTTPException:
     return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-async def _current_user(request: Request, database: DatabaseDep) -> uuid.UUID:
+def _presented_key(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     key = key.strip()
@@ -58,13 +58,31 @@ async def _current_user(request: Request, database: DatabaseDep) -> uuid.UUID:
         raise _unauthorized("missing bearer token: send 'Authorization: Bearer <API key>'")
     if len(key) > MAX_KEY_LENGTH or not key.isascii():
         raise _unauthorized("invalid API key")
-    # The lookup runs in its own short read unit, so no connection is held while the route
-    # waits for one of its own.
-    user_id = await user_for_key(database, key)
+    return key
+
+
+async def _authenticate(connection: AsyncConnection, key: str) -> uuid.UUID:
+    user_id = await user_for_key(connection, key)
     if user_id is None:
         raise _unauthorized("invalid API key")
     return user_id
 
 
+async def _current_user(request: Request, database: DatabaseDep) -> uuid.UUID:
+    key = _presented_key(request)
+    # Its own short read unit: a route that writes must not hold a read connection while it
+    # waits for a write connection (under load, that deadlocks the pool).
+    async with database.read_connection() as connection:
+        return await _authenticate(connection, key)
+
+
+async def _current_reader(request: Request, connection: ReadConnection) -> uuid.UUID:
+    # ReadConnection is cached per request, so the route's own queries reuse this connection.
+    return await _authenticate(connection, _presented_key(request))
+
+
 CurrentUser = Annotated[uuid.UUID, Depends(_current_user)]
-"""The id of the user whose API key authenticated the request."""
+"""The id of the user whose API key authenticated the request (for routes that write)."""
+
+CurrentReader = Annotated[uuid.UUID, Depends(_current_reader, scope="function")]
+"""The same, looked up in the route's own ``ReadConnection`` (one connection per read request)."""

@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from bastion import HttpUrlText, JSONObject, check_safe_text
 
@@ -80,7 +80,7 @@ class ConversationOut(BaseModel):
     id: uuid.UUID
     title: str
     status: Status
-    metadata: dict[str, Any] = Field(validation_alias="metadata_")
+    metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
@@ -108,7 +108,7 @@ class MessageOut(BaseModel):
     conversation_id: uuid.UUID
     role: Role
     content: str
-    metadata: dict[str, Any] = Field(validation_alias="metadata_")
+    metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     sources: list[SourceOut]
     created_at: datetime
 

@@ -53,3 +53,33 @@ def test_transient_errors_map_to_503_with_retry_after(error: Exception, code: st
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert code.encode() in response.body
+
+
+async def test_every_route_needs_only_one_connection_at_a_time(
+    database_url: str, users: Users
+) -> None:
+    """With a pool of one, a route that holds two connections at once would time out (503)."""
+    settings = make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=1)
+    app = create_app(settings)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            created = await client.post(
+                "/v1/conversations", json={"title": "one"}, headers=users.alice
+            )
+            path = f"/v1/conversations/{created.json()['id']}"
+            message = {"role": "user", "content": "hi"}
+            statuses = [
+                created.status_code,
+                (await client.get(path, headers=users.alice)).status_code,
+                (await client.get("/v1/conversations", headers=users.alice)).status_code,
+                (await client.patch(path, json={"title": "t"}, headers=users.alice)).status_code,
+                (
+                    await client.post(f"{path}/messages", json=message, headers=users.alice)
+                ).status_code,
+                (await client.get(f"{path}/messages", headers=users.alice)).status_code,
+                (await client.delete(path, headers=users.alice)).status_code,
+                (await client.post(f"{path}/restore", headers=users.alice)).status_code,
+                (await client.get("/health/ready")).status_code,
+            ]
+    assert statuses == [201, 200, 200, 200, 201, 200, 204, 200, 200]

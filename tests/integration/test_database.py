@@ -284,3 +284,17 @@ async def test_sqlite_writers_queue_for_the_lock_instead_of_failing(tmp_path: ob
 
         async with database.read() as session:
             assert await session.scalar(text("SELECT value FROM counter")) == 40
+
+
+async def test_a_read_connection_reads_and_refuses_writes(probe_tables: Database) -> None:
+    async with probe_tables.write() as session:
+        session.add(Parent(id=1, name="one"))
+
+    async with probe_tables.read_connection() as connection:
+        rows = (await connection.execute(select(Parent.id, Parent.name))).all()
+    with pytest.raises(DatabaseStateError, match="read unit cannot write"):
+        async with probe_tables.read_connection() as connection:
+            await connection.execute(insert(Parent).values(id=2, name="two"))
+
+    assert [tuple(row) for row in rows] == [(1, "one")]
+    assert await count_parents(probe_tables) == 1

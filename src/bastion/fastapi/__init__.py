@@ -12,7 +12,13 @@
 """
 
 from bastion.fastapi._body_limit import BodySizeLimitMiddleware
-from bastion.fastapi._dependencies import DatabaseDep, ReadSession, WriteSession, get_database
+from bastion.fastapi._dependencies import (
+    DatabaseDep,
+    ReadConnection,
+    ReadSession,
+    WriteSession,
+    get_database,
+)
 from bastion.fastapi._errors import (
     HTTP_STATUS_BY_ERROR,
     RETRY_AFTER_S,
@@ -27,6 +33,7 @@ __all__ = [
     "RETRY_AFTER_S",
     "BodySizeLimitMiddleware",
     "DatabaseDep",
+    "ReadConnection",
     "ReadSession",
     "WriteSession",
     "create_health_router",

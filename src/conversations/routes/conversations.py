@@ -7,15 +7,15 @@ indistinguishable from one that does not exist: 404 either way.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 from pydantic import AwareDatetime
-from sqlalchemy import ColumnElement, Select, func, select, update
+from sqlalchemy import ColumnElement, Select, bindparam, func, select, update
 
 from bastion import NotFoundError, SafeText, StaleVersionError, utcnow
-from bastion.fastapi import ReadSession, WriteSession
-from conversations.auth import CurrentUser
+from bastion.fastapi import ReadConnection, WriteSession
+from conversations.auth import CurrentReader, CurrentUser
 from conversations.models import Conversation
 from conversations.routes._ids import parse_conversation_id
 from conversations.schemas import (
@@ -81,12 +81,23 @@ async def create_conversation(
     return result
 
 
+# Read routes run Core statements built once: building a statement per request costs more
+# than executing it (bench/README.md has the measurements).
+_CONVERSATION_COLUMNS = [column for column in Conversation.__table__.c if column.key != "owner_id"]
+_GET_CONVERSATION = select(*_CONVERSATION_COLUMNS).where(
+    Conversation.id == bindparam("cid"),
+    Conversation.owner_id == bindparam("owner_id"),
+    Conversation.deleted_at.is_(None),
+)
+
+
 @router.get("/{conversation_id}")
 async def get_conversation(
-    conversation_id: str, user_id: CurrentUser, session: ReadSession, response: Response
+    conversation_id: str, user_id: CurrentReader, connection: ReadConnection, response: Response
 ) -> ConversationOut:
     cid = parse_conversation_id(conversation_id)
-    conversation = await session.scalar(select(Conversation).where(*_visible(user_id, cid)))
+    result_row = await connection.execute(_GET_CONVERSATION, {"cid": cid, "owner_id": user_id})
+    conversation = result_row.mappings().first()
     if conversation is None:
         raise NotFoundError("conversation not found")
     result = ConversationOut.model_validate(conversation)
@@ -96,8 +107,8 @@ async def get_conversation(
 
 @router.get("")
 async def list_conversations(
-    user_id: CurrentUser,
-    session: ReadSession,
+    user_id: CurrentReader,
+    connection: ReadConnection,
     status: Status | None = None,
     q: Annotated[SafeText | None, Query(max_length=200)] = None,
     created_after: AwareDatetime | None = None,
@@ -107,7 +118,7 @@ async def list_conversations(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     include_deleted: bool = False,
 ) -> ConversationPage:
-    query: Select[Conversation] = select(Conversation).where(Conversation.owner_id == user_id)
+    query: Select[Any] = select(*_CONVERSATION_COLUMNS).where(Conversation.owner_id == user_id)
     if not include_deleted:
         query = query.where(Conversation.deleted_at.is_(None))
     if status is not None:
@@ -120,16 +131,16 @@ async def list_conversations(
     if created_before is not None:
         query = query.where(Conversation.created_at < created_before)
 
-    total = await session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    total = await connection.scalar(select(func.count()).select_from(query.subquery())) or 0
     column = _SORT_COLUMNS[sort.lstrip("-")]
     # The id breaks ties, so equal sort keys still page in one stable order.
     if sort.startswith("-"):
         query = query.order_by(column.desc(), Conversation.id.desc())
     else:
         query = query.order_by(column.asc(), Conversation.id.asc())
-    rows = await session.scalars(query.limit(limit).offset(offset))
+    rows = await connection.execute(query.limit(limit).offset(offset))
     return ConversationPage(
-        items=[ConversationOut.model_validate(row) for row in rows],
+        items=[ConversationOut.model_validate(row) for row in rows.mappings()],
         total=total,
         limit=limit,
         offset=offset,

@@ -11,15 +11,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from sqlalchemy import select, update
-from sqlalchemy.orm import selectinload
+from sqlalchemy import bindparam, select, update
 
 from bastion import NotFoundError, utcnow
-from bastion.fastapi import ReadSession, WriteSession
-from conversations.auth import CurrentUser
+from bastion.fastapi import ReadConnection, WriteSession
+from conversations.auth import CurrentReader, CurrentUser
 from conversations.models import Conversation, Message, MessageSource
 from conversations.routes._ids import decode_cursor, encode_cursor, parse_conversation_id
-from conversations.schemas import MessageCreate, MessageOut, MessagePage
+from conversations.schemas import MessageCreate, MessageOut, MessagePage, SourceOut
 
 __all__ = ["router"]
 
@@ -70,36 +69,47 @@ async def create_message(
     return MessageOut.model_validate(message)
 
 
+# Built once: see the note on statements in routes/conversations.py.
+_MESSAGE_COUNT = select(Conversation.message_count).where(
+    Conversation.id == bindparam("cid"),
+    Conversation.owner_id == bindparam("owner_id"),
+    Conversation.deleted_at.is_(None),
+)
+_MESSAGES_AFTER = (
+    select(*Message.__table__.c)
+    .where(Message.conversation_id == bindparam("cid"), Message.id > bindparam("after"))
+    .order_by(Message.id)
+    .limit(bindparam("fetch"))
+)
+_SOURCES_OF = (
+    select(MessageSource.message_id, MessageSource.url, MessageSource.title)
+    .where(MessageSource.message_id.in_(bindparam("message_ids", expanding=True)))
+    .order_by(MessageSource.message_id, MessageSource.position)
+)
+
+
 @router.get("")
 async def list_messages(
     conversation_id: str,
-    user_id: CurrentUser,
-    session: ReadSession,
+    user_id: CurrentReader,
+    connection: ReadConnection,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> MessagePage:
     cid = parse_conversation_id(conversation_id)
     after = decode_cursor(cursor) if cursor else 0
-    total = await session.scalar(
-        select(Conversation.message_count).where(
-            Conversation.id == cid,
-            Conversation.owner_id == user_id,
-            Conversation.deleted_at.is_(None),
-        )
-    )
+    total = await connection.scalar(_MESSAGE_COUNT, {"cid": cid, "owner_id": user_id})
     if total is None:
         raise NotFoundError("conversation not found")
-    rows = list(
-        await session.scalars(
-            select(Message)
-            .where(Message.conversation_id == cid, Message.id > after)
-            .order_by(Message.id)
-            .limit(limit + 1)
-            .options(selectinload(Message.sources))
-        )
+    found = await connection.execute(
+        _MESSAGES_AFTER, {"cid": cid, "after": after, "fetch": limit + 1}
     )
+    rows = list(found.mappings())
     page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].id) if len(rows) > limit else None
-    return MessagePage(
-        items=[MessageOut.model_validate(row) for row in page], next_cursor=next_cursor, total=total
-    )
+    sources: dict[int, list[SourceOut]] = {row["id"]: [] for row in page}
+    if page:
+        for source in await connection.execute(_SOURCES_OF, {"message_ids": list(sources)}):
+            sources[source.message_id].append(SourceOut(url=source.url, title=source.title))
+    next_cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
+    items = [MessageOut.model_validate({**row, "sources": sources[row["id"]]}) for row in page]
+    return MessagePage(items=items, next_cursor=next_cursor, total=total)
