@@ -321,6 +321,32 @@ class Database:
         finally:
             await self._close_retired_connections()
 
+    @asynccontextmanager
+    async def write_connection(self) -> AsyncIterator[AsyncConnection]:
+        """A write unit on a Core ``AsyncConnection``: one transaction, committed at the end.
+
+        The same guarantees as :meth:`write` — COMMIT before the block's caller goes on,
+        ROLLBACK if the block raises, errors translated — without the ORM unit of work, for
+        routes that write with INSERT/UPDATE statements of their own.
+
+        Raises:
+            The same as :meth:`write`.
+        """
+        self._require_running()
+        assert self._engine is not None
+        try:
+            async with self._engine.connect() as connection:
+                await connection.begin()
+                yield connection
+                try:
+                    await connection.commit()
+                except Exception as exc:
+                    _raise_translated(exc, during_commit=True)
+        except Exception as exc:
+            _raise_translated(exc)
+        finally:
+            await self._close_retired_connections()
+
     # -- internals -------------------------------------------------------------------------
 
     async def _close_retired_connections(self) -> None:

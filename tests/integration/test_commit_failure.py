@@ -16,7 +16,13 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from bastion import Database, DatabaseSettings, ForeignKeyViolationError
-from bastion.fastapi import DatabaseDep, WriteSession, database_lifespan, install_error_handlers
+from bastion.fastapi import (
+    DatabaseDep,
+    WriteConnection,
+    WriteSession,
+    database_lifespan,
+    install_error_handlers,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -54,6 +60,15 @@ def create_probe_app(settings: DatabaseSettings) -> FastAPI:
         )
         return {"id": child_id}
 
+    @app.post("/connection/{child_id}/{parent_id}", status_code=201)
+    async def add_child_on_a_connection(
+        child_id: int, parent_id: int, connection: WriteConnection
+    ) -> dict[str, int]:
+        await connection.execute(
+            text("INSERT INTO deferred_children VALUES (:c, :p)"), {"c": child_id, "p": parent_id}
+        )
+        return {"id": child_id}
+
     @app.post("/explicit/{child_id}/{parent_id}", status_code=201)
     async def add_child_explicitly(
         child_id: int, parent_id: int, database: DatabaseDep
@@ -81,7 +96,7 @@ async def test_the_unit_raises_when_commit_fails(deferred_tables: Database) -> N
     assert await children(deferred_tables) == []
 
 
-@pytest.mark.parametrize("route", ["children", "explicit"])
+@pytest.mark.parametrize("route", ["children", "connection", "explicit"])
 async def test_a_failed_commit_never_answers_2xx(
     deferred_tables: Database, settings: DatabaseSettings, route: str
 ) -> None:

@@ -298,3 +298,17 @@ async def test_a_read_connection_reads_and_refuses_writes(probe_tables: Database
 
     assert [tuple(row) for row in rows] == [(1, "one")]
     assert await count_parents(probe_tables) == 1
+
+
+async def test_a_write_connection_commits_or_rolls_back(probe_tables: Database) -> None:
+    async with probe_tables.write_connection() as connection:
+        await connection.execute(insert(Parent).values(id=1, name="one"))
+    with pytest.raises(BoomError):
+        async with probe_tables.write_connection() as connection:
+            await connection.execute(insert(Parent).values(id=2, name="two"))
+            raise BoomError
+    with pytest.raises(UniqueViolationError):
+        async with probe_tables.write_connection() as connection:
+            await connection.execute(insert(Parent).values(id=3, name="one"))
+
+    assert await count_parents(probe_tables) == 1

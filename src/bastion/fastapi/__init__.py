@@ -16,6 +16,7 @@ from bastion.fastapi._dependencies import (
     DatabaseDep,
     ReadConnection,
     ReadSession,
+    WriteConnection,
     WriteSession,
     get_database,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "DatabaseDep",
     "ReadConnection",
     "ReadSession",
+    "WriteConnection",
     "WriteSession",
     "create_health_router",
     "database_lifespan",

@@ -18,7 +18,14 @@ from starlette.requests import HTTPConnection
 from bastion.database import Database
 from bastion.errors import DatabaseStateError
 
-__all__ = ["DatabaseDep", "ReadConnection", "ReadSession", "WriteSession", "get_database"]
+__all__ = [
+    "DatabaseDep",
+    "ReadConnection",
+    "ReadSession",
+    "WriteConnection",
+    "WriteSession",
+    "get_database",
+]
 
 
 def get_database(connection: HTTPConnection) -> Database:
@@ -49,6 +56,13 @@ async def _read_connection(
         yield connection
 
 
+async def _write_connection(
+    database: Annotated[Database, Depends(get_database)],
+) -> AsyncIterator[AsyncConnection]:
+    async with database.write_connection() as connection:
+        yield connection
+
+
 async def _write_session(
     database: Annotated[Database, Depends(get_database)],
 ) -> AsyncIterator[AsyncSession]:
@@ -67,3 +81,6 @@ ReadConnection = Annotated[AsyncConnection, Depends(_read_connection, scope="fun
 
 WriteSession = Annotated[AsyncSession, Depends(_write_session, scope="function")]
 """A session in a write unit, committed before the response is sent."""
+
+WriteConnection = Annotated[AsyncConnection, Depends(_write_connection, scope="function")]
+"""A Core connection in a write unit, committed before the response is sent."""

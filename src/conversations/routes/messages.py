@@ -8,13 +8,13 @@ never pass a message that commits later with a smaller id.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Query, Response
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 
 from bastion import NotFoundError, utcnow
-from bastion.fastapi import ReadConnection, WriteSession
+from bastion.fastapi import ReadConnection, WriteConnection
 from conversations.auth import CurrentReader, CurrentUser
 from conversations.models import Conversation, Message, MessageSource
 from conversations.routes._ids import decode_cursor, encode_cursor, parse_conversation_id
@@ -25,48 +25,69 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1/conversations/{conversation_id}/messages", tags=["messages"])
 
 
+_conversations = cast(Table, Conversation.__table__)
+_messages = cast(Table, Message.__table__)
+# Table-level (Core) statements built once: the hot write path skips the ORM unit of work.
+_TOUCH_CONVERSATION = (
+    update(_conversations)
+    .where(
+        _conversations.c.id == bindparam("cid"),
+        _conversations.c.owner_id == bindparam("owner"),
+        _conversations.c.deleted_at.is_(None),
+    )
+    .values(message_count=_conversations.c.message_count + 1, updated_at=bindparam("now"))
+    .returning(_conversations.c.id)
+)
+_INSERT_MESSAGE = insert(_messages).returning(_messages.c.id)
+_INSERT_SOURCE = insert(cast(Table, MessageSource.__table__))
+
+
 @router.post("", status_code=201)
 async def create_message(
     conversation_id: str,
     body: MessageCreate,
     user_id: CurrentUser,
-    session: WriteSession,
+    connection: WriteConnection,
     response: Response,
 ) -> MessageOut:
     cid = parse_conversation_id(conversation_id)
     now = utcnow()
-    touched = await session.scalar(
-        update(Conversation)
-        .where(
-            Conversation.id == cid,
-            Conversation.owner_id == user_id,
-            Conversation.deleted_at.is_(None),
-        )
-        .values(
-            {
-                Conversation.message_count: Conversation.message_count + 1,
-                Conversation.updated_at: now,
-            }
-        )
-        .returning(Conversation.id)
+    # The UPDATE comes first: it locks the conversation row, so this conversation's messages
+    # get their ids in commit order (see the module docstring).
+    touched = await connection.scalar(
+        _TOUCH_CONVERSATION, {"cid": cid, "owner": user_id, "now": now}
     )
     if touched is None:
         raise NotFoundError("conversation not found")
-    message = Message(
+    message_id = await connection.scalar(
+        _INSERT_MESSAGE,
+        {
+            "conversation_id": cid,
+            "role": body.role,
+            "content": body.content,
+            "metadata": body.metadata,
+            "created_at": now,
+        },
+    )
+    assert message_id is not None
+    if body.sources:
+        await connection.execute(
+            _INSERT_SOURCE,
+            [
+                {"message_id": message_id, "position": n, "url": s.url, "title": s.title}
+                for n, s in enumerate(body.sources)
+            ],
+        )
+    response.headers["Location"] = f"/v1/conversations/{cid}/messages/{message_id}"
+    return MessageOut(
+        id=message_id,
         conversation_id=cid,
         role=body.role,
         content=body.content,
-        metadata_=body.metadata,
+        metadata=body.metadata,
+        sources=[SourceOut(url=s.url, title=s.title) for s in body.sources],
         created_at=now,
-        sources=[
-            MessageSource(position=position, url=source.url, title=source.title)
-            for position, source in enumerate(body.sources)
-        ],
     )
-    session.add(message)
-    await session.flush()
-    response.headers["Location"] = f"/v1/conversations/{cid}/messages/{message.id}"
-    return MessageOut.model_validate(message)
 
 
 # Built once: see the note on statements in routes/conversations.py.
