@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean migrate
+.PHONY: demo test lint format clean migrate bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Bastion needs Python 3.11+"'
@@ -26,6 +26,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
+
+## bench: the reference service beside raw-driver, naive and sync baselines (wrk, ~8 min;
+##        BENCH_QUICK=1 for a 2-minute smoke run). Writes bench/results/latest.{json,md}.
+bench: $(STAMP)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python -m bench.run
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests

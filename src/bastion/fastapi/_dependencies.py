@@ -28,8 +28,18 @@ __all__ = [
 ]
 
 
-def get_database(connection: HTTPConnection) -> Database:
-    """The Database the lifespan stored on the app.
+async def get_database(connection: HTTPConnection) -> Database:
+    """The Database the lifespan stored on the app (a dependency).
+
+    Raises:
+        DatabaseStateError: the app was not started with :func:`database_lifespan`.
+    """
+    # async: FastAPI runs a plain ``def`` dependency in a worker thread, a hop per request.
+    return database_of(connection)
+
+
+def database_of(connection: HTTPConnection) -> Database:
+    """The Database the lifespan stored on the app, for code outside dependencies.
 
     Raises:
         DatabaseStateError: the app was not started with :func:`database_lifespan`.

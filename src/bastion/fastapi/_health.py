@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 
 from bastion._translate import translate_error
 from bastion.database import DatabaseState
-from bastion.fastapi._dependencies import get_database
+from bastion.fastapi._dependencies import database_of
 
 __all__ = ["create_health_router"]
 
@@ -34,7 +34,7 @@ def create_health_router(*, prefix: str = "/health") -> APIRouter:
 
     @router.get("/ready", response_model=None)
     async def ready(request: Request) -> JSONResponse:
-        database = get_database(request)
+        database = database_of(request)
         started = time.perf_counter()
         component: dict[str, Any] = {"backend": database.backend}
         try:
