@@ -146,6 +146,9 @@ def run_wrk(port: int, env: dict[str, str], duration_s: int, connections: int) -
 
 def summarise(backend: str, scenario: str, variant: str, rnd: int, raw: dict[str, float]) -> Result:
     errors = int(raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"])
+    if raw["requests"] == 0:
+        # Nothing completed: every connection's request hung past the run (a stalled server).
+        errors = max(errors, CONNECTIONS)
     return Result(
         backend=backend,
         scenario=scenario,

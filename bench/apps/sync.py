@@ -20,7 +20,9 @@ _url = normalise_database_url(os.environ["BENCH_DATABASE_URL"])
 _url = _url.set(
     drivername="postgresql+psycopg" if _url.get_backend_name() == "postgresql" else "sqlite"
 )
-engine = create_engine(_url, pool_size=10, max_overflow=10)
+# As many connections as the threadpool has threads (40): with fewer, threads blocked on a
+# checkout starve the requests that hold connections and the server stalls under load.
+engine = create_engine(_url, pool_size=40, max_overflow=0)
 SessionLocal = sessionmaker(engine, expire_on_commit=False)
 app = FastAPI()
 

@@ -26,6 +26,7 @@ from bastion.errors import (
     TransactionConflictError,
     UniqueViolationError,
 )
+from bastion.loop_lag import LoopLag, LoopLagMonitor
 from bastion.settings import DatabaseSettings, load_settings
 from bastion.types import UTCDateTime, utcnow
 from bastion.urls import Backend, normalise_database_url
@@ -55,6 +56,8 @@ __all__ = [
     "HttpUrlText",
     "IntegrityViolationError",
     "JSONObject",
+    "LoopLag",
+    "LoopLagMonitor",
     "NotFoundError",
     "NotNullViolationError",
     "PoolStatus",

@@ -13,6 +13,7 @@ import bastion.fastapi
 CORE_MODULES = [
     "bastion.database",
     "bastion.errors",
+    "bastion.loop_lag",
     "bastion.settings",
     "bastion.types",
     "bastion.urls",

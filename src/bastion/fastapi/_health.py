@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from bastion._translate import translate_error
 from bastion.database import DatabaseState
 from bastion.fastapi._dependencies import database_of
+from bastion.loop_lag import LoopLagMonitor
 
 __all__ = ["create_health_router"]
 
@@ -58,7 +59,11 @@ def create_health_router(*, prefix: str = "/health") -> APIRouter:
                 "overflow": pool.overflow,
             }
         healthy = component["status"] == "healthy"
-        body = {"status": "ready" if healthy else "unready", "database": component}
+        body: dict[str, Any] = {"status": "ready" if healthy else "unready", "database": component}
+        monitor = getattr(request.app.state, "loop_lag", None)
+        if isinstance(monitor, LoopLagMonitor):
+            lag = monitor.snapshot()
+            body["loop_lag_ms"] = {"p50": lag.p50_ms, "p99": lag.p99_ms, "max": lag.max_ms}
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     return router

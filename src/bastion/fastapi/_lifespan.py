@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from starlette.types import ASGIApp
 
 from bastion.database import Database
+from bastion.loop_lag import LoopLagMonitor
 from bastion.migrations import upgrade
 from bastion.settings import DatabaseSettings
 
@@ -18,6 +19,9 @@ def database_lifespan(
     settings: DatabaseSettings, *, migrations: str | None = None
 ) -> Callable[[ASGIApp], AbstractAsyncContextManager[None]]:
     """A lifespan that starts a Database, stores it on ``app.state.database``, and closes it.
+
+    It also runs a :class:`~bastion.loop_lag.LoopLagMonitor` on ``app.state.loop_lag``, whose
+    figures ``/health/ready`` reports.
 
     With ``migrations`` (an Alembic ``script_location`` such as ``"myservice:migrations"``),
     the database is upgraded to head before the app takes requests.
@@ -30,10 +34,16 @@ def database_lifespan(
 
     @asynccontextmanager
     async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
+        monitor = LoopLagMonitor()
         async with Database(settings) as database:
             if migrations is not None:
                 await upgrade(database, migrations)
             app.state.database = database  # type: ignore[attr-defined]
-            yield
+            app.state.loop_lag = monitor  # type: ignore[attr-defined]
+            await monitor.start()
+            try:
+                yield
+            finally:
+                await monitor.stop()
 
     return lifespan
