@@ -23,8 +23,8 @@ test: $(STAMP)
 
 ## lint: ruff and mypy --strict
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 ## bench: the reference service beside raw-driver, naive and sync baselines (wrk, ~8 min;
@@ -34,8 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
 
 migrate: $(STAMP)
 	$(BIN)/bastion db upgrade --migrations conversations:migrations

@@ -34,7 +34,8 @@ RESULTS = ROOT / "bench" / "results"
 LUA = ROOT / "bench" / "wrk" / "conversations.lua"
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 POSTGRES_ADMIN_URL = os.environ.get(
-    "BENCH_POSTGRES_URL", os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    "BENCH_POSTGRES_URL",
+    os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
 )
 
 ROUNDS = 2 if QUICK else 3
@@ -171,6 +172,14 @@ def loop_lag_p99_ms(port: int) -> float | None:
     return None if lag is None else float(lag["p99"])
 
 
+async def drop_postgres_database(name: str) -> None:
+    connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
 async def create_postgres_database(name: str) -> str:
     connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
     try:
@@ -182,7 +191,9 @@ async def create_postgres_database(name: str) -> str:
     return f"{base}/{name}"
 
 
-def bench_backend(backend: str, workdir: Path, results: list[Result], lags: dict[str, float]) -> None:
+def bench_backend(
+    backend: str, workdir: Path, results: list[Result], lags: dict[str, float]
+) -> None:
     if backend == "postgresql":
         url = asyncio.run(create_postgres_database("bastion_bench"))
     else:
@@ -206,7 +217,7 @@ def bench_backend(backend: str, workdir: Path, results: list[Result], lags: dict
     bastion_lags: list[float] = []
     try:
         for scenario, scenario_env in SCENARIOS.items():
-            for variant, server in servers.items():  # warm every variant up once
+            for server in servers.values():  # warm every variant up once
                 run_wrk(server.port, {**wrk_env, **scenario_env}, WARMUP_S, CONNECTIONS)
             order = list(servers)
             for rnd in range(ROUNDS):
@@ -228,15 +239,15 @@ def bench_backend(backend: str, workdir: Path, results: list[Result], lags: dict
                             bastion_lags.append(lag)
                 order = order[1:] + order[:1]
         scenario_env = SCENARIOS["get_conversation"]
-        raw = run_wrk(
-            servers["bastion"].port, {**wrk_env, **scenario_env}, DURATION_S * 2, 1000
-        )
+        raw = run_wrk(servers["bastion"].port, {**wrk_env, **scenario_env}, DURATION_S * 2, 1000)
         result = summarise(backend, "concurrency_1000", "bastion", 0, raw)
         results.append(result)
         print(f"{backend:10} concurrency_1000 bastion: {result}", flush=True)
     finally:
         for server in servers.values():
             server.stop()
+        if backend == "postgresql":
+            asyncio.run(drop_postgres_database("bastion_bench"))
     if bastion_lags:
         lags[backend] = max(bastion_lags)
 
@@ -281,8 +292,8 @@ def aggregate(results: list[Result]) -> list[dict[str, object]]:
 
 def write_markdown(report: dict[str, object], path: Path) -> None:
     lines = [
-        f"# Benchmark results ({report['mode']}, {report['rounds']} rounds × {report['duration_s']} s, "
-        f"wrk -t{THREADS} -c{CONNECTIONS})",
+        f"# Benchmark results ({report['mode']}: {report['rounds']} rounds of "
+        f"{report['duration_s']} s, wrk -t{THREADS} -c{CONNECTIONS})",
         "",
         "| backend | scenario | variant | req/s | p50 ms | p99 ms | errors |",
         "|---|---|---|---:|---:|---:|---:|",

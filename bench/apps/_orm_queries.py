@@ -52,7 +52,10 @@ def touch_conversation(cid: uuid.UUID, owner: uuid.UUID) -> Any:
             Conversation.deleted_at.is_(None),
         )
         .values(
-            {Conversation.message_count: Conversation.message_count + 1, Conversation.updated_at: utcnow()}
+            {
+                Conversation.message_count: Conversation.message_count + 1,
+                Conversation.updated_at: utcnow(),
+            }
         )
         .returning(Conversation.id)
     )

@@ -14,9 +14,9 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, HTTPException, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from bench.apps import _orm_queries as q
 from bastion import normalise_database_url
-from conversations.schemas import MessageCreate, MessageOut, MessagePage, ConversationOut
+from bench.apps import _orm_queries as q
+from conversations.schemas import ConversationOut, MessageCreate, MessageOut, MessagePage
 
 engine = create_async_engine(
     normalise_database_url(os.environ["BENCH_DATABASE_URL"]), pool_size=10, max_overflow=10
@@ -44,7 +44,9 @@ Owner = Annotated[uuid.UUID, Depends(owner)]
 
 
 @app.get("/v1/conversations/{conversation_id}")
-async def get_conversation(conversation_id: uuid.UUID, user: Owner, session: Session) -> ConversationOut:
+async def get_conversation(
+    conversation_id: uuid.UUID, user: Owner, session: Session
+) -> ConversationOut:
     found = await session.scalar(q.conversation_query(conversation_id, user))
     if found is None:
         raise HTTPException(404)

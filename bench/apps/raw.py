@@ -190,7 +190,13 @@ class Sqlite:
             "ORDER BY message_id, position",
             [row["id"] for row in page],
         ).fetchall()
-        return _page(page, [dict(zip(("message_id", "url", "title"), s, strict=True)) for s in sources], found[0], limit, len(rows))
+        return _page(
+            page,
+            [dict(zip(("message_id", "url", "title"), s, strict=True)) for s in sources],
+            found[0],
+            limit,
+            len(rows),
+        )
 
     async def add_message(self, cid: uuid.UUID, owner: Any, body: dict[str, Any]) -> Any:
         now = datetime.now(UTC)
@@ -209,11 +215,21 @@ class Sqlite:
             message_id = connection.execute(
                 "INSERT INTO messages (conversation_id, role, content, metadata, created_at) "
                 "VALUES (?, ?, ?, ?, ?) RETURNING id",
-                (cid.hex, body["role"], body["content"], json.dumps(body.get("metadata", {})), stamp),
+                (
+                    cid.hex,
+                    body["role"],
+                    body["content"],
+                    json.dumps(body.get("metadata", {})),
+                    stamp,
+                ),
             ).fetchone()[0]
             connection.executemany(
-                "INSERT INTO message_sources (message_id, position, url, title) VALUES (?, ?, ?, ?)",
-                [(message_id, n, s["url"], s.get("title")) for n, s in enumerate(body.get("sources", []))],
+                "INSERT INTO message_sources (message_id, position, url, title) "
+                "VALUES (?, ?, ?, ?)",
+                [
+                    (message_id, n, s["url"], s.get("title"))
+                    for n, s in enumerate(body.get("sources", []))
+                ],
             )
             connection.execute("COMMIT")
         except BaseException:
@@ -234,7 +250,9 @@ def _page(
     return {"items": page, "next_cursor": next_cursor, "total": total}
 
 
-def _message(message_id: int, cid: uuid.UUID, body: dict[str, Any], now: datetime) -> dict[str, Any]:
+def _message(
+    message_id: int, cid: uuid.UUID, body: dict[str, Any], now: datetime
+) -> dict[str, Any]:
     return {
         "id": message_id,
         "conversation_id": str(cid),

@@ -12,8 +12,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
-from bench.apps import _orm_queries as q
 from bastion import normalise_database_url
+from bench.apps import _orm_queries as q
 from conversations.schemas import ConversationOut, MessageCreate, MessageOut, MessagePage
 
 _url = normalise_database_url(os.environ["BENCH_DATABASE_URL"])

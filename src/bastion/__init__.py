@@ -22,6 +22,7 @@ from bastion.errors import (
     NotNullViolationError,
     PoolTimeoutError,
     QueryError,
+    ReadOnlyViolationError,
     StaleVersionError,
     TransactionConflictError,
     UniqueViolationError,
@@ -34,9 +35,11 @@ from bastion.validation import (
     HttpUrlText,
     JSONObject,
     SafeText,
+    UTCTimestamp,
     check_http_url,
     check_json_object,
     check_safe_text,
+    to_utc,
 )
 
 __version__ = "0.1.0"
@@ -63,10 +66,12 @@ __all__ = [
     "PoolStatus",
     "PoolTimeoutError",
     "QueryError",
+    "ReadOnlyViolationError",
     "SafeText",
     "StaleVersionError",
     "TransactionConflictError",
     "UTCDateTime",
+    "UTCTimestamp",
     "UniqueViolationError",
     "__version__",
     "check_http_url",
@@ -74,5 +79,6 @@ __all__ = [
     "check_safe_text",
     "load_settings",
     "normalise_database_url",
+    "to_utc",
     "utcnow",
 ]

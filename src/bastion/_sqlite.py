@@ -24,8 +24,13 @@ READ_UNIT: Final = "read"
 SNAPSHOT_UNIT: Final = "snapshot"
 
 
-def install_sqlite_listeners(engine: Engine, *, busy_timeout_ms: int, memory: bool) -> None:
-    """Configure every new connection of ``engine`` and take over its BEGIN statements."""
+def install_sqlite_listeners(
+    engine: Engine, *, busy_timeout_ms: int, memory: bool, query_only: bool
+) -> None:
+    """Configure every new connection of ``engine`` and take over its BEGIN statements.
+
+    ``query_only`` makes SQLite itself refuse any write on the engine's connections.
+    """
 
     @event.listens_for(engine, "connect")
     def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
@@ -37,6 +42,8 @@ def install_sqlite_listeners(engine: Engine, *, busy_timeout_ms: int, memory: bo
                 cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            if query_only:
+                cursor.execute("PRAGMA query_only=ON")
         finally:
             cursor.close()
 

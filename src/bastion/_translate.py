@@ -22,6 +22,7 @@ from bastion.errors import (
     NotNullViolationError,
     PoolTimeoutError,
     QueryError,
+    ReadOnlyViolationError,
     TransactionConflictError,
     UniqueViolationError,
 )
@@ -45,7 +46,7 @@ POSTGRES_SQLSTATES: Final[dict[str, type[BastionError]]] = {
     "28000": DatabaseUnavailableError,  # invalid_authorization_specification
     "28P01": DatabaseUnavailableError,  # invalid_password
     "3D000": DatabaseUnavailableError,  # invalid_catalog_name: the database does not exist
-    "25006": QueryError,  # read_only_sql_transaction: a write inside a read unit
+    "25006": ReadOnlyViolationError,  # read_only_sql_transaction: a write in a read unit
 }
 POSTGRES_SQLSTATE_CLASSES: Final[dict[str, type[BastionError]]] = {
     "08": DatabaseUnavailableError,  # connection exception
@@ -65,7 +66,7 @@ SQLITE_CODES: Final[dict[int, type[BastionError]]] = {
     19: IntegrityViolationError,  # SQLITE_CONSTRAINT
     5: TransactionConflictError,  # SQLITE_BUSY (and BUSY_SNAPSHOT, BUSY_RECOVERY)
     6: TransactionConflictError,  # SQLITE_LOCKED
-    8: DatabaseUnavailableError,  # SQLITE_READONLY
+    8: ReadOnlyViolationError,  # SQLITE_READONLY: query_only, on a read unit's connection
     10: DatabaseUnavailableError,  # SQLITE_IOERR
     11: DatabaseUnavailableError,  # SQLITE_CORRUPT
     13: DatabaseUnavailableError,  # SQLITE_FULL
@@ -83,6 +84,7 @@ _DESCRIPTIONS: Final[dict[type[BastionError], str]] = {
     DatabaseUnavailableError: "the database is unavailable",
     PoolTimeoutError: "no database connection became free in time",
     QueryError: "the database rejected the statement",
+    ReadOnlyViolationError: "a read unit cannot write; use a write unit",
 }
 
 
@@ -99,9 +101,8 @@ def translate_error(exc: BaseException, *, during_commit: bool = False) -> Basti
         return PoolTimeoutError(_DESCRIPTIONS[PoolTimeoutError])
     if isinstance(exc, sa_exc.DBAPIError):
         return _translate_dbapi_error(exc, during_commit=during_commit)
-    if isinstance(exc, OSError | TimeoutError):
-        # Raised raw by drivers while connecting (refused, unreachable, DNS, timeout).
-        return _unavailable(during_commit, f"cannot connect: {type(exc).__name__}")
+    # Anything else (OSError, TimeoutError, …) is the application's own: connection failures
+    # were already turned into DatabaseUnavailableError where the connection is opened.
     return None
 
 
@@ -143,12 +144,3 @@ def _classify(original: BaseException | None) -> tuple[str | None, type[BastionE
         return None, None
     error_type = POSTGRES_SQLSTATES.get(sqlstate) or POSTGRES_SQLSTATE_CLASSES.get(sqlstate[:2])
     return sqlstate, error_type
-
-
-def _unavailable(during_commit: bool, reason: str) -> BastionError:
-    if during_commit:
-        return CommitOutcomeUnknownError(
-            f"the connection was lost during COMMIT ({reason}); the write may or may not have "
-            "been applied"
-        )
-    return DatabaseUnavailableError(f"{_DESCRIPTIONS[DatabaseUnavailableError]} ({reason})")

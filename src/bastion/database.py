@@ -30,7 +30,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -40,24 +39,23 @@ from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
-    create_async_engine,
 )
 from sqlalchemy.orm import ORMExecuteState, Session
-from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool
+from sqlalchemy.pool import Pool
 from sqlalchemy.util import greenlet_spawn
 
+from bastion._engines import Engines, create_engines
 from bastion._sqlite import (
     READ_UNIT,
     SNAPSHOT_UNIT,
     UNIT_OPTION,
-    install_sqlite_listeners,
 )
 from bastion._translate import translate_error
 from bastion.errors import (
-    BastionError,
     ConfigurationError,
     DatabaseStateError,
     DatabaseUnavailableError,
+    ReadOnlyViolationError,
 )
 from bastion.settings import DatabaseSettings
 from bastion.urls import Backend
@@ -92,19 +90,19 @@ class _ReadOnlySession(Session):
 
 def _refuse_write_statement(state: ORMExecuteState) -> None:
     if state.is_insert or state.is_update or state.is_delete:
-        raise DatabaseStateError("a read unit cannot write; use Database.write()")
+        raise ReadOnlyViolationError("a read unit cannot write; use Database.write()")
 
 
 def _refuse_flush(session: Session, _context: Any, _instances: Any) -> None:
     if session.new or session.dirty or session.deleted:
-        raise DatabaseStateError("a read unit cannot write; use Database.write()")
+        raise ReadOnlyViolationError("a read unit cannot write; use Database.write()")
 
 
 def _refuse_write_construct(
     _connection: Any, statement: Any, _multiparams: Any, _params: Any, _options: Any
 ) -> None:
     if getattr(statement, "is_dml", False):
-        raise DatabaseStateError("a read unit cannot write; use Database.write()")
+        raise ReadOnlyViolationError("a read unit cannot write; use Database.write()")
 
 
 event.listen(_ReadOnlySession, "do_orm_execute", _refuse_write_statement)
@@ -127,14 +125,14 @@ class Database:
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
         self._state = DatabaseState.NEW
-        self._engine: AsyncEngine | None = None
+        self._engines: Engines | None = None
         self._read_sessions: async_sessionmaker[AsyncSession] | None = None
         self._snapshot_sessions: async_sessionmaker[AsyncSession] | None = None
         self._write_sessions: async_sessionmaker[AsyncSession] | None = None
         self._read_engine: AsyncEngine | None = None
-        # The pool that was live when close() gave up waiting: units still running then
-        # return their connections to it, and those must be closed, not parked.
-        self._retired_pool: Pool | None = None
+        # The pools that were live when close() gave up waiting: units still running then
+        # return their connections to them, and those must be closed, not parked.
+        self._retired_pools: tuple[Pool, ...] = ()
 
     def __repr__(self) -> str:
         return f"<Database {self.settings.display_url} {self._state.value}>"
@@ -151,14 +149,14 @@ class Database:
 
     @property
     def engine(self) -> AsyncEngine:
-        """The running engine, for what units of work do not cover (DDL, ``run_sync``).
+        """The write engine, for what units of work do not cover (DDL, ``run_sync``).
 
         Raises:
             DatabaseStateError: the Database is not running.
         """
         self._require_running()
-        assert self._engine is not None
-        return self._engine
+        assert self._engines is not None
+        return self._engines.primary
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -173,7 +171,7 @@ class Database:
         await self.close()
 
     async def start(self) -> None:
-        """Create the engine and check that a connection can be made.
+        """Create the engines and check that each can connect.
 
         Raises:
             DatabaseStateError: already started, or closed.
@@ -187,22 +185,30 @@ class Database:
                 "create a new Database instead"
             )
         self._state = DatabaseState.RUNNING
+        display_url = self.settings.display_url
         try:
-            self._engine = self._create_engine()
-            self._create_sessionmakers(self._engine)
-            await asyncio.wait_for(self._check_connection(), self.settings.connect_timeout_s)
+            self._engines = create_engines(self.settings)
+            self._create_sessionmakers(self._engines)
+            await asyncio.wait_for(self._check_connections(), self.settings.connect_timeout_s)
         except BaseException as exc:
             await self._dispose_after_failed_start()
-            if isinstance(exc, BastionError):
+            if isinstance(exc, ConfigurationError):
                 raise
+            if isinstance(exc, TimeoutError):
+                message = f"no answer within {self.settings.connect_timeout_s}s"
+                raise DatabaseUnavailableError(
+                    f"cannot connect to {display_url}: {message}"
+                ) from exc
             translated = translate_error(exc)
             if translated is None:
                 raise
             raise DatabaseUnavailableError(
-                f"cannot connect to {self.settings.display_url}: {translated.message}",
+                f"cannot connect to {display_url}: {translated.message}",
                 sqlstate=translated.sqlstate,
             ) from exc
-        logger.info("database started: %s", self.settings.display_url)
+        if self._state is not DatabaseState.RUNNING:
+            raise DatabaseStateError("the Database was closed while it was starting")
+        logger.info("database started: %s", display_url)
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Refuse new units, wait for running ones to return their connections, then close.
@@ -212,35 +218,39 @@ class Database:
         """
         if self._state in (DatabaseState.CLOSING, DatabaseState.CLOSED):
             return
-        if self._engine is None:
+        if self._engines is None:
             self._state = DatabaseState.CLOSED
             return
         self._state = DatabaseState.CLOSING
         timeout_s = self.settings.close_timeout_s if timeout_s is None else timeout_s
-        engine = self._engine
-        pool_in_use = engine.pool
+        engines = self._engines.all
+        pools_in_use = tuple(engine.pool for engine in engines)
         try:
-            await asyncio.wait_for(self._drain(engine), timeout_s)
+            await asyncio.wait_for(self._drain(pools_in_use), timeout_s)
         except TimeoutError:
             logger.warning(
                 "database close: %d connection(s) still in use after %.1fs; closing anyway",
-                engine.pool.checkedout(),  # type: ignore[attr-defined]
+                self.pool_status(require_running=False).checked_out,
                 timeout_s,
             )
-            self._retired_pool = pool_in_use
+            self._retired_pools = pools_in_use
         finally:
-            await engine.dispose()
+            for engine in engines:
+                await engine.dispose()
             self._state = DatabaseState.CLOSED
             logger.info("database closed: %s", self.settings.display_url)
 
-    def pool_status(self) -> PoolStatus:
-        """How many connections the pool holds, lends and has opened beyond its size."""
-        pool: Any = self.engine.pool
+    def pool_status(self, *, require_running: bool = True) -> PoolStatus:
+        """Connections held, lent and opened beyond size, over the read and write pools."""
+        if require_running:
+            self._require_running()
+        assert self._engines is not None
+        pools: list[Any] = [engine.pool for engine in self._engines.all]
         return PoolStatus(
-            size=pool.size(),
-            checked_out=pool.checkedout(),
-            checked_in=pool.checkedin(),
-            overflow=max(pool.overflow(), 0),
+            size=sum(pool.size() for pool in pools),
+            checked_out=sum(pool.checkedout() for pool in pools),
+            checked_in=sum(pool.checkedin() for pool in pools),
+            overflow=sum(max(pool.overflow(), 0) for pool in pools),
         )
 
     @asynccontextmanager
@@ -262,7 +272,7 @@ class Database:
                 yield session
                 if session.new or session.dirty or session.deleted:
                     # Changes made in a read unit would otherwise vanish without a word.
-                    raise DatabaseStateError("a read unit cannot write; use Database.write()")
+                    raise ReadOnlyViolationError("a read unit cannot write; use Database.write()")
                 if consistent:
                     await session.commit()
         except Exception as exc:
@@ -333,9 +343,9 @@ class Database:
             The same as :meth:`write`.
         """
         self._require_running()
-        assert self._engine is not None
+        assert self._engines is not None
         try:
-            async with self._engine.connect() as connection:
+            async with self._engines.primary.connect() as connection:
                 await connection.begin()
                 yield connection
                 try:
@@ -350,62 +360,28 @@ class Database:
     # -- internals -------------------------------------------------------------------------
 
     async def _close_retired_connections(self) -> None:
-        if self._retired_pool is not None and self._state is DatabaseState.CLOSED:
+        if self._retired_pools and self._state is DatabaseState.CLOSED:
             # Closes the connection this unit just returned (the pool only holds returned
             # ones); needs a greenlet because closing an async driver connection awaits.
-            await greenlet_spawn(self._retired_pool.dispose)
+            for pool in self._retired_pools:
+                await greenlet_spawn(pool.dispose)
 
     def _require_running(self) -> None:
         if self._state is not DatabaseState.RUNNING:
             raise DatabaseStateError(f"the Database is {self._state.value}, not running")
 
-    def _create_engine(self) -> AsyncEngine:
-        settings = self.settings
-        url = settings.url
-        options: dict[str, Any] = {
-            "echo": settings.echo,
-            "pool_pre_ping": settings.pool_pre_ping,
-            "pool_timeout": settings.pool_timeout_s,
-        }
-        if settings.backend == "postgresql":
-            options.update(
-                pool_size=settings.pool_size,
-                max_overflow=settings.max_overflow,
-                pool_recycle=settings.pool_recycle_s,
-                connect_args={"timeout": settings.connect_timeout_s},
-            )
-            return create_async_engine(url, **options)
-
-        memory = settings.is_memory
-        if memory:
-            # Every connection to ":memory:" is a different, empty database: keep exactly one
-            # and lend it to one unit at a time.
-            options.update(
-                poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0, pool_recycle=-1
-            )
-        else:
-            _ensure_parent_directory(url.database or "")
-            options.update(
-                pool_size=settings.pool_size,
-                max_overflow=settings.max_overflow,
-                pool_recycle=settings.pool_recycle_s,
-            )
-        engine = create_async_engine(url, **options)
-        install_sqlite_listeners(
-            engine.sync_engine, busy_timeout_ms=settings.sqlite_busy_timeout_ms, memory=memory
-        )
-        return engine
-
-    def _create_sessionmakers(self, engine: AsyncEngine) -> None:
+    def _create_sessionmakers(self, engines: Engines) -> None:
         if self.settings.backend == "postgresql":
-            read_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-            snapshot_engine = engine.execution_options(
+            read_engine = engines.reader  # AUTOCOMMIT, read-only sessions
+            snapshot_engine = engines.reader.execution_options(
                 isolation_level="REPEATABLE READ", postgresql_readonly=True
             )
         else:
-            read_engine = engine.execution_options(**{UNIT_OPTION: READ_UNIT})
-            snapshot_engine = engine.execution_options(**{UNIT_OPTION: SNAPSHOT_UNIT})
+            read_engine = engines.reader.execution_options(**{UNIT_OPTION: READ_UNIT})
+            snapshot_engine = engines.reader.execution_options(**{UNIT_OPTION: SNAPSHOT_UNIT})
         for reading_engine in (read_engine, snapshot_engine):
+            # The database refuses writes on the read pool anyway; this says so earlier and
+            # more clearly, and covers in-memory SQLite, whose one pool serves both.
             event.listen(reading_engine.sync_engine, "before_execute", _refuse_write_construct)
         self._read_engine = read_engine
         # expire_on_commit=False: attributes stay loaded after COMMIT, so code reading them
@@ -416,38 +392,27 @@ class Database:
         self._snapshot_sessions = async_sessionmaker(
             snapshot_engine, expire_on_commit=False, sync_session_class=_ReadOnlySession
         )
-        self._write_sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._write_sessions = async_sessionmaker(engines.primary, expire_on_commit=False)
 
-    async def _check_connection(self) -> None:
-        assert self._engine is not None
-        async with self._engine.connect() as connection:
-            await connection.exec_driver_sql("SELECT 1")
+    async def _check_connections(self) -> None:
+        assert self._engines is not None
+        assert self._read_engine is not None
+        for engine in (self._engines.primary, self._read_engine):
+            async with engine.connect() as connection:
+                await connection.exec_driver_sql("SELECT 1")
 
     async def _dispose_after_failed_start(self) -> None:
         self._state = DatabaseState.CLOSED
-        if self._engine is not None:
-            with suppress(Exception):
-                await self._engine.dispose()
+        if self._engines is not None:
+            for engine in self._engines.all:
+                with suppress(Exception):
+                    await engine.dispose()
 
     @staticmethod
-    async def _drain(engine: AsyncEngine) -> None:
-        pool: Any = engine.pool
+    async def _drain(pools: tuple[Any, ...]) -> None:
         # Polled: the pool has no awaitable "all returned" signal, and this runs once, at exit.
-        while pool.checkedout() > 0:  # noqa: ASYNC110
+        while any(pool.checkedout() > 0 for pool in pools):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-
-
-def _ensure_parent_directory(database: str) -> None:
-    if not database or database.startswith("file:"):
-        return
-    parent = Path(database).expanduser().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigurationError(
-            f"DATABASE_URL: cannot create the directory {str(parent)!r} for the SQLite file "
-            f"({exc.strerror})"
-        ) from exc
 
 
 def _raise_translated(exc: Exception, *, during_commit: bool = False) -> None:

@@ -18,6 +18,7 @@
     ├── NotFoundError               the thing asked for does not exist (or is not yours) (404)
     ├── StaleVersionError           optimistic lock: someone changed it first (412)
     └── QueryError                  any other database error: a bug, not the caller's (500)
+        └── ReadOnlyViolationError      a read unit tried to write (500)
 
 Driver exceptions are translated into this tree at one seam (``bastion._translate``), from
 machine-readable fields only (PostgreSQL SQLSTATE, SQLite extended result codes, SQLAlchemy's
@@ -40,6 +41,7 @@ __all__ = [
     "NotNullViolationError",
     "PoolTimeoutError",
     "QueryError",
+    "ReadOnlyViolationError",
     "StaleVersionError",
     "TransactionConflictError",
     "UniqueViolationError",
@@ -104,6 +106,7 @@ class CommitOutcomeUnknownError(BastionError):
     """The connection was lost while COMMIT was in flight: the write may have been applied.
 
     Do not re-run the unit blindly; check whether it took effect (an idempotency key) first.
+    Over HTTP it is a 500 *without* ``Retry-After``, so clients are not told to repeat it.
     """
 
     code = "commit_outcome_unknown"
@@ -155,3 +158,9 @@ class QueryError(BastionError):
     """Any other database error, such as invalid SQL: a defect, not the caller's fault."""
 
     code = "query_error"
+
+
+class ReadOnlyViolationError(QueryError):
+    """A read unit tried to write; the database refused (or Bastion refused first)."""
+
+    code = "read_only_violation"

@@ -22,11 +22,13 @@ from alembic import command, context
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import MetaData
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.database import Database
-from bastion.errors import ConfigurationError
+from bastion.errors import ConfigurationError, IntegrityViolationError
 from bastion.settings import DatabaseSettings, load_settings
 from bastion.types import UTCDateTime
 
@@ -158,10 +160,38 @@ async def _run(
 
     def run(connection: Connection) -> None:
         config.attributes[_CONNECTION_KEY] = connection
-        operation(config, revision)
+        try:
+            operation(config, revision)
+        except CommandError as exc:
+            raise ConfigurationError(f"migration {revision!r}: {exc}") from exc
+        if connection.dialect.name == "sqlite":
+            violations = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if violations:
+                raise IntegrityViolationError(
+                    f"the migration left {len(violations)} row(s) whose parent is missing "
+                    f"(first in table {violations[0][0]!r}); nothing was applied"
+                )
 
-    async with database.engine.begin() as connection:
-        await connection.run_sync(run)
+    async with database.engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # Alembic rebuilds SQLite tables (batch mode): the DROP of the old table would act
+            # as a DELETE and cascade into child rows. The pragma only takes effect outside a
+            # transaction, so it goes straight to the driver, before BEGIN.
+            await _set_sqlite_foreign_keys(connection, on=False)
+        try:
+            async with connection.begin():
+                await connection.run_sync(run)
+        finally:
+            if sqlite:
+                await _set_sqlite_foreign_keys(connection, on=True)
+
+
+async def _set_sqlite_foreign_keys(connection: AsyncConnection, *, on: bool) -> None:
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection  # an aiosqlite.Connection
+    cursor = await driver.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+    await cursor.close()
 
 
 def _current_heads(connection: Connection) -> tuple[str, ...]:

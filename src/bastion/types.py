@@ -41,7 +41,10 @@ class UTCDateTime(TypeDecorator[datetime]):
                 "naive datetime given to a UTCDateTime column; pass an aware datetime "
                 "(for example bastion.utcnow())"
             )
-        value = value.astimezone(UTC)
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("datetime out of range once converted to UTC") from None
         if dialect.name == "sqlite":
             return value.replace(tzinfo=None)
         return value

@@ -53,7 +53,9 @@ def normalise_database_url(raw: str) -> URL:
         return make_url("sqlite+aiosqlite://")
     try:
         url = make_url(text)
-    except ArgumentError:
+        url.port  # noqa: B018 - parsed lazily; a bad port raises here, not in the engine
+    except (ArgumentError, ValueError):
+        # Not the parser's own message: it can quote the URL, password and all.
         raise ValueError(f"not a database URL; {_EXPECTED}") from None
     scheme = url.drivername.lower()
     if scheme in _POSTGRES_SCHEMES:

@@ -14,18 +14,21 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
+from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, AwareDatetime
 
 __all__ = [
     "HttpUrlText",
     "JSONObject",
     "SafeText",
+    "UTCTimestamp",
     "check_http_url",
     "check_json_object",
     "check_safe_text",
+    "to_utc",
 ]
 
 ALLOWED_CONTROL_CHARACTERS: Final = frozenset("\t\n\r")
@@ -137,3 +140,19 @@ def check_http_url(value: str, *, max_length: int = URL_MAX_LENGTH) -> str:
 
 HttpUrlText = Annotated[str, AfterValidator(check_http_url)]
 """An http(s) URL of at most 2,048 characters, kept exactly as sent."""
+
+
+def to_utc(value: datetime) -> datetime:
+    """``value`` (aware) as UTC.
+
+    Raises:
+        ValueError: the instant has no UTC equivalent (``0001-01-01T00:00+05:00``).
+    """
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("date is out of range once converted to UTC") from None
+
+
+UTCTimestamp = Annotated[AwareDatetime, AfterValidator(to_utc)]
+"""An aware datetime (a naive one is refused), converted to UTC; out-of-range ones refused."""

@@ -44,9 +44,6 @@ JSONDocument = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
 BigIntegerKey = BigInteger().with_variant(Integer(), "sqlite")
 
-CONVERSATION_STATUSES = ("active", "archived")
-MESSAGE_ROLES = ("user", "assistant", "system")
-
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)

@@ -207,3 +207,27 @@ async def test_list_filters_sorts_and_pages_with_a_total(app_client: Client, use
 
     updated_first = await listing(sort="-updated_at", limit=1)
     assert updated_first["items"][0]["title"] == "delta"  # type: ignore[index]
+
+
+async def test_dates_and_versions_beyond_range_are_client_errors(
+    app_client: Client, users: Users
+) -> None:
+    conversation = await create(app_client, users.alice, title="Edge")
+    path = f"/v1/conversations/{conversation['id']}"
+
+    too_early = await app_client.get(
+        "/v1/conversations",
+        params={"created_after": "0001-01-01T00:00:00+05:00"},
+        headers=users.alice,
+    )
+    too_late = await app_client.get(
+        "/v1/conversations",
+        params={"created_before": "9999-12-31T23:59:59-05:00"},
+        headers=users.alice,
+    )
+    huge_version = await app_client.patch(
+        path, json={"title": "x"}, headers={**users.alice, "If-Match": '"99999999999"'}
+    )
+
+    assert (too_early.status_code, too_late.status_code) == (422, 422)
+    assert huge_version.status_code == 412

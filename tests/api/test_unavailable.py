@@ -7,7 +7,13 @@ import pytest
 from asgi_lifespan import LifespanManager
 from sqlalchemy import text
 
-from bastion import Database, DatabaseUnavailableError, TransactionConflictError
+from bastion import (
+    CommitOutcomeUnknownError,
+    Database,
+    DatabaseUnavailableError,
+    QueryError,
+    TransactionConflictError,
+)
 from bastion.fastapi import error_response
 from conversations.app import create_app
 from tests.conftest import Users, make_settings
@@ -83,3 +89,17 @@ async def test_every_route_needs_only_one_connection_at_a_time(
                 (await client.get("/health/ready")).status_code,
             ]
     assert statuses == [201, 200, 200, 200, 201, 200, 204, 200, 200]
+
+
+def test_an_unknown_commit_outcome_is_not_an_invitation_to_retry() -> None:
+    response = error_response(CommitOutcomeUnknownError("the write may have been applied"))
+    assert response.status_code == 500
+    assert "retry-after" not in response.headers
+    assert b"commit_outcome_unknown" in response.body
+    assert b"may have been applied" in response.body
+
+
+def test_a_query_error_tells_the_client_nothing_about_internals() -> None:
+    response = error_response(QueryError('relation "secret_table" does not exist'))
+    assert response.status_code == 500
+    assert b"secret_table" not in response.body

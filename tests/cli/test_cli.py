@@ -89,7 +89,10 @@ def test_an_unreachable_database_exits_1_without_leaking_the_password() -> None:
 
 
 def test_create_user_prints_only_the_key(sqlite_env: dict[str, str]) -> None:
-    assert run("bastion", "db", "upgrade", "-m", "conversations:migrations", env=sqlite_env)
+    assert (
+        run("bastion", "db", "upgrade", "-m", "conversations:migrations", env=sqlite_env).returncode
+        == 0
+    )
     created = run("conversations", "create-user", "alice", env=sqlite_env)
     duplicate = run("conversations", "create-user", "alice", env=sqlite_env)
     another_key = run("conversations", "add-key", "alice", env=sqlite_env)
@@ -108,3 +111,12 @@ def test_create_user_before_migrating_says_what_to_run(sqlite_env: dict[str, str
     result = run("conversations", "create-user", "alice", env=sqlite_env)
     assert result.returncode == 1
     assert "bastion db upgrade --migrations conversations:migrations" in result.stderr
+
+
+def test_an_unknown_revision_is_one_line_not_a_traceback(sqlite_env: dict[str, str]) -> None:
+    result = run(
+        "bastion", "db", "upgrade", "-m", "conversations:migrations", "nonexistent", env=sqlite_env
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("configuration error: migration 'nonexistent':")
+    assert result.stderr.count("\n") == 1

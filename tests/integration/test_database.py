@@ -20,6 +20,8 @@ from bastion import (
     ForeignKeyViolationError,
     NotNullViolationError,
     PoolTimeoutError,
+    ReadOnlyViolationError,
+    TransactionConflictError,
     UniqueViolationError,
 )
 from tests.conftest import make_settings
@@ -55,13 +57,42 @@ async def test_a_write_unit_rolls_back_and_reraises_when_its_block_raises(
     assert await count_parents(probe_tables) == 0
 
 
-async def test_a_read_unit_refuses_to_write(probe_tables: Database) -> None:
-    with pytest.raises(DatabaseStateError, match="read unit cannot write"):
-        async with probe_tables.read() as session:
-            session.add(Parent(id=1, name="one"))
-    with pytest.raises(DatabaseStateError, match="read unit cannot write"):
-        async with probe_tables.read() as session:
-            await session.execute(insert(Parent).values(id=2, name="two"))
+WRITES_IN_DISGUISE = {
+    "orm_add": None,
+    "core_insert": lambda: insert(Parent).values(id=2, name="two"),
+    "raw_sql": lambda: text("INSERT INTO probe_parents (id, name) VALUES (3, 'three')"),
+    "insert_in_a_cte": lambda: select(
+        insert(Parent).values(id=4, name="four").returning(Parent.id).cte("written")
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("unit", "write"),
+    [
+        (unit, write)
+        for unit in ("read", "read_consistent", "read_connection")
+        for write in WRITES_IN_DISGUISE
+        if not (unit == "read_connection" and write == "orm_add")  # no session to add to
+    ],
+)
+async def test_a_read_unit_cannot_write_whatever_sql_it_runs(
+    probe_tables: Database, unit: str, write: str
+) -> None:
+    statement = WRITES_IN_DISGUISE[write]
+    if write == "insert_in_a_cte" and probe_tables.backend == "sqlite":
+        pytest.skip("SQLite has no data-modifying CTEs")
+    with pytest.raises(ReadOnlyViolationError):
+        if unit == "read_connection":
+            assert statement is not None
+            async with probe_tables.read_connection() as connection:
+                await connection.execute(statement())
+        else:
+            async with probe_tables.read(consistent=unit == "read_consistent") as session:
+                if statement is None:
+                    session.add(Parent(id=1, name="one"))
+                else:
+                    await session.execute(statement())
 
     assert await count_parents(probe_tables) == 0
 
@@ -69,10 +100,30 @@ async def test_a_read_unit_refuses_to_write(probe_tables: Database) -> None:
 async def test_a_consistent_read_unit_reads_in_one_snapshot(probe_tables: Database) -> None:
     async with probe_tables.write() as session:
         session.add(Parent(id=1, name="one"))
+
+    async def add_second_parent() -> None:
+        async with probe_tables.write() as session:
+            session.add(Parent(id=2, name="two"))
+
     async with probe_tables.read(consistent=True) as session:
-        first = await session.scalar(select(func.count()).select_from(Parent))
-        second = await session.scalar(select(Parent.name))
-    assert (first, second) == (1, "one")
+        before = await session.scalar(select(func.count()).select_from(Parent))
+        await add_second_parent()
+        after = await session.scalar(select(func.count()).select_from(Parent))
+    async with probe_tables.read() as session:
+        now = await session.scalar(select(func.count()).select_from(Parent))
+
+    assert (before, after, now) == (1, 1, 2)
+
+
+async def test_a_plain_read_unit_sees_each_statements_own_moment(probe_tables: Database) -> None:
+    """The control for the test above: without consistent=True, the second count moves."""
+    async with probe_tables.read() as session:
+        before = await session.scalar(select(func.count()).select_from(Parent))
+        async with probe_tables.write() as writer:
+            writer.add(Parent(id=1, name="one"))
+        after = await session.scalar(select(func.count()).select_from(Parent))
+
+    assert (before, after) == (0, 1)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +209,10 @@ async def test_a_cancelled_unit_returns_its_connection(probe_tables: Database) -
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.05)  # the shielded close finishes on its own
+    for _ in range(100):  # the shielded close finishes on its own, soon
+        if probe_tables.pool_status().checked_out == 0:
+            break
+        await asyncio.sleep(0.02)
     assert probe_tables.pool_status().checked_out == 0
     assert await count_parents(probe_tables) == 0
 
@@ -292,7 +346,7 @@ async def test_a_read_connection_reads_and_refuses_writes(probe_tables: Database
 
     async with probe_tables.read_connection() as connection:
         rows = (await connection.execute(select(Parent.id, Parent.name))).all()
-    with pytest.raises(DatabaseStateError, match="read unit cannot write"):
+    with pytest.raises(ReadOnlyViolationError, match="read unit cannot write"):
         async with probe_tables.read_connection() as connection:
             await connection.execute(insert(Parent).values(id=2, name="two"))
 
@@ -312,3 +366,62 @@ async def test_a_write_connection_commits_or_rolls_back(probe_tables: Database) 
             await connection.execute(insert(Parent).values(id=3, name="one"))
 
     assert await count_parents(probe_tables) == 1
+
+
+async def test_the_applications_own_errors_pass_through_a_unit_untouched(
+    probe_tables: Database,
+) -> None:
+    with pytest.raises(FileNotFoundError):
+        async with probe_tables.read() as session:
+            await session.execute(select(Parent.id))
+            raise FileNotFoundError("settings.yaml")
+    with pytest.raises(TimeoutError):
+        async with probe_tables.write() as session:
+            session.add(Parent(id=1, name="one"))
+            await session.flush()
+            raise TimeoutError
+    assert await count_parents(probe_tables) == 0
+
+
+async def test_parameters_never_reach_the_errors_text_or_its_cause(
+    probe_tables: Database,
+) -> None:
+    async with probe_tables.write() as session:
+        session.add(Parent(id=1, name="taken"))
+    with pytest.raises(UniqueViolationError) as caught:
+        async with probe_tables.write() as session:
+            session.add(Parent(id=2, name="taken", note="hunter2-token"))
+
+    assert "hunter2-token" not in str(caught.value)
+    assert "hunter2-token" not in str(caught.value.__cause__)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_a_serialization_failure_is_a_transaction_conflict(probe_tables: Database) -> None:
+    async with probe_tables.write() as session:
+        session.add(Parent(id=1, name="one"))
+    first_read = asyncio.Event()
+    first_wrote = asyncio.Event()
+
+    async def writer(name: str, *, first: bool) -> None:
+        async with probe_tables.write() as session:
+            await session.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+            await session.scalar(select(Parent.name).where(Parent.id == 1))
+            if first:
+                first_read.set()
+                await session.execute(text("UPDATE probe_parents SET note = :n"), {"n": name})
+                await first_wrote.wait()
+            else:
+                await first_read.wait()
+                first_wrote.set()
+                await asyncio.sleep(0.1)
+                await session.execute(text("UPDATE probe_parents SET note = :n"), {"n": name})
+
+    results = await asyncio.gather(
+        writer("a", first=True), writer("b", first=False), return_exceptions=True
+    )
+
+    conflicts = [r for r in results if isinstance(r, TransactionConflictError)]
+    assert len(conflicts) == 1
+    assert conflicts[0].sqlstate in ("40001", "40P01")

@@ -19,7 +19,7 @@ async def test_a_blocked_loop_shows_up_as_lag() -> None:
     lag = monitor.snapshot()
     assert lag.samples >= 3
     assert lag.max_ms >= 150
-    assert lag.p50_ms < 50
+    assert lag.p50_ms < 100  # most wake-ups were on time: only the blocked one was late
 
 
 def test_an_idle_monitor_reports_zeros() -> None:

@@ -54,3 +54,9 @@ def test_memory_and_file_sqlite_are_told_apart() -> None:
     assert is_memory_sqlite(normalise_database_url("sqlite://"))
     assert not is_memory_sqlite(normalise_database_url("sqlite:///app.db"))
     assert backend_of(normalise_database_url("postgres://u@h/d")) == "postgresql"
+
+
+def test_a_malformed_port_does_not_echo_the_url() -> None:
+    with pytest.raises(ValueError, match="not a database URL") as caught:
+        normalise_database_url("postgresql://app:hunter2@db:hunter3/app")
+    assert "hunter" not in str(caught.value)

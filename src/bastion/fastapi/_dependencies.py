@@ -1,6 +1,6 @@
 """FastAPI dependencies that hand a route a unit of work.
 
-Both are declared with ``scope="function"``: FastAPI runs their exit — the COMMIT of a write
+All are declared with ``scope="function"``: FastAPI runs their exit — the COMMIT of a write
 unit — after the route returns but *before* the response is sent. A COMMIT that fails
 therefore becomes an error response; the client never sees 2xx for a write that did not land.
 (With the default request scope, teardown runs after the response has gone out.)

@@ -43,7 +43,8 @@ HTTP_STATUS_BY_ERROR: Final[Mapping[type[BastionError], int]] = {
     IntegrityViolationError: 422,
     DatabaseUnavailableError: 503,
     TransactionConflictError: 503,
-    CommitOutcomeUnknownError: 503,
+    # Not 503: a client told to retry would repeat a write that may already have landed.
+    CommitOutcomeUnknownError: 500,
     DatabaseStateError: 503,
     QueryError: 500,
 }
@@ -60,8 +61,9 @@ def error_response(error: BastionError) -> JSONResponse:
         (status for kind, status in HTTP_STATUS_BY_ERROR.items() if isinstance(error, kind)),
         500,
     )
-    # A 500 is our defect; its message may describe internals, so the client gets none.
-    detail = error.message if status < 500 or status == 503 else _GENERIC_500
+    # A query error is our defect and its message may describe internals: the client gets
+    # none. Every other message is written for clients.
+    detail = _GENERIC_500 if isinstance(error, QueryError) else error.message
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return JSONResponse({"detail": detail, "code": error.code}, status, headers=headers)
 

@@ -18,6 +18,7 @@ from bastion.fastapi import ReadConnection, WriteConnection
 from conversations.auth import CurrentReader, CurrentUser
 from conversations.models import Conversation, Message, MessageSource
 from conversations.routes._ids import decode_cursor, encode_cursor, parse_conversation_id
+from conversations.routes._scope import visible
 from conversations.schemas import MessageCreate, MessageOut, MessagePage, SourceOut
 
 __all__ = ["router"]
@@ -30,11 +31,8 @@ _messages = cast(Table, Message.__table__)
 # Table-level (Core) statements built once: the hot write path skips the ORM unit of work.
 _TOUCH_CONVERSATION = (
     update(_conversations)
-    .where(
-        _conversations.c.id == bindparam("cid"),
-        _conversations.c.owner_id == bindparam("owner"),
-        _conversations.c.deleted_at.is_(None),
-    )
+    # Not "owner_id": in an UPDATE that name would mean the column's new value.
+    .where(*visible(bindparam("owner"), bindparam("cid")))
     .values(message_count=_conversations.c.message_count + 1, updated_at=bindparam("now"))
     .returning(_conversations.c.id)
 )
@@ -92,9 +90,7 @@ async def create_message(
 
 # Built once: see the note on statements in routes/conversations.py.
 _MESSAGE_COUNT = select(Conversation.message_count).where(
-    Conversation.id == bindparam("cid"),
-    Conversation.owner_id == bindparam("owner_id"),
-    Conversation.deleted_at.is_(None),
+    *visible(bindparam("owner_id"), bindparam("cid"))
 )
 _MESSAGES_AFTER = (
     select(*Message.__table__.c)

@@ -1,0 +1,122 @@
+"""The engines behind a Database: one for writes, one for reads that the database keeps read-only.
+
+Reads get a pool of their own whose connections the *database* refuses to write on —
+PostgreSQL sessions with ``default_transaction_read_only``, SQLite connections with
+``PRAGMA query_only`` — so a read unit cannot write whatever SQL it runs (it runs without a
+transaction on PostgreSQL, where a write would otherwise commit at once). The read pool is
+also where read replicas will plug in. An in-memory SQLite database is the exception: it
+exists only inside its one connection, so reads and writes share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+from bastion._sqlite import install_sqlite_listeners
+from bastion.errors import ConfigurationError, DatabaseUnavailableError
+from bastion.settings import DatabaseSettings
+
+__all__ = ["Engines", "create_engines"]
+
+
+@dataclass(frozen=True, slots=True)
+class Engines:
+    """The write engine and the read engine (the same object for in-memory SQLite)."""
+
+    primary: AsyncEngine
+    reader: AsyncEngine
+
+    @property
+    def all(self) -> tuple[AsyncEngine, ...]:
+        """Each distinct engine once."""
+        return (self.primary,) if self.reader is self.primary else (self.primary, self.reader)
+
+
+def create_engines(settings: DatabaseSettings) -> Engines:
+    """Create the engines ``settings`` describe (no connection is made yet).
+
+    Raises:
+        ConfigurationError: the directory of the SQLite file cannot be created.
+    """
+    if settings.backend == "postgresql":
+        primary = _create(settings, connect_args={"timeout": settings.connect_timeout_s})
+        reader = _create(
+            settings,
+            isolation_level="AUTOCOMMIT",
+            connect_args={
+                "timeout": settings.connect_timeout_s,
+                "server_settings": {"default_transaction_read_only": "on"},
+            },
+        )
+        return Engines(primary, reader)
+
+    busy_timeout_ms = settings.sqlite_busy_timeout_ms
+    if settings.is_memory:
+        # Every connection to ":memory:" is a different, empty database: keep exactly one
+        # and lend it to one unit at a time.
+        shared = _create(
+            settings, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0, pool_recycle=-1
+        )
+        install_sqlite_listeners(
+            shared.sync_engine, busy_timeout_ms=busy_timeout_ms, memory=True, query_only=False
+        )
+        return Engines(shared, shared)
+
+    _ensure_parent_directory(settings.url.database or "")
+    primary = _create(settings)
+    reader = _create(settings)
+    for engine, query_only in ((primary, False), (reader, True)):
+        install_sqlite_listeners(
+            engine.sync_engine, busy_timeout_ms=busy_timeout_ms, memory=False, query_only=query_only
+        )
+    return Engines(primary, reader)
+
+
+def _create(settings: DatabaseSettings, **overrides: Any) -> AsyncEngine:
+    options: dict[str, Any] = {
+        "echo": settings.echo,
+        # Statement parameters are user data and secrets: never in exception text or logs.
+        "hide_parameters": True,
+        "pool_pre_ping": settings.pool_pre_ping,
+        "pool_timeout": settings.pool_timeout_s,
+        "pool_size": settings.pool_size,
+        "max_overflow": settings.max_overflow,
+        "pool_recycle": settings.pool_recycle_s,
+    }
+    options.update(overrides)
+    engine = create_async_engine(settings.url, **options)
+    event.listen(engine.sync_engine, "do_connect", _connect_or_unavailable)
+    return engine
+
+
+def _connect_or_unavailable(
+    dialect: Dialect, _record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]
+) -> Any:
+    # Drivers raise plain OSError / TimeoutError when the server cannot be reached. Translated
+    # here, where they can only mean that, rather than wherever a unit's block happens to be.
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except (OSError, TimeoutError) as exc:
+        raise DatabaseUnavailableError(
+            f"the database is unavailable (cannot connect: {type(exc).__name__})"
+        ) from exc
+
+
+def _ensure_parent_directory(database: str) -> None:
+    if not database or database.startswith("file:"):
+        return
+    parent = Path(database).expanduser().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"DATABASE_URL: cannot create the directory {str(parent)!r} for the SQLite file "
+            f"({exc.strerror})"
+        ) from exc

@@ -1,0 +1,135 @@
+"""The classification tables: every driver code lands on the error the caller can act on.
+
+The driver exceptions are built here (with the codes real servers send) because some of
+them — a crash shutdown, a full disk — cannot be provoked on a shared test server; the
+integration tests provoke the common ones for real.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from bastion import (
+    CheckViolationError,
+    CommitOutcomeUnknownError,
+    DatabaseUnavailableError,
+    ForeignKeyViolationError,
+    IntegrityViolationError,
+    NotNullViolationError,
+    QueryError,
+    ReadOnlyViolationError,
+    TransactionConflictError,
+    UniqueViolationError,
+)
+from bastion._translate import POSTGRES_SQLSTATES, SQLITE_CODES, translate_error
+
+
+class PostgresDriverError(Exception):
+    """Stands in for asyncpg's adapted error: what matters is its ``sqlstate``."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"server error {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+def wrapped(original: Exception, *, invalidated: bool = False) -> DBAPIError:
+    return DBAPIError(
+        "SELECT 1", {"secret": "hunter2"}, original, connection_invalidated=invalidated
+    )
+
+
+def sqlite_error(code: int) -> sqlite3.Error:
+    error = sqlite3.OperationalError(f"sqlite error {code}")
+    error.sqlite_errorcode = code
+    error.sqlite_errorname = f"CODE_{code}"
+    return error
+
+
+@pytest.mark.parametrize(("sqlstate", "expected"), sorted(POSTGRES_SQLSTATES.items()))
+def test_every_listed_sqlstate_maps_to_its_error(sqlstate: str, expected: type[Exception]) -> None:
+    translated = translate_error(wrapped(PostgresDriverError(sqlstate)))
+    assert type(translated) is expected
+    assert translated.sqlstate == sqlstate  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "expected"),
+    [
+        ("08006", DatabaseUnavailableError),  # connection_failure: class 08
+        ("23000", IntegrityViolationError),  # integrity class, no exact entry
+        ("40002", TransactionConflictError),  # class 40
+        ("53100", DatabaseUnavailableError),  # disk_full: class 53
+        ("42601", QueryError),  # syntax_error: never retried
+        ("22003", QueryError),  # numeric_value_out_of_range
+    ],
+)
+def test_unlisted_sqlstates_fall_back_to_their_class(
+    sqlstate: str, expected: type[Exception]
+) -> None:
+    assert type(translate_error(wrapped(PostgresDriverError(sqlstate)))) is expected
+
+
+@pytest.mark.parametrize(("code", "expected"), sorted(SQLITE_CODES.items()))
+def test_every_listed_sqlite_code_maps_to_its_error(code: int, expected: type[Exception]) -> None:
+    assert type(translate_error(wrapped(sqlite_error(code)))) is expected
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (517, TransactionConflictError),
+        (261, TransactionConflictError),
+        (2835, IntegrityViolationError),
+    ],
+)
+def test_extended_sqlite_codes_fall_back_to_their_primary_code(
+    code: int, expected: type[Exception]
+) -> None:
+    # 517 BUSY_SNAPSHOT and 261 BUSY_RECOVERY are BUSY; 2835 (CONSTRAINT_ROWID) is CONSTRAINT.
+    assert type(translate_error(wrapped(sqlite_error(code)))) is expected
+
+
+def test_a_lost_connection_during_commit_is_an_unknown_outcome() -> None:
+    lost = wrapped(PostgresDriverError("08003"), invalidated=True)
+    assert type(translate_error(lost)) is DatabaseUnavailableError
+    assert type(translate_error(lost, during_commit=True)) is CommitOutcomeUnknownError
+
+
+def test_a_constraint_error_during_commit_stays_a_constraint_error() -> None:
+    deferred = wrapped(PostgresDriverError("23503"))
+    assert type(translate_error(deferred, during_commit=True)) is ForeignKeyViolationError
+
+
+@pytest.mark.parametrize(
+    "foreign", [FileNotFoundError("config.yaml"), TimeoutError(), ValueError("x"), KeyError("k")]
+)
+def test_errors_that_are_not_the_databases_are_left_alone(foreign: Exception) -> None:
+    assert translate_error(foreign) is None
+
+
+def test_messages_never_carry_statement_parameters() -> None:
+    for error in (PostgresDriverError("23505"), sqlite_error(2067)):
+        translated = translate_error(wrapped(error))
+        assert translated is not None
+        assert "hunter2" not in translated.message
+
+
+def test_the_tables_only_name_errors_a_caller_can_act_on() -> None:
+    allowed = {
+        UniqueViolationError,
+        ForeignKeyViolationError,
+        NotNullViolationError,
+        CheckViolationError,
+        IntegrityViolationError,
+        TransactionConflictError,
+        DatabaseUnavailableError,
+        ReadOnlyViolationError,
+        QueryError,
+    }
+    assert set(POSTGRES_SQLSTATES.values()) | set(SQLITE_CODES.values()) <= allowed
+    assert isinstance(
+        translate_error(OperationalError("x", {}, sqlite3.Error("no code"))), QueryError
+    )
