@@ -10,12 +10,13 @@ exists only inside its one connection, so reads and writes share it.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
@@ -46,6 +47,8 @@ def create_engines(settings: DatabaseSettings) -> Engines:
         ConfigurationError: the directory of the SQLite file cannot be created.
     """
     if settings.backend == "postgresql":
+        if settings.pgbouncer:
+            return _create_pgbouncer_engines(settings)
         primary = _create(settings, connect_args={"timeout": settings.connect_timeout_s})
         reader = _create(
             settings,
@@ -79,7 +82,38 @@ def create_engines(settings: DatabaseSettings) -> Engines:
     return Engines(primary, reader)
 
 
-def _create(settings: DatabaseSettings, **overrides: Any) -> AsyncEngine:
+def _create_pgbouncer_engines(settings: DatabaseSettings) -> Engines:
+    """Engines for PgBouncer in transaction mode.
+
+    PgBouncer gives each *transaction* whichever server connection is free, so: no statement
+    cache (a statement prepared on one server connection is unknown to the next), a unique
+    name per prepared statement (two clients' ``__asyncpg_stmt_1__`` would collide on one
+    server connection), and reads inside READ ONLY transactions rather than autocommit (a
+    statement's prepare and execute must reach the same server; PgBouncer also refuses the
+    start-up setting the direct read pool uses). A read therefore costs BEGIN and ROLLBACK
+    round trips here.
+    """
+    url = settings.url.update_query_dict({"prepared_statement_cache_size": "0"})
+    connect_args = {
+        "timeout": settings.connect_timeout_s,
+        "statement_cache_size": 0,
+        "prepared_statement_name_func": _unique_statement_name,
+    }
+    primary = _create(settings, url=url, connect_args=connect_args)
+    reader = _create(
+        settings,
+        url=url,
+        connect_args=connect_args,
+        execution_options={"postgresql_readonly": True},
+    )
+    return Engines(primary, reader)
+
+
+def _unique_statement_name() -> str:
+    return f"__bastion_{uuid.uuid4().hex}__"
+
+
+def _create(settings: DatabaseSettings, url: URL | None = None, **overrides: Any) -> AsyncEngine:
     options: dict[str, Any] = {
         "echo": settings.echo,
         # Statement parameters are user data and secrets: never in exception text or logs.
@@ -91,7 +125,7 @@ def _create(settings: DatabaseSettings, **overrides: Any) -> AsyncEngine:
         "pool_recycle": settings.pool_recycle_s,
     }
     options.update(overrides)
-    engine = create_async_engine(settings.url, **options)
+    engine = create_async_engine(url if url is not None else settings.url, **options)
     event.listen(engine.sync_engine, "do_connect", _connect_or_unavailable)
     return engine
 

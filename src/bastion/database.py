@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -209,6 +209,8 @@ class Database:
         if self._state is not DatabaseState.RUNNING:
             raise DatabaseStateError("the Database was closed while it was starting")
         logger.info("database started: %s", display_url)
+        if self.backend == "postgresql":
+            await self._check_connection_budget()
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Refuse new units, wait for running ones to return their connections, then close.
@@ -393,6 +395,32 @@ class Database:
             snapshot_engine, expire_on_commit=False, sync_session_class=_ReadOnlySession
         )
         self._write_sessions = async_sessionmaker(engines.primary, expire_on_commit=False)
+
+    async def _check_connection_budget(self) -> None:
+        """Warn when every worker's pools at full size exceed the server's max_connections."""
+        assert self._engines is not None
+        settings = self.settings
+        per_pool = settings.pool_size + settings.max_overflow
+        budget = settings.workers * len(self._engines.all) * per_pool
+        try:
+            async with self._engines.primary.connect() as connection:
+                limit = int(await connection.scalar(text("SHOW max_connections")) or 0)
+        except Exception:
+            # Advice only: a server that will not say must not stop the service starting.
+            logger.debug("could not read max_connections", exc_info=True)
+            return
+        if budget > limit:
+            logger.warning(
+                "%d worker(s) x %d pool(s) x (DB_POOL_SIZE %d + DB_MAX_OVERFLOW %d) = %d "
+                "connections can exceed the server's max_connections (%d): lower the pool "
+                "sizes, or put PgBouncer in front (DB_PGBOUNCER=true)",
+                settings.workers,
+                len(self._engines.all),
+                settings.pool_size,
+                settings.max_overflow,
+                budget,
+                limit,
+            )
 
     async def _check_connections(self) -> None:
         assert self._engines is not None

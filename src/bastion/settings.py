@@ -96,6 +96,18 @@ class DatabaseSettings(BaseSettings):
         alias="DB_SQLITE_BUSY_TIMEOUT",
         description="Milliseconds an SQLite writer waits for the write lock.",
     )
+    pgbouncer: bool = Field(
+        default=False,
+        alias="DB_PGBOUNCER",
+        description="PostgreSQL is reached through PgBouncer in transaction mode.",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        alias="WEB_CONCURRENCY",
+        description="Server processes sharing the database, for the max_connections check.",
+    )
     echo: bool = Field(default=False, alias="DB_ECHO", description="Log every statement.")
 
     @field_validator("database_url")

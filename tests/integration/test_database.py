@@ -425,3 +425,20 @@ async def test_a_serialization_failure_is_a_transaction_conflict(probe_tables: D
     conflicts = [r for r in results if isinstance(r, TransactionConflictError)]
     assert len(conflicts) == 1
     assert conflicts[0].sqlstate in ("40001", "40P01")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_start_warns_when_the_pools_could_exceed_max_connections(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    crowded = make_settings(database_url, WEB_CONCURRENCY=1000)
+    modest = make_settings(database_url, WEB_CONCURRENCY=1)
+    with caplog.at_level("WARNING", logger="bastion.database"):
+        async with Database(modest):
+            pass
+        assert "max_connections" not in caplog.text
+        async with Database(crowded):
+            pass
+    assert "1000 worker(s) x 2 pool(s)" in caplog.text
+    assert "exceed the server's max_connections" in caplog.text
