@@ -29,6 +29,8 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.bulk import bench_bulk
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 LUA = ROOT / "bench" / "wrk" / "conversations.lua"
@@ -246,6 +248,9 @@ def bench_backend(
     finally:
         for server in servers.values():
             server.stop()
+    try:
+        results.extend(Result(**row) for row in bench_bulk(backend, url, ROUNDS))
+    finally:
         if backend == "postgresql":
             asyncio.run(drop_postgres_database("bastion_bench"))
     if bastion_lags:
@@ -258,7 +263,7 @@ def ratios(results: list[Result]) -> dict[str, float]:
     for backend, scenario in sorted({(r.backend, r.scenario) for r in results}):
         if scenario == "concurrency_1000":
             continue
-        for baseline in ("raw", "naive", "sync"):
+        for baseline in ("raw", "naive", "sync", "copy", "executemany"):
             per_round = [
                 by_key[(backend, scenario, "bastion", rnd)].rps
                 / by_key[(backend, scenario, baseline, rnd)].rps
@@ -295,7 +300,7 @@ def write_markdown(report: dict[str, object], path: Path) -> None:
         f"# Benchmark results ({report['mode']}: {report['rounds']} rounds of "
         f"{report['duration_s']} s, wrk -t{THREADS} -c{CONNECTIONS})",
         "",
-        "| backend | scenario | variant | req/s | p50 ms | p99 ms | errors |",
+        "| backend | scenario | variant | req/s (bulk: rows/s) | p50 ms | p99 ms | errors |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for row in report["results"]:  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ The core (this package) never imports FastAPI; the FastAPI glue is in :mod:`bast
 ...         session.add(Note(text="hello"))
 """
 
+from bastion.bulk import BulkResult, FailedRow, bulk_insert
 from bastion.database import Database, DatabaseState, PoolStatus
 from bastion.errors import (
     BastionError,
@@ -47,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BastionError",
+    "BulkResult",
     "CheckViolationError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
@@ -55,6 +57,7 @@ __all__ = [
     "DatabaseState",
     "DatabaseStateError",
     "DatabaseUnavailableError",
+    "FailedRow",
     "ForeignKeyViolationError",
     "HttpUrlText",
     "IntegrityViolationError",
@@ -74,6 +77,7 @@ __all__ = [
     "UTCTimestamp",
     "UniqueViolationError",
     "__version__",
+    "bulk_insert",
     "check_http_url",
     "check_json_object",
     "check_safe_text",

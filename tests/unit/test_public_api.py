@@ -11,6 +11,7 @@ import bastion
 import bastion.fastapi
 
 CORE_MODULES = [
+    "bastion.bulk",
     "bastion.database",
     "bastion.errors",
     "bastion.loop_lag",
