@@ -204,8 +204,10 @@ def bench_backend(
         **os.environ,
         "DATABASE_URL": url,
         "BENCH_DATABASE_URL": url,
-        "DB_POOL_SIZE": "10",
-        "DB_MAX_OVERFLOW": "10",
+        # Each variant may use 16 connections for its work (bastion: per pool), so that all
+        # four servers fit in the shared server's max_connections (100) at once.
+        "DB_POOL_SIZE": "8",
+        "DB_MAX_OVERFLOW": "8",
         "PYTHONPATH": str(ROOT),
     }
     subprocess.run(

@@ -19,7 +19,7 @@ from bench.apps import _orm_queries as q
 from conversations.schemas import ConversationOut, MessageCreate, MessageOut, MessagePage
 
 engine = create_async_engine(
-    normalise_database_url(os.environ["BENCH_DATABASE_URL"]), pool_size=10, max_overflow=10
+    normalise_database_url(os.environ["BENCH_DATABASE_URL"]), pool_size=8, max_overflow=8
 )
 SessionLocal = async_sessionmaker(engine, expire_on_commit=False)
 app = FastAPI()

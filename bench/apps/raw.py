@@ -48,7 +48,7 @@ class Postgres:
                 "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
             )
 
-        self.pool = await asyncpg.create_pool(URL, min_size=10, max_size=20, init=init)
+        self.pool = await asyncpg.create_pool(URL, min_size=8, max_size=16, init=init)
 
     async def close(self) -> None:
         await self.pool.close()

@@ -20,9 +20,10 @@ _url = normalise_database_url(os.environ["BENCH_DATABASE_URL"])
 _url = _url.set(
     drivername="postgresql+psycopg" if _url.get_backend_name() == "postgresql" else "sqlite"
 )
-# As many connections as the threadpool has threads (40): with fewer, threads blocked on a
-# checkout starve the requests that hold connections and the server stalls under load.
-engine = create_engine(_url, pool_size=40, max_overflow=0)
+# Up to as many connections as the threadpool has threads (40): with fewer, threads blocked on
+# a checkout starve the requests that hold connections and the server stalls under load. The
+# overflow closes again after the run, leaving room for the other variants' pools.
+engine = create_engine(_url, pool_size=16, max_overflow=24)
 SessionLocal = sessionmaker(engine, expire_on_commit=False)
 app = FastAPI()
 
