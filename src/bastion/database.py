@@ -260,16 +260,14 @@ class Database:
         """A unit that only reads. See the module docstring for its guarantees.
 
         Raises:
-            DatabaseStateError: the Database is not running, or the block tried to write.
+            DatabaseStateError: the Database is not running.
+            ReadOnlyViolationError: the block tried to write.
             DatabaseUnavailableError, PoolTimeoutError, QueryError, …: translated driver
                 errors (see :mod:`bastion.errors`).
         """
-        self._require_running()
         maker = self._snapshot_sessions if consistent else self._read_sessions
-        assert maker is not None
-        try:
-            # The session's own __aexit__ closes it even if this task is cancelled meanwhile,
-            # so a cancelled request still returns its connection to the pool.
+        async with self._unit():
+            assert maker is not None
             async with maker() as session:
                 yield session
                 if session.new or session.dirty or session.deleted:
@@ -277,32 +275,22 @@ class Database:
                     raise ReadOnlyViolationError("a read unit cannot write; use Database.write()")
                 if consistent:
                     await session.commit()
-        except Exception as exc:
-            _raise_translated(exc)
-        finally:
-            await self._close_retired_connections()
 
     @asynccontextmanager
     async def read_connection(self) -> AsyncIterator[AsyncConnection]:
         """A read unit on a Core ``AsyncConnection``: the leanest way to run SELECTs.
 
-        Same guarantees as :meth:`read` (no transaction, one round trip per statement on
-        PostgreSQL, INSERT/UPDATE/DELETE constructs refused), without the ORM session: rows
-        come back as rows, for routes that turn them straight into response models.
+        Same guarantees as :meth:`read` (no transaction and one round trip per statement on
+        PostgreSQL; any write refused), without the ORM session: rows come back as rows, for
+        routes that turn them straight into response models.
 
         Raises:
-            DatabaseStateError: the Database is not running, or the block tried to write.
-            DatabaseUnavailableError, PoolTimeoutError, QueryError, …: translated errors.
+            The same as :meth:`read`.
         """
-        self._require_running()
-        assert self._read_engine is not None
-        try:
+        async with self._unit():
+            assert self._read_engine is not None
             async with self._read_engine.connect() as connection:
                 yield connection
-        except Exception as exc:
-            _raise_translated(exc)
-        finally:
-            await self._close_retired_connections()
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -318,20 +306,12 @@ class Database:
             CommitOutcomeUnknownError: the connection was lost during COMMIT.
             DatabaseUnavailableError, TransactionConflictError, …: translated driver errors.
         """
-        self._require_running()
-        assert self._write_sessions is not None
-        try:
+        async with self._unit():
+            assert self._write_sessions is not None
             async with self._write_sessions() as session:
                 yield session
                 await session.flush()
-                try:
-                    await session.commit()
-                except Exception as exc:
-                    _raise_translated(exc, during_commit=True)
-        except Exception as exc:
-            _raise_translated(exc)
-        finally:
-            await self._close_retired_connections()
+                await _commit(session)
 
     @asynccontextmanager
     async def write_connection(self) -> AsyncIterator[AsyncConnection]:
@@ -344,22 +324,29 @@ class Database:
         Raises:
             The same as :meth:`write`.
         """
-        self._require_running()
-        assert self._engines is not None
-        try:
+        async with self._unit():
+            assert self._engines is not None
             async with self._engines.primary.connect() as connection:
                 await connection.begin()
                 yield connection
-                try:
-                    await connection.commit()
-                except Exception as exc:
-                    _raise_translated(exc, during_commit=True)
+                await _commit(connection)
+
+    # -- internals -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _unit(self) -> AsyncIterator[None]:
+        """What every unit shares: refused unless running; errors translated on the way out.
+
+        The session's / connection's own ``__aexit__`` (inside) closes it even if the task is
+        cancelled meanwhile, so a cancelled request still returns its connection.
+        """
+        self._require_running()
+        try:
+            yield
         except Exception as exc:
             _raise_translated(exc)
         finally:
             await self._close_retired_connections()
-
-    # -- internals -------------------------------------------------------------------------
 
     async def _close_retired_connections(self) -> None:
         if self._retired_pools and self._state is DatabaseState.CLOSED:
@@ -441,6 +428,14 @@ class Database:
         # Polled: the pool has no awaitable "all returned" signal, and this runs once, at exit.
         while any(pool.checkedout() > 0 for pool in pools):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+async def _commit(unit: AsyncSession | AsyncConnection) -> None:
+    """COMMIT, marking a failure as one *during* COMMIT (its outcome may be unknown)."""
+    try:
+        await unit.commit()
+    except Exception as exc:
+        _raise_translated(exc, during_commit=True)
 
 
 def _raise_translated(exc: Exception, *, during_commit: bool = False) -> None:
