@@ -73,6 +73,7 @@ async def bulk_insert(
     Raises:
         ValueError: ``batch_size`` or ``concurrency`` is not positive, or a row names a column
             the table does not have.
+        KeyError: a row lacks a column the first row has.
         IntegrityViolationError: atomic mode, and a row broke a constraint (nothing written).
         BastionError: any other database failure (atomic mode: nothing written).
     """
@@ -99,7 +100,14 @@ async def bulk_insert(
         progress.add(len(batch))
         return result
 
-    outcomes = await asyncio.gather(*(one_batch(start, batch) for start, batch in batches))
+    # A TaskGroup, not gather: if one batch fails unexpectedly, the others are cancelled and
+    # awaited, so no connection is still in use when the error reaches the caller.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one_batch(start, batch)) for start, batch in batches]
+    except BaseExceptionGroup as failures:
+        raise failures.exceptions[0] from None  # the error itself, not a group of one
+    outcomes = [task.result() for task in tasks]
     failed = sorted((row for _, rows_failed in outcomes for row in rows_failed), key=_index)
     return BulkResult(inserted=sum(inserted for inserted, _ in outcomes), failed=failed)
 
@@ -159,7 +167,37 @@ async def _insert_batch(
     if connection.dialect.name == "postgresql":
         await _copy(connection, table, columns, batch)
     else:
-        await connection.execute(insert(table), list(batch))
+        await _executemany(connection, table, columns, batch)
+
+
+def _records(
+    dialect: Dialect, table: Table, columns: list[str], batch: Sequence[Row]
+) -> list[tuple[Any, ...]]:
+    """The batch as driver-ready tuples: each value through its column's bind processor."""
+    # dialect_impl resolves variants (JSON → JSONB) and keeps TypeDecorator conversions.
+    processors = [
+        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
+    ]
+    return [
+        tuple(
+            process(row[name]) if process is not None else row[name]
+            for name, process in zip(columns, processors, strict=True)
+        )
+        for row in batch
+    ]
+
+
+async def _executemany(
+    connection: AsyncConnection, table: Table, columns: list[str], batch: Sequence[Row]
+) -> None:
+    """One driver-level ``executemany`` of a plain INSERT (SQLite)."""
+    # Compiled by SQLAlchemy for the driver's positional style; executed without SQLAlchemy's
+    # per-row parameter handling, which dominates the cost of a large executemany.
+    compiled = insert(table).compile(dialect=connection.dialect, column_keys=columns)
+    order = list(compiled.positiontup or [])  # the table's column order, not the rows'
+    await connection.exec_driver_sql(
+        str(compiled), _records(connection.dialect, table, order, batch)
+    )
 
 
 async def _copy(
@@ -168,14 +206,7 @@ async def _copy(
     """COPY ``batch`` into ``table`` inside the connection's transaction."""
     # The adapter opens its transaction lazily, at the first statement; COPY must run in it.
     await connection.execute(text("SELECT 1"))
-    processors = _bind_processors(connection.dialect, table, columns)
-    records = [
-        tuple(
-            process(row[name]) if process is not None else row[name]
-            for name, process in zip(columns, processors, strict=True)
-        )
-        for row in batch
-    ]
+    records = _records(connection.dialect, table, columns, batch)
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection  # an asyncpg.Connection
     try:
@@ -185,11 +216,6 @@ async def _copy(
     except Exception as exc:
         # Raised by asyncpg directly, not through SQLAlchemy: route it through the same seam.
         raise _as_dbapi_error(exc) from exc
-
-
-def _bind_processors(dialect: Dialect, table: Table, columns: list[str]) -> list[Any]:
-    # dialect_impl resolves variants (JSON → JSONB) and keeps TypeDecorator conversions.
-    return [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns]
 
 
 def _as_dbapi_error(exc: Exception) -> Exception:

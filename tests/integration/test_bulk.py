@@ -133,3 +133,14 @@ async def test_a_unique_violation_in_atomic_mode_is_translated(
     rows[0]["id"] = rows[1]["id"] = 7
     with pytest.raises(UniqueViolationError):
         await bulk_insert(database, MESSAGES, rows)
+
+
+async def test_an_unexpected_failure_stops_every_batch_and_leaks_nothing(
+    database: Database, conversation_id: uuid.UUID
+) -> None:
+    rows = message_rows(conversation_id, 400)
+    del rows[350]["content"]  # a malformed row in a late batch
+
+    with pytest.raises(KeyError, match="content"):
+        await bulk_insert(database, MESSAGES, rows, batch_size=50, atomic=False, concurrency=4)
+    # The database fixture then checks that no connection is still checked out.
