@@ -15,6 +15,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 
 from bastion import Database, DatabaseSettings
@@ -167,19 +169,25 @@ async def database(settings: DatabaseSettings) -> AsyncIterator[Database]:
         await db.close()
 
 
-@pytest.fixture
-async def app_client(settings: DatabaseSettings) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client for the reference service, lifespan run, on ``settings``.
+@asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for ``app`` with its lifespan run (ASGI transport, no sockets).
 
-    After the test, the app's pool must have no connection checked out.
+    On the way out the app's pool must have no connection checked out.
     """
-    app = create_app(settings)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield client
         database: Database = app.state.database
         assert database.pool_status().checked_out == 0, "a request leaked its connection"
+
+
+@pytest.fixture
+async def app_client(settings: DatabaseSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the reference service on ``settings``."""
+    async with serve(create_app(settings)) as client:
+        yield client
 
 
 class Users:

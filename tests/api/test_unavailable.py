@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from sqlalchemy import text
 
 from bastion import (
@@ -16,7 +14,7 @@ from bastion import (
 )
 from bastion.fastapi import error_response
 from conversations.app import create_app
-from tests.conftest import Users, make_settings
+from tests.conftest import Users, make_settings, serve
 
 
 async def test_an_exhausted_pool_answers_503_with_retry_after(
@@ -24,17 +22,14 @@ async def test_an_exhausted_pool_answers_503_with_retry_after(
 ) -> None:
     settings = make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=0.2)
     app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            database: Database = app.state.database
-            async with database.read() as holder:
-                await holder.execute(text("SELECT 1"))
-                busy = await client.get("/v1/conversations", headers=users.alice)
-                unready = await client.get("/health/ready")
-            served = await client.get("/v1/conversations", headers=users.alice)
-            ready = await client.get("/health/ready")
-        assert database.pool_status().checked_out == 0
+    async with serve(app) as client:
+        database: Database = app.state.database
+        async with database.read() as holder:
+            await holder.execute(text("SELECT 1"))
+            busy = await client.get("/v1/conversations", headers=users.alice)
+            unready = await client.get("/health/ready")
+        served = await client.get("/v1/conversations", headers=users.alice)
+        ready = await client.get("/health/ready")
 
     assert busy.status_code == 503
     assert busy.headers["retry-after"] == "1"
@@ -66,28 +61,21 @@ async def test_every_route_needs_only_one_connection_at_a_time(
 ) -> None:
     """With a pool of one, a route that holds two connections at once would time out (503)."""
     settings = make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=1)
-    app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            created = await client.post(
-                "/v1/conversations", json={"title": "one"}, headers=users.alice
-            )
-            path = f"/v1/conversations/{created.json()['id']}"
-            message = {"role": "user", "content": "hi"}
-            statuses = [
-                created.status_code,
-                (await client.get(path, headers=users.alice)).status_code,
-                (await client.get("/v1/conversations", headers=users.alice)).status_code,
-                (await client.patch(path, json={"title": "t"}, headers=users.alice)).status_code,
-                (
-                    await client.post(f"{path}/messages", json=message, headers=users.alice)
-                ).status_code,
-                (await client.get(f"{path}/messages", headers=users.alice)).status_code,
-                (await client.delete(path, headers=users.alice)).status_code,
-                (await client.post(f"{path}/restore", headers=users.alice)).status_code,
-                (await client.get("/health/ready")).status_code,
-            ]
+    async with serve(create_app(settings)) as client:
+        created = await client.post("/v1/conversations", json={"title": "one"}, headers=users.alice)
+        path = f"/v1/conversations/{created.json()['id']}"
+        message = {"role": "user", "content": "hi"}
+        statuses = [
+            created.status_code,
+            (await client.get(path, headers=users.alice)).status_code,
+            (await client.get("/v1/conversations", headers=users.alice)).status_code,
+            (await client.patch(path, json={"title": "t"}, headers=users.alice)).status_code,
+            (await client.post(f"{path}/messages", json=message, headers=users.alice)).status_code,
+            (await client.get(f"{path}/messages", headers=users.alice)).status_code,
+            (await client.delete(path, headers=users.alice)).status_code,
+            (await client.post(f"{path}/restore", headers=users.alice)).status_code,
+            (await client.get("/health/ready")).status_code,
+        ]
     assert statuses == [201, 200, 200, 200, 201, 200, 204, 200, 200]
 
 

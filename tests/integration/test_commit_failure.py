@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from sqlalchemy import text
 
@@ -23,6 +21,7 @@ from bastion.fastapi import (
     database_lifespan,
     install_error_handlers,
 )
+from tests.conftest import serve
 
 pytestmark = pytest.mark.postgres
 
@@ -100,13 +99,9 @@ async def test_the_unit_raises_when_commit_fails(deferred_tables: Database) -> N
 async def test_a_failed_commit_never_answers_2xx(
     deferred_tables: Database, settings: DatabaseSettings, route: str
 ) -> None:
-    app = create_probe_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            failed = await client.post(f"/{route}/1/999")
-            succeeded = await client.post(f"/{route}/2/1")
-        assert app.state.database.pool_status().checked_out == 0
+    async with serve(create_probe_app(settings)) as client:
+        failed = await client.post(f"/{route}/1/999")
+        succeeded = await client.post(f"/{route}/2/1")
 
     assert failed.status_code == 422
     assert failed.json()["code"] == "foreign_key_violation"
