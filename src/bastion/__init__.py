@@ -8,11 +8,13 @@ The core (this package) never imports FastAPI; the FastAPI glue is in :mod:`bast
 ...         session.add(Note(text="hello"))
 """
 
+from bastion.breaker import BreakerSnapshot, BreakerState, CircuitBreaker, is_outage
 from bastion.bulk import BulkResult, FailedRow, bulk_insert
 from bastion.database import Database, DatabaseState, PoolStatus
 from bastion.errors import (
     BastionError,
     CheckViolationError,
+    CircuitOpenError,
     CommitOutcomeUnknownError,
     ConfigurationError,
     DatabaseStateError,
@@ -25,6 +27,7 @@ from bastion.errors import (
     QueryError,
     ReadOnlyViolationError,
     StaleVersionError,
+    StatementTimeoutError,
     TransactionConflictError,
     UniqueViolationError,
 )
@@ -48,8 +51,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BastionError",
+    "BreakerSnapshot",
+    "BreakerState",
     "BulkResult",
     "CheckViolationError",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "Database",
@@ -72,6 +79,7 @@ __all__ = [
     "ReadOnlyViolationError",
     "SafeText",
     "StaleVersionError",
+    "StatementTimeoutError",
     "TransactionConflictError",
     "UTCDateTime",
     "UTCTimestamp",
@@ -81,6 +89,7 @@ __all__ = [
     "check_http_url",
     "check_json_object",
     "check_safe_text",
+    "is_outage",
     "load_settings",
     "normalise_database_url",
     "to_utc",

@@ -13,18 +13,21 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Dialect
+from sqlalchemy.engine import URL, Dialect, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from bastion._sqlite import install_sqlite_listeners
-from bastion.errors import ConfigurationError, DatabaseUnavailableError
+from bastion.errors import ConfigurationError, DatabaseUnavailableError, StatementTimeoutError
 from bastion.settings import DatabaseSettings
 
-__all__ = ["Engines", "create_engines"]
+__all__ = ["CLIENT_TIMEOUT_GRACE_S", "Engines", "create_engines"]
+
+CLIENT_TIMEOUT_GRACE_S: Final = 1.0
+"""Seconds the client waits beyond ``DB_STATEMENT_TIMEOUT`` for the server's own cancel."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +52,28 @@ def create_engines(settings: DatabaseSettings) -> Engines:
     if settings.backend == "postgresql":
         if settings.pgbouncer:
             return _create_pgbouncer_engines(settings)
-        primary = _create(settings, connect_args={"timeout": settings.connect_timeout_s})
+        server_settings = {"application_name": settings.application_name}
+        if settings.statement_timeout_s > 0:
+            server_settings["statement_timeout"] = str(round(settings.statement_timeout_s * 1000))
+        primary = _create(
+            settings,
+            connect_args=_asyncpg_connect_args(
+                settings, server_settings, grace_s=CLIENT_TIMEOUT_GRACE_S
+            ),
+        )
         reader = _create(
             settings,
             isolation_level="AUTOCOMMIT",
-            connect_args={
-                "timeout": settings.connect_timeout_s,
-                "server_settings": {"default_transaction_read_only": "on"},
-            },
+            connect_args=_asyncpg_connect_args(
+                settings,
+                {**server_settings, "default_transaction_read_only": "on"},
+                grace_s=CLIENT_TIMEOUT_GRACE_S,
+            ),
         )
         return Engines(primary, reader)
 
     busy_timeout_ms = settings.sqlite_busy_timeout_ms
+    statement_timeout_s = settings.statement_timeout_s
     if settings.is_memory:
         # Every connection to ":memory:" is a different, empty database: keep exactly one
         # and lend it to one unit at a time.
@@ -68,7 +81,11 @@ def create_engines(settings: DatabaseSettings) -> Engines:
             settings, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0, pool_recycle=-1
         )
         install_sqlite_listeners(
-            shared.sync_engine, busy_timeout_ms=busy_timeout_ms, memory=True, query_only=False
+            shared.sync_engine,
+            busy_timeout_ms=busy_timeout_ms,
+            statement_timeout_s=statement_timeout_s,
+            memory=True,
+            query_only=False,
         )
         return Engines(shared, shared)
 
@@ -77,7 +94,11 @@ def create_engines(settings: DatabaseSettings) -> Engines:
     reader = _create(settings)
     for engine, query_only in ((primary, False), (reader, True)):
         install_sqlite_listeners(
-            engine.sync_engine, busy_timeout_ms=busy_timeout_ms, memory=False, query_only=query_only
+            engine.sync_engine,
+            busy_timeout_ms=busy_timeout_ms,
+            statement_timeout_s=statement_timeout_s,
+            memory=False,
+            query_only=query_only,
         )
     return Engines(primary, reader)
 
@@ -94,8 +115,12 @@ def _create_pgbouncer_engines(settings: DatabaseSettings) -> Engines:
     round trips here.
     """
     url = settings.url.update_query_dict({"prepared_statement_cache_size": "0"})
-    connect_args = {
-        "timeout": settings.connect_timeout_s,
+    # PgBouncer refuses a statement_timeout start-up setting: the client-side timeout is the
+    # only one here, so it gets no grace period.
+    connect_args = _asyncpg_connect_args(
+        settings, {"application_name": settings.application_name}, grace_s=0.0
+    )
+    connect_args |= {
         "statement_cache_size": 0,
         "prepared_statement_name_func": _unique_statement_name,
     }
@@ -107,6 +132,23 @@ def _create_pgbouncer_engines(settings: DatabaseSettings) -> Engines:
         execution_options={"postgresql_readonly": True},
     )
     return Engines(primary, reader)
+
+
+def _asyncpg_connect_args(
+    settings: DatabaseSettings, server_settings: dict[str, str], *, grace_s: float
+) -> dict[str, Any]:
+    """asyncpg's connect arguments: connect timeout, start-up settings, client-side timeout.
+
+    The client-side ``command_timeout`` is the backstop for a server that cannot even answer
+    its own ``statement_timeout`` (a black-holed network): ``grace_s`` later than the server's.
+    """
+    args: dict[str, Any] = {
+        "timeout": settings.connect_timeout_s,
+        "server_settings": server_settings,
+    }
+    if settings.statement_timeout_s > 0:
+        args["command_timeout"] = settings.statement_timeout_s + grace_s
+    return args
 
 
 def _unique_statement_name() -> str:
@@ -127,7 +169,26 @@ def _create(settings: DatabaseSettings, url: URL | None = None, **overrides: Any
     options.update(overrides)
     engine = create_async_engine(url if url is not None else settings.url, **options)
     event.listen(engine.sync_engine, "do_connect", _connect_or_unavailable)
+    if settings.statement_timeout_s > 0:
+        timeout_s = settings.statement_timeout_s
+
+        def client_timeout_as_statement_timeout(context: ExceptionContext) -> BaseException | None:
+            return _client_timeout(context, timeout_s)
+
+        event.listen(engine.sync_engine, "handle_error", client_timeout_as_statement_timeout)
     return engine
+
+
+def _client_timeout(context: ExceptionContext, timeout_s: float) -> BaseException | None:
+    # asyncpg raises a bare TimeoutError when command_timeout passes. The server did not answer
+    # even its own statement_timeout, so the connection cannot be trusted: discard it (and the
+    # pool's older ones, as for any disconnect) and say what happened.
+    if context.is_pre_ping or not isinstance(context.original_exception, TimeoutError):
+        return None
+    context.is_disconnect = True
+    return StatementTimeoutError(
+        f"the statement did not finish within {timeout_s:g}s and the server did not answer"
+    )
 
 
 def _connect_or_unavailable(

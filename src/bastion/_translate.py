@@ -23,6 +23,7 @@ from bastion.errors import (
     PoolTimeoutError,
     QueryError,
     ReadOnlyViolationError,
+    StatementTimeoutError,
     TransactionConflictError,
     UniqueViolationError,
 )
@@ -39,6 +40,7 @@ POSTGRES_SQLSTATES: Final[dict[str, type[BastionError]]] = {
     "40001": TransactionConflictError,  # serialization_failure
     "40P01": TransactionConflictError,  # deadlock_detected
     "55P03": TransactionConflictError,  # lock_not_available (NOWAIT / lock_timeout)
+    "57014": StatementTimeoutError,  # query_canceled: statement_timeout (or a cancel request)
     "57P01": DatabaseUnavailableError,  # admin_shutdown
     "57P02": DatabaseUnavailableError,  # crash_shutdown
     "57P03": DatabaseUnavailableError,  # cannot_connect_now (starting up / recovering)
@@ -67,6 +69,7 @@ SQLITE_CODES: Final[dict[int, type[BastionError]]] = {
     5: TransactionConflictError,  # SQLITE_BUSY (and BUSY_SNAPSHOT, BUSY_RECOVERY)
     6: TransactionConflictError,  # SQLITE_LOCKED
     8: ReadOnlyViolationError,  # SQLITE_READONLY: query_only, on a read unit's connection
+    9: StatementTimeoutError,  # SQLITE_INTERRUPT: the statement deadline's progress handler
     10: DatabaseUnavailableError,  # SQLITE_IOERR
     11: DatabaseUnavailableError,  # SQLITE_CORRUPT
     13: DatabaseUnavailableError,  # SQLITE_FULL
@@ -83,6 +86,7 @@ _DESCRIPTIONS: Final[dict[type[BastionError], str]] = {
     TransactionConflictError: "the transaction conflicted with another one; retry it",
     DatabaseUnavailableError: "the database is unavailable",
     PoolTimeoutError: "no database connection became free in time",
+    StatementTimeoutError: "the statement took too long and was cancelled",
     QueryError: "the database rejected the statement",
     ReadOnlyViolationError: "a read unit cannot write; use a write unit",
 }
@@ -95,6 +99,9 @@ def translate_error(exc: BaseException, *, during_commit: bool = False) -> Basti
     the outcome unknown (:class:`CommitOutcomeUnknownError`) rather than merely unavailable.
     The caller raises the result ``from exc``.
     """
+    if isinstance(exc, StatementTimeoutError) and during_commit:
+        # The client gave up on COMMIT: the server may have committed meanwhile.
+        return _commit_outcome_unknown(exc.sqlstate)
     if isinstance(exc, BastionError):
         return exc
     if isinstance(exc, sa_exc.TimeoutError):
@@ -114,11 +121,15 @@ def _translate_dbapi_error(exc: sa_exc.DBAPIError, *, during_commit: bool) -> Ba
         and (sqlstate is None or sqlstate.startswith(("08", "57P")))
     ):
         if during_commit:
-            return CommitOutcomeUnknownError(
-                "the connection was lost during COMMIT; the write may or may not have been applied",
-                sqlstate=sqlstate,
-            )
+            return _commit_outcome_unknown(sqlstate)
         return DatabaseUnavailableError(_DESCRIPTIONS[DatabaseUnavailableError], sqlstate=sqlstate)
+    if error_type is DatabaseUnavailableError:
+        # Refused rather than lost (bad credentials, no such database, out of resources):
+        # only the settings or the operator can fix that, not another attempt right away.
+        retryable = sqlstate is not None and sqlstate.startswith("53")
+        return DatabaseUnavailableError(
+            _DESCRIPTIONS[DatabaseUnavailableError], sqlstate=sqlstate, retryable=retryable
+        )
     if error_type is None:
         error_type = QueryError
     constraint = getattr(getattr(original, "__cause__", None), "constraint_name", None)
@@ -126,6 +137,13 @@ def _translate_dbapi_error(exc: sa_exc.DBAPIError, *, during_commit: bool) -> Ba
     if constraint:
         message = f"{message} ({constraint})"
     return error_type(message, sqlstate=sqlstate, constraint=constraint)
+
+
+def _commit_outcome_unknown(sqlstate: str | None) -> CommitOutcomeUnknownError:
+    return CommitOutcomeUnknownError(
+        "the connection was lost during COMMIT; the write may or may not have been applied",
+        sqlstate=sqlstate,
+    )
 
 
 def _classify(original: BaseException | None) -> tuple[str | None, type[BastionError] | None]:

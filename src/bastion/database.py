@@ -14,6 +14,15 @@ trace:
 Driver errors leaving a unit are translated into :mod:`bastion.errors`; a failed COMMIT always
 surfaces as an exception, never as silent success.
 
+``db.run(db.write, work)`` runs ``work`` in a fresh unit and, when it fails with an error
+that is safe to retry (``error.retryable``: a conflict, or a connection lost *before* COMMIT),
+runs it again in another fresh unit: jittered exponential backoff, at most
+``MAX_RETRY_ATTEMPTS`` attempts and ``RETRY_MAX_DELAY`` seconds, each retry logged and
+counted. A COMMIT whose outcome is unknown is never re-run.
+
+Every unit passes a :class:`~bastion.breaker.CircuitBreaker` first: while the database is
+down, units fail at once with :class:`~bastion.errors.CircuitOpenError` instead of queueing.
+
 >>> async def main(settings: DatabaseSettings) -> None:  # doctest: +SKIP
 ...     async with Database(settings) as db:
 ...         async with db.write() as session:
@@ -27,11 +36,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import (
@@ -43,6 +52,14 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.pool import Pool
 from sqlalchemy.util import greenlet_spawn
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from bastion._engines import Engines, create_engines
 from bastion._sqlite import (
@@ -51,7 +68,9 @@ from bastion._sqlite import (
     UNIT_OPTION,
 )
 from bastion._translate import translate_error
+from bastion.breaker import BreakerSnapshot, CircuitBreaker
 from bastion.errors import (
+    BastionError,
     ConfigurationError,
     DatabaseStateError,
     DatabaseUnavailableError,
@@ -63,6 +82,9 @@ from bastion.urls import Backend
 __all__ = ["Database", "DatabaseState", "PoolStatus"]
 
 logger = logging.getLogger("bastion.database")
+
+UnitT = TypeVar("UnitT")
+ResultT = TypeVar("ResultT")
 
 
 class DatabaseState(enum.Enum):
@@ -133,6 +155,25 @@ class Database:
         # The pools that were live when close() gave up waiting: units still running then
         # return their connections to them, and those must be closed, not parked.
         self._retired_pools: tuple[Pool, ...] = ()
+        self._breaker = CircuitBreaker(
+            failure_threshold=settings.breaker_failure_threshold,
+            reset_timeout_s=settings.breaker_reset_timeout_s,
+        )
+        self._retry_count = 0
+        # Built once and copied per retried call: a tenacity controller keeps per-run state.
+        self._retrying = AsyncRetrying(
+            # The first attempt runs outside tenacity (see run()), so it counts as one here.
+            stop=stop_after_attempt(settings.retry_attempts)
+            | stop_after_delay(settings.retry_max_delay_s),
+            wait=wait_exponential_jitter(
+                multiplier=settings.retry_initial_backoff_s,
+                max=settings.retry_max_backoff_s,
+                jitter=settings.retry_initial_backoff_s,
+            ),
+            retry=retry_if_exception(_is_retryable),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
 
     def __repr__(self) -> str:
         return f"<Database {self.settings.display_url} {self._state.value}>"
@@ -157,6 +198,16 @@ class Database:
         self._require_running()
         assert self._engines is not None
         return self._engines.primary
+
+    @property
+    def breaker(self) -> BreakerSnapshot:
+        """The circuit breaker's state, for health checks and metrics."""
+        return self._breaker.snapshot()
+
+    @property
+    def retry_count(self) -> int:
+        """How many times :meth:`run` has re-run a unit since the Database was created."""
+        return self._retry_count
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -331,7 +382,57 @@ class Database:
                 yield connection
                 await _commit(connection)
 
+    async def run(
+        self,
+        unit: Callable[[], AbstractAsyncContextManager[UnitT]],
+        work: Callable[[UnitT], Awaitable[ResultT]],
+    ) -> ResultT:
+        """Run ``work`` in a fresh ``unit()``, re-running both while the error is retryable.
+
+        ``unit`` is one of this Database's units — ``db.write``, ``db.write_connection``,
+        ``db.read``, ``db.read_connection``, or ``functools.partial(db.read, consistent=True)``
+        — and ``work`` gets its session or connection. Only the whole unit is ever re-run, so
+        ``work`` must do all its writes through what it is given (and nothing outside that
+        cannot be repeated). The first attempt costs nothing extra.
+
+        >>> async def transfer(session: AsyncSession) -> None:  # doctest: +SKIP
+        ...     ...
+        >>> await db.run(db.write, transfer)  # doctest: +SKIP
+
+        Raises:
+            The last attempt's error (see :mod:`bastion.errors`). Among them
+            :class:`~bastion.errors.CommitOutcomeUnknownError`, which is never retried: the
+            write may have landed (use an idempotency key to make re-running safe).
+        """
+        try:
+            return await _attempt(unit, work)
+        except BastionError as exc:
+            if not exc.retryable:
+                raise
+            first_failure: BastionError | None = exc
+        # The first failure is handed to tenacity as its first attempt, so its backoff,
+        # limits and logging apply from there on without wrapping the common, successful call.
+        async for attempt in self._retrying.copy():
+            with attempt:
+                if first_failure is not None:
+                    failure, first_failure = first_failure, None
+                    raise failure
+                return await _attempt(unit, work)
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
     # -- internals -------------------------------------------------------------------------
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        self._retry_count += 1
+        error = state.outcome.exception() if state.outcome is not None else None
+        code = error.code if isinstance(error, BastionError) else type(error).__name__
+        sleep = state.next_action.sleep if state.next_action is not None else 0.0
+        logger.warning(
+            "retrying a unit of work after %s (attempt %d failed; next in %.3fs)",
+            code,
+            state.attempt_number,
+            sleep,
+        )
 
     @asynccontextmanager
     async def _unit(self) -> AsyncIterator[None]:
@@ -341,11 +442,25 @@ class Database:
         cancelled meanwhile, so a cancelled request still returns its connection.
         """
         self._require_running()
+        probe = self._breaker.admit()
+        recorded = False
         try:
             yield
         except Exception as exc:
-            _raise_translated(exc)
+            translated = translate_error(exc)
+            # An error of the application's own (translated is None) means the database
+            # answered as far as the breaker is concerned.
+            self._breaker.record(translated, probe=probe)
+            recorded = True
+            if translated is None or translated is exc:
+                raise
+            raise translated from exc
+        else:
+            self._breaker.record(None, probe=probe)
+            recorded = True
         finally:
+            if probe and not recorded:
+                self._breaker.release()  # cancelled: let the next unit probe instead
             await self._close_retired_connections()
 
     async def _close_retired_connections(self) -> None:
@@ -428,6 +543,18 @@ class Database:
         # Polled: the pool has no awaitable "all returned" signal, and this runs once, at exit.
         while any(pool.checkedout() > 0 for pool in pools):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, BastionError) and exc.retryable
+
+
+async def _attempt(
+    unit: Callable[[], AbstractAsyncContextManager[UnitT]],
+    work: Callable[[UnitT], Awaitable[ResultT]],
+) -> ResultT:
+    async with unit() as handle:
+        return await work(handle)
 
 
 async def _commit(unit: AsyncSession | AsyncConnection) -> None:

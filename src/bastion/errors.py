@@ -6,8 +6,10 @@
     ├── ConfigurationError          fix the settings; raised at start, never per request
     ├── DatabaseStateError          a Database used before start() or after close()
     ├── DatabaseUnavailableError    the database cannot be reached now: retry later (503)
-    │   └── PoolTimeoutError        no free connection within DB_POOL_TIMEOUT (503)
+    │   ├── PoolTimeoutError        no free connection within DB_POOL_TIMEOUT (503)
+    │   └── CircuitOpenError        recent attempts all failed; refused at once (503)
     ├── TransactionConflictError    serialization failure, deadlock, busy: re-run the unit (503)
+    ├── StatementTimeoutError       a statement ran past DB_STATEMENT_TIMEOUT; cancelled (503)
     ├── CommitOutcomeUnknownError   the connection died during COMMIT: the write may or may
     │                               not have happened; resolve it, do not blindly re-run (503)
     ├── IntegrityViolationError     the data breaks a rule the database enforces (422)
@@ -20,6 +22,10 @@
     └── QueryError                  any other database error: a bug, not the caller's (500)
         └── ReadOnlyViolationError      a read unit tried to write (500)
 
+``error.retryable`` says whether re-running the whole unit of work is safe *and* may succeed:
+true for conflicts and for a connection lost before COMMIT; false for everything else,
+including an unknown COMMIT outcome. :meth:`Database.run` retries on it.
+
 Driver exceptions are translated into this tree at one seam (``bastion._translate``), from
 machine-readable fields only (PostgreSQL SQLSTATE, SQLite extended result codes, SQLAlchemy's
 ``connection_invalidated``), and always chained with ``raise … from exc``. Messages never carry
@@ -31,6 +37,7 @@ from __future__ import annotations
 __all__ = [
     "BastionError",
     "CheckViolationError",
+    "CircuitOpenError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "DatabaseStateError",
@@ -43,6 +50,7 @@ __all__ = [
     "QueryError",
     "ReadOnlyViolationError",
     "StaleVersionError",
+    "StatementTimeoutError",
     "TransactionConflictError",
     "UniqueViolationError",
 ]
@@ -56,17 +64,27 @@ class BastionError(Exception):
         sqlstate: the driver's code when the error came from the database (PostgreSQL
             SQLSTATE such as ``"23505"``, or ``"SQLITE_CONSTRAINT_UNIQUE"``), else ``None``.
         constraint: the violated constraint's name when the driver reports it.
+        retryable: whether re-running the whole unit of work is safe and may succeed (the
+            class's default unless the translation knew better).
     """
 
     code = "database_error"
+    retryable = False
 
     def __init__(
-        self, message: str, *, sqlstate: str | None = None, constraint: str | None = None
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        constraint: str | None = None,
+        retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.sqlstate = sqlstate
         self.constraint = constraint
+        if retryable is not None:
+            self.retryable = retryable
 
 
 class ConfigurationError(BastionError):
@@ -85,12 +103,34 @@ class DatabaseUnavailableError(BastionError):
     """The database cannot be reached or refuses work right now; retrying later may succeed."""
 
     code = "database_unavailable"
+    retryable = True
 
 
 class PoolTimeoutError(DatabaseUnavailableError):
-    """Every pooled connection stayed busy for the whole ``DB_POOL_TIMEOUT``."""
+    """Every pooled connection stayed busy for the whole ``DB_POOL_TIMEOUT``.
+
+    Not retried: the wait already used the caller's patience, and retrying adds load.
+    """
 
     code = "pool_timeout"
+    retryable = False
+
+
+class CircuitOpenError(DatabaseUnavailableError):
+    """The circuit breaker is open: recent attempts to reach the database all failed.
+
+    Raised at once, without touching the pool, until the breaker lets a probe through.
+
+    Attributes:
+        retry_after_s: seconds until the breaker next lets a request try the database.
+    """
+
+    code = "circuit_open"
+    retryable = False
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class TransactionConflictError(BastionError):
@@ -100,6 +140,17 @@ class TransactionConflictError(BastionError):
     """
 
     code = "transaction_conflict"
+    retryable = True
+
+
+class StatementTimeoutError(BastionError):
+    """A statement ran longer than ``DB_STATEMENT_TIMEOUT`` and was cancelled.
+
+    Its transaction was rolled back. Not retried automatically: a query that is slow now
+    would most likely be slow again, and retrying multiplies the load that made it slow.
+    """
+
+    code = "statement_timeout"
 
 
 class CommitOutcomeUnknownError(BastionError):

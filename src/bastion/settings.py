@@ -109,6 +109,63 @@ class DatabaseSettings(BaseSettings):
         description="Server processes sharing the database, for the max_connections check.",
     )
     echo: bool = Field(default=False, alias="DB_ECHO", description="Log every statement.")
+    application_name: str = Field(
+        default="bastion",
+        min_length=1,
+        max_length=63,
+        pattern=r"^[\x20-\x7e]+$",
+        alias="DB_APPLICATION_NAME",
+        description="PostgreSQL application_name of every connection (pg_stat_activity).",
+    )
+    statement_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=86_400,
+        alias="DB_STATEMENT_TIMEOUT",
+        description="Seconds one statement may run before it is cancelled (0: no limit).",
+    )
+    retry_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        alias="MAX_RETRY_ATTEMPTS",
+        description="Attempts at a retried unit of work, the first one included (1: no retry).",
+    )
+    retry_max_delay_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        alias="RETRY_MAX_DELAY",
+        description="Seconds after which a retried unit stops retrying, whatever the attempts.",
+    )
+    retry_initial_backoff_s: float = Field(
+        default=0.05,
+        gt=0,
+        le=60,
+        alias="RETRY_INITIAL_BACKOFF",
+        description="Upper bound of the first jittered sleep between attempts; doubles after.",
+    )
+    retry_max_backoff_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=600,
+        alias="RETRY_MAX_BACKOFF",
+        description="Largest sleep between two attempts.",
+    )
+    breaker_failure_threshold: int = Field(
+        default=5,
+        ge=1,
+        le=10_000,
+        alias="BREAKER_FAILURE_THRESHOLD",
+        description="Consecutive connection failures that open the circuit breaker.",
+    )
+    breaker_reset_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=3600,
+        alias="BREAKER_RESET_TIMEOUT",
+        description="Seconds the breaker stays open before it lets one probe through.",
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -11,6 +11,7 @@ import bastion
 import bastion.fastapi
 
 CORE_MODULES = [
+    "bastion.breaker",
     "bastion.bulk",
     "bastion.database",
     "bastion.errors",

@@ -21,6 +21,7 @@ from bastion import (
     NotNullViolationError,
     QueryError,
     ReadOnlyViolationError,
+    StatementTimeoutError,
     TransactionConflictError,
     UniqueViolationError,
 )
@@ -127,9 +128,70 @@ def test_the_tables_only_name_errors_a_caller_can_act_on() -> None:
         TransactionConflictError,
         DatabaseUnavailableError,
         ReadOnlyViolationError,
+        StatementTimeoutError,
         QueryError,
     }
     assert set(POSTGRES_SQLSTATES.values()) | set(SQLITE_CODES.values()) <= allowed
     assert isinstance(
         translate_error(OperationalError("x", {}, sqlite3.Error("no code"))), QueryError
     )
+
+
+# The retry policy of the resilience issue: which codes re-run the unit and which never do.
+RETRIED_SQLSTATES = [
+    "40001",
+    "40P01",
+    "08000",
+    "08003",
+    "08006",
+    "57P01",
+    "57P02",
+    "57P03",
+    "53300",
+]
+NEVER_RETRIED_SQLSTATES = [
+    "23505", "23503", "23502", "23514", "23P01", "42601", "42P01", "42703",
+    "28P01", "3D000", "25006", "57014", "22001", "XX000",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("sqlstate", RETRIED_SQLSTATES)
+def test_conflicts_and_lost_connections_are_retryable(sqlstate: str) -> None:
+    translated = translate_error(wrapped(PostgresDriverError(sqlstate)))
+    assert translated is not None
+    assert translated.retryable
+
+
+@pytest.mark.parametrize("sqlstate", NEVER_RETRIED_SQLSTATES)
+def test_data_syntax_auth_and_timeouts_are_never_retried(sqlstate: str) -> None:
+    translated = translate_error(wrapped(PostgresDriverError(sqlstate)))
+    assert translated is not None
+    assert not translated.retryable
+
+
+SQLITE_RETRYABLE = [(5, True), (6, True), (517, True), (9, False), (2067, False), (13, False)]
+
+
+@pytest.mark.parametrize(("code", "retryable"), SQLITE_RETRYABLE)
+def test_sqlite_busy_and_locked_are_retryable_and_nothing_else_is(
+    code: int, retryable: bool
+) -> None:
+    translated = translate_error(wrapped(sqlite_error(code)))
+    assert translated is not None
+    assert translated.retryable is retryable
+
+
+def test_a_lost_connection_is_retryable_before_commit_and_ambiguous_during_it() -> None:
+    lost = wrapped(PostgresDriverError("08006"), invalidated=True)
+    before = translate_error(lost)
+    during = translate_error(lost, during_commit=True)
+    assert isinstance(before, DatabaseUnavailableError)
+    assert before.retryable
+    assert isinstance(during, CommitOutcomeUnknownError)
+    assert not during.retryable
+
+
+def test_a_client_side_timeout_during_commit_is_ambiguous() -> None:
+    timeout = StatementTimeoutError("no answer")
+    assert isinstance(translate_error(timeout, during_commit=True), CommitOutcomeUnknownError)
+    assert translate_error(timeout) is timeout

@@ -8,6 +8,7 @@ never echo the input or carry SQL, parameters or driver messages.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from bastion.errors import (
     BastionError,
+    CircuitOpenError,
     CommitOutcomeUnknownError,
     DatabaseStateError,
     DatabaseUnavailableError,
@@ -26,6 +28,7 @@ from bastion.errors import (
     NotFoundError,
     QueryError,
     StaleVersionError,
+    StatementTimeoutError,
     TransactionConflictError,
     UniqueViolationError,
 )
@@ -43,6 +46,7 @@ HTTP_STATUS_BY_ERROR: Final[Mapping[type[BastionError], int]] = {
     IntegrityViolationError: 422,
     DatabaseUnavailableError: 503,
     TransactionConflictError: 503,
+    StatementTimeoutError: 503,
     # Not 503: a client told to retry would repeat a write that may already have landed.
     CommitOutcomeUnknownError: 500,
     DatabaseStateError: 503,
@@ -64,8 +68,15 @@ def error_response(error: BastionError) -> JSONResponse:
     # A query error is our defect and its message may describe internals: the client gets
     # none. Every other message is written for clients.
     detail = _GENERIC_500 if isinstance(error, QueryError) else error.message
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    headers = {"Retry-After": str(_retry_after_s(error))} if status == 503 else None
     return JSONResponse({"detail": detail, "code": error.code}, status, headers=headers)
+
+
+def _retry_after_s(error: BastionError) -> int:
+    if isinstance(error, CircuitOpenError):
+        # When the breaker will next let a request through: retrying sooner is refused anyway.
+        return max(RETRY_AFTER_S, math.ceil(error.retry_after_s))
+    return RETRY_AFTER_S
 
 
 async def _bastion_error_handler(request: Request, exc: Exception) -> Response:

@@ -51,6 +51,7 @@ def create_health_router(*, prefix: str = "/health") -> APIRouter:
         else:
             component.update(status="healthy")
         component["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        component["breaker"] = database.breaker.state.value
         pool = database.pool_status() if database.state is DatabaseState.RUNNING else None
         if pool is not None:
             component["pool"] = {
