@@ -35,7 +35,14 @@ from conversations.users import create_user
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-TABLES = ("message_sources", "messages", "conversations", "api_keys", "users")
+TABLES = (
+    "idempotency_keys",
+    "message_sources",
+    "messages",
+    "conversations",
+    "api_keys",
+    "users",
+)
 
 _postgres_problem: str | None = None
 

@@ -31,6 +31,13 @@ from bastion.errors import (
     TransactionConflictError,
     UniqueViolationError,
 )
+from bastion.idempotency import (
+    IdempotencyKeyReusedError,
+    IdempotencyStore,
+    StoredResponse,
+    idempotency_table,
+    request_fingerprint,
+)
 from bastion.loop_lag import LoopLag, LoopLagMonitor
 from bastion.settings import DatabaseSettings, load_settings
 from bastion.types import UTCDateTime, utcnow
@@ -67,6 +74,8 @@ __all__ = [
     "FailedRow",
     "ForeignKeyViolationError",
     "HttpUrlText",
+    "IdempotencyKeyReusedError",
+    "IdempotencyStore",
     "IntegrityViolationError",
     "JSONObject",
     "LoopLag",
@@ -80,6 +89,7 @@ __all__ = [
     "SafeText",
     "StaleVersionError",
     "StatementTimeoutError",
+    "StoredResponse",
     "TransactionConflictError",
     "UTCDateTime",
     "UTCTimestamp",
@@ -89,9 +99,11 @@ __all__ = [
     "check_http_url",
     "check_json_object",
     "check_safe_text",
+    "idempotency_table",
     "is_outage",
     "load_settings",
     "normalise_database_url",
+    "request_fingerprint",
     "to_utc",
     "utcnow",
 ]

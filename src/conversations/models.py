@@ -27,9 +27,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from bastion import UTCDateTime, utcnow
+from bastion import UTCDateTime, idempotency_table, utcnow
 
-__all__ = ["ApiKey", "Base", "Conversation", "Message", "MessageSource", "User"]
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Conversation",
+    "Message",
+    "MessageSource",
+    "User",
+    "idempotency_keys",
+]
 
 # Predictable constraint names, so migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -127,3 +135,7 @@ class MessageSource(Base):
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     url: Mapped[str] = mapped_column(String(2048))
     title: Mapped[str | None] = mapped_column(String(500))
+
+
+idempotency_keys = idempotency_table(Base.metadata)
+"""Responses of POSTs sent with an ``Idempotency-Key``, per user (see bastion.idempotency)."""

@@ -20,8 +20,8 @@ REBUILD_CONVERSATIONS = '''"""Widen conversations.title: on SQLite, a table rebu
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "rebuild"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -41,7 +41,9 @@ def downgrade() -> None:
 def migrations_with_a_rebuild(tmp_path: Path) -> str:
     target = tmp_path / "migrations"
     shutil.copytree(SOURCE, target, ignore=shutil.ignore_patterns("__pycache__"))
-    (target / "versions" / "0002_rebuild.py").write_text(REBUILD_CONVERSATIONS)
+    # On top of the real head, so the rebuild also runs over every real migration.
+    (head,) = head_revisions("conversations:migrations")
+    (target / "versions" / "rebuild.py").write_text(REBUILD_CONVERSATIONS.replace("{head}", head))
     return str(target)
 
 

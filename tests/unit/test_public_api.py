@@ -15,6 +15,7 @@ CORE_MODULES = [
     "bastion.bulk",
     "bastion.database",
     "bastion.errors",
+    "bastion.idempotency",
     "bastion.loop_lag",
     "bastion.settings",
     "bastion.types",

@@ -27,10 +27,13 @@ from bastion.fastapi._errors import (
     install_error_handlers,
 )
 from bastion.fastapi._health import create_health_router
+from bastion.fastapi._idempotency import IDEMPOTENCY_KEY_HEADER, REPLAYED_HEADER, idempotent_write
 from bastion.fastapi._lifespan import database_lifespan
 
 __all__ = [
     "HTTP_STATUS_BY_ERROR",
+    "IDEMPOTENCY_KEY_HEADER",
+    "REPLAYED_HEADER",
     "RETRY_AFTER_S",
     "BodySizeLimitMiddleware",
     "DatabaseDep",
@@ -42,5 +45,6 @@ __all__ = [
     "database_lifespan",
     "error_response",
     "get_database",
+    "idempotent_write",
     "install_error_handlers",
 ]

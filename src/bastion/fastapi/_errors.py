@@ -32,6 +32,7 @@ from bastion.errors import (
     TransactionConflictError,
     UniqueViolationError,
 )
+from bastion.idempotency import IdempotencyKeyReusedError
 
 __all__ = ["HTTP_STATUS_BY_ERROR", "RETRY_AFTER_S", "error_response", "install_error_handlers"]
 
@@ -43,6 +44,7 @@ HTTP_STATUS_BY_ERROR: Final[Mapping[type[BastionError], int]] = {
     NotFoundError: 404,
     StaleVersionError: 412,
     UniqueViolationError: 409,
+    IdempotencyKeyReusedError: 422,
     IntegrityViolationError: 422,
     DatabaseUnavailableError: 503,
     TransactionConflictError: 503,

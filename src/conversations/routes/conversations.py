@@ -9,14 +9,17 @@ from __future__ import annotations
 from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response
-from sqlalchemy import Select, bindparam, func, select, update
+from sqlalchemy import Select, bindparam, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.requests import Request
 
-from bastion import NotFoundError, SafeText, StaleVersionError, UTCTimestamp, utcnow
-from bastion.fastapi import ReadConnection, WriteSession
+from bastion import NotFoundError, SafeText, StaleVersionError, StoredResponse, UTCTimestamp, utcnow
+from bastion.fastapi import DatabaseDep, ReadConnection, WriteSession
 from conversations.auth import CurrentReader, CurrentUser
 from conversations.models import Conversation
 from conversations.routes._ids import parse_conversation_id
 from conversations.routes._scope import owned, visible
+from conversations.routes._writes import write_once
 from conversations.schemas import (
     ConversationCreate,
     ConversationOut,
@@ -54,30 +57,32 @@ def _expected_version(if_match: str | None) -> int | None:
     return min(int(tag), MAX_VERSION)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=ConversationOut)
 async def create_conversation(
-    body: ConversationCreate, user_id: CurrentUser, session: WriteSession, response: Response
-) -> ConversationOut:
-    now = utcnow()
-    conversation = Conversation(
-        owner_id=user_id,
-        title=body.title,
-        metadata_=body.metadata,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(conversation)
-    await session.flush()
-    result = ConversationOut.model_validate(conversation)
-    response.headers["Location"] = f"{router.prefix}/{result.id}"
-    response.headers["ETag"] = _etag(result)
-    return result
+    body: ConversationCreate, user_id: CurrentUser, database: DatabaseDep, request: Request
+) -> Response:
+    async def create(connection: AsyncConnection) -> StoredResponse:
+        now = utcnow()
+        values = {
+            "owner_id": user_id,
+            "title": body.title,
+            "metadata": body.metadata,
+            "created_at": now,
+            "updated_at": now,
+        }
+        row = (await connection.execute(_INSERT_CONVERSATION, values)).mappings().one()
+        result = ConversationOut.model_validate(row)
+        headers = {"Location": f"{router.prefix}/{result.id}", "ETag": _etag(result)}
+        return StoredResponse.json(result, status_code=201, headers=headers)
+
+    return await write_once(request, database, user_id, create)
 
 
 # Hot read routes run Core statements built once: building a statement per request costs
 # more than executing it (bench/README.md has the measurements). The list route builds its
 # query per request, from the filters it was given.
 _CONVERSATION_COLUMNS = [column for column in Conversation.__table__.c if column.key != "owner_id"]
+_INSERT_CONVERSATION = insert(Conversation).returning(*_CONVERSATION_COLUMNS)
 _GET_CONVERSATION = select(*_CONVERSATION_COLUMNS).where(
     *visible(bindparam("owner_id"), bindparam("cid"))
 )
@@ -200,26 +205,35 @@ async def delete_conversation(
     return Response(status_code=204)
 
 
-@router.post("/{conversation_id}/restore")
+@router.post("/{conversation_id}/restore", response_model=ConversationOut)
 async def restore_conversation(
-    conversation_id: str, user_id: CurrentUser, session: WriteSession
-) -> ConversationOut:
+    conversation_id: str, user_id: CurrentUser, database: DatabaseDep, request: Request
+) -> Response:
     cid = parse_conversation_id(conversation_id)
-    restored = await session.scalar(
-        update(Conversation)
-        .where(*owned(user_id, cid), Conversation.deleted_at.is_not(None))
-        .values(
-            {
-                Conversation.deleted_at: None,
-                Conversation.updated_at: utcnow(),
-                Conversation.version: Conversation.version + 1,
-            }
+
+    async def restore(connection: AsyncConnection) -> StoredResponse:
+        restored = await connection.execute(
+            update(Conversation)
+            .where(*owned(user_id, cid), Conversation.deleted_at.is_not(None))
+            .values(
+                {
+                    Conversation.deleted_at: None,
+                    Conversation.updated_at: utcnow(),
+                    Conversation.version: Conversation.version + 1,
+                }
+            )
+            .returning(*_CONVERSATION_COLUMNS)
         )
-        .returning(Conversation)
-    )
-    if restored is None:
-        # Restoring a conversation that is not deleted changes nothing and is not an error.
-        restored = await session.scalar(select(Conversation).where(*owned(user_id, cid)))
-        if restored is None:
-            raise NotFoundError("conversation not found")
-    return ConversationOut.model_validate(restored)
+        row = restored.mappings().first()
+        if row is None:
+            # Restoring a conversation that is not deleted changes nothing and is not an error.
+            current = await connection.execute(
+                select(*_CONVERSATION_COLUMNS).where(*owned(user_id, cid))
+            )
+            row = current.mappings().first()
+            if row is None:
+                raise NotFoundError("conversation not found")
+        result = ConversationOut.model_validate(row)
+        return StoredResponse.json(result, headers={"ETag": _etag(result)})
+
+    return await write_once(request, database, user_id, restore)

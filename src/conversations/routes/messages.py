@@ -12,13 +12,16 @@ from typing import Annotated, cast
 
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.requests import Request
 
-from bastion import NotFoundError, utcnow
-from bastion.fastapi import ReadConnection, WriteConnection
+from bastion import NotFoundError, StoredResponse, utcnow
+from bastion.fastapi import DatabaseDep, ReadConnection
 from conversations.auth import CurrentReader, CurrentUser
 from conversations.models import Conversation, Message, MessageSource
 from conversations.routes._ids import decode_cursor, encode_cursor, parse_conversation_id
 from conversations.routes._scope import visible
+from conversations.routes._writes import write_once
 from conversations.schemas import MessageCreate, MessageOut, MessagePage, SourceOut
 
 __all__ = ["router"]
@@ -40,52 +43,57 @@ _INSERT_MESSAGE = insert(_messages).returning(_messages.c.id)
 _INSERT_SOURCE = insert(cast(Table, MessageSource.__table__))
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=MessageOut)
 async def create_message(
     conversation_id: str,
     body: MessageCreate,
     user_id: CurrentUser,
-    connection: WriteConnection,
-    response: Response,
-) -> MessageOut:
+    database: DatabaseDep,
+    request: Request,
+) -> Response:
     cid = parse_conversation_id(conversation_id)
-    now = utcnow()
-    # The UPDATE comes first: it locks the conversation row, so this conversation's messages
-    # get their ids in commit order (see the module docstring).
-    touched = await connection.scalar(
-        _TOUCH_CONVERSATION, {"cid": cid, "owner": user_id, "now": now}
-    )
-    if touched is None:
-        raise NotFoundError("conversation not found")
-    message_id = await connection.scalar(
-        _INSERT_MESSAGE,
-        {
-            "conversation_id": cid,
-            "role": body.role,
-            "content": body.content,
-            "metadata": body.metadata,
-            "created_at": now,
-        },
-    )
-    assert message_id is not None
-    if body.sources:
-        await connection.execute(
-            _INSERT_SOURCE,
-            [
-                {"message_id": message_id, "position": n, "url": s.url, "title": s.title}
-                for n, s in enumerate(body.sources)
-            ],
+
+    async def add_message(connection: AsyncConnection) -> StoredResponse:
+        now = utcnow()
+        # The UPDATE comes first: it locks the conversation row, so this conversation's
+        # messages get their ids in commit order (see the module docstring).
+        touched = await connection.scalar(
+            _TOUCH_CONVERSATION, {"cid": cid, "owner": user_id, "now": now}
         )
-    response.headers["Location"] = f"/v1/conversations/{cid}/messages/{message_id}"
-    return MessageOut(
-        id=message_id,
-        conversation_id=cid,
-        role=body.role,
-        content=body.content,
-        metadata=body.metadata,
-        sources=[SourceOut(url=s.url, title=s.title) for s in body.sources],
-        created_at=now,
-    )
+        if touched is None:
+            raise NotFoundError("conversation not found")
+        message_id = await connection.scalar(
+            _INSERT_MESSAGE,
+            {
+                "conversation_id": cid,
+                "role": body.role,
+                "content": body.content,
+                "metadata": body.metadata,
+                "created_at": now,
+            },
+        )
+        assert message_id is not None
+        if body.sources:
+            await connection.execute(
+                _INSERT_SOURCE,
+                [
+                    {"message_id": message_id, "position": n, "url": s.url, "title": s.title}
+                    for n, s in enumerate(body.sources)
+                ],
+            )
+        message = MessageOut(
+            id=message_id,
+            conversation_id=cid,
+            role=body.role,
+            content=body.content,
+            metadata=body.metadata,
+            sources=[SourceOut(url=s.url, title=s.title) for s in body.sources],
+            created_at=now,
+        )
+        location = f"/v1/conversations/{cid}/messages/{message_id}"
+        return StoredResponse.json(message, status_code=201, headers={"Location": location})
+
+    return await write_once(request, database, user_id, add_message)
 
 
 # Built once: see the note on statements in routes/conversations.py.

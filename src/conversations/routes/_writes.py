@@ -1,0 +1,28 @@
+"""How the POST routes write: retried, and at most once per ``Idempotency-Key`` per user."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bastion import Database, IdempotencyStore, StoredResponse
+from bastion.fastapi import idempotent_write
+from conversations.models import idempotency_keys
+
+__all__ = ["write_once"]
+
+_STORE = IdempotencyStore(idempotency_keys)
+
+
+async def write_once(
+    request: Request,
+    database: Database,
+    user_id: uuid.UUID,
+    work: Callable[[AsyncConnection], Awaitable[StoredResponse]],
+) -> Response:
+    """Run ``work`` as the user's idempotent, retried write and return its response."""
+    return await idempotent_write(request, database, work, scope=str(user_id), store=_STORE)
