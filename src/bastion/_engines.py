@@ -186,6 +186,12 @@ def _client_timeout(context: ExceptionContext, timeout_s: float) -> BaseExceptio
     if context.is_pre_ping or not isinstance(context.original_exception, TimeoutError):
         return None
     context.is_disconnect = True
+    # Drop the socket now: the pool's graceful close would otherwise wait up to 2 s more for
+    # a goodbye the server cannot send.
+    pooled = context.connection.connection if context.connection is not None else None
+    driver_connection = getattr(pooled, "driver_connection", None)
+    if driver_connection is not None:
+        driver_connection.terminate()
     return StatementTimeoutError(
         f"the statement did not finish within {timeout_s:g}s and the server did not answer"
     )
