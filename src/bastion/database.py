@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -127,6 +128,20 @@ def _refuse_write_construct(
         raise ReadOnlyViolationError("a read unit cannot write; use Database.write()")
 
 
+def _begin_for_stream(
+    connection: Any, _statement: Any, _multiparams: Any, _params: Any, options: Any
+) -> None:
+    # A read unit on PostgreSQL runs without a transaction, where asyncpg refuses the
+    # server-side cursor a stream needs. Open a read-only one for it; the unit ends it.
+    if options.get("stream_results") and not _driver_in_transaction(connection):
+        connection.exec_driver_sql("BEGIN READ ONLY")
+
+
+def _driver_in_transaction(connection: Any) -> bool:
+    driver_connection = connection.connection.driver_connection
+    return bool(driver_connection is not None and driver_connection.is_in_transaction())
+
+
 event.listen(_ReadOnlySession, "do_orm_execute", _refuse_write_statement)
 event.listen(_ReadOnlySession, "before_flush", _refuse_flush)
 
@@ -152,6 +167,7 @@ class Database:
         self._snapshot_sessions: async_sessionmaker[AsyncSession] | None = None
         self._write_sessions: async_sessionmaker[AsyncSession] | None = None
         self._read_engine: AsyncEngine | None = None
+        self._reads_without_transaction = False
         # The pools that were live when close() gave up waiting: units still running then
         # return their connections to them, and those must be closed, not parked.
         self._retired_pools: tuple[Pool, ...] = ()
@@ -320,12 +336,19 @@ class Database:
         async with self._unit():
             assert maker is not None
             async with maker() as session:
-                yield session
+                try:
+                    yield session
+                except sa_exc.DBAPIError:
+                    if self._reads_without_transaction and not consistent:
+                        await session.invalidate()  # see _discard_after_driver_error
+                    raise
                 if session.new or session.dirty or session.deleted:
                     # Changes made in a read unit would otherwise vanish without a word.
                     raise ReadOnlyViolationError("a read unit cannot write; use Database.write()")
                 if consistent:
                     await session.commit()
+                elif self._reads_without_transaction:
+                    await _end_stream_transaction(await session.connection())
 
     @asynccontextmanager
     async def read_connection(self) -> AsyncIterator[AsyncConnection]:
@@ -341,7 +364,14 @@ class Database:
         async with self._unit():
             assert self._read_engine is not None
             async with self._read_engine.connect() as connection:
-                yield connection
+                try:
+                    yield connection
+                except sa_exc.DBAPIError:
+                    if self._reads_without_transaction:
+                        await connection.invalidate()  # see _discard_after_driver_error
+                    raise
+                if self._reads_without_transaction:
+                    await _end_stream_transaction(connection)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -487,6 +517,11 @@ class Database:
             # The database refuses writes on the read pool anyway; this says so earlier and
             # more clearly, and covers in-memory SQLite, whose one pool serves both.
             event.listen(reading_engine.sync_engine, "before_execute", _refuse_write_construct)
+        self._reads_without_transaction = (
+            self.settings.backend == "postgresql" and not self.settings.pgbouncer
+        )
+        if self._reads_without_transaction:
+            event.listen(read_engine.sync_engine, "before_execute", _begin_for_stream)
         self._read_engine = read_engine
         # expire_on_commit=False: attributes stay loaded after COMMIT, so code reading them
         # afterwards does not trigger implicit (and, under asyncio, failing) lazy loads.
@@ -543,6 +578,23 @@ class Database:
         # Polled: the pool has no awaitable "all returned" signal, and this runs once, at exit.
         while any(pool.checkedout() > 0 for pool in pools):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+# Why a PostgreSQL read unit discards its connection after a driver error: it runs without a
+# transaction, and asyncpg prepares a statement without ending the implicit transaction that
+# opens on the server. When the execute step then fails on the client (a parameter it cannot
+# encode, a refused cursor), nothing ends it: the connection would go back to the pool holding
+# a transaction and a lock on the table. A write unit's ROLLBACK ends it; here nothing does.
+
+
+async def _end_stream_transaction(connection: AsyncConnection) -> None:
+    """End the read-only transaction a stream opened on a transaction-less read unit."""
+    # Checked without a greenlet hop: this runs at the end of every PostgreSQL read unit.
+    sync_connection = connection.sync_connection
+    if sync_connection is None or sync_connection.invalidated or sync_connection.closed:
+        return
+    if _driver_in_transaction(sync_connection):
+        await connection.exec_driver_sql("ROLLBACK")
 
 
 def _is_retryable(exc: BaseException) -> bool:
