@@ -100,6 +100,10 @@ async def test_a_thousand_resets_at_commit_store_each_keyed_message_exactly_once
                 )
                 statuses[response.status_code] += 1
 
+            print(
+                f"S13 figures: {{'trials': {TRIALS}, 'resets': {stack.proxy.resets_done}, "
+                f"'statuses': {dict(statuses)}, 'retries': {database.retry_count}}}"
+            )
             assert stack.proxy.resets_done == TRIALS, "every trial must really hit the fault"
             assert statuses == {201: TRIALS}
             async with database.read_connection() as connection:

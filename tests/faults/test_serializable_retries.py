@@ -152,6 +152,14 @@ async def test_concurrent_serializable_transfers_keep_the_total_and_are_retried(
         assert balances == expected
         assert all(balance >= 0 for balance in balances.values())
         retries = database.retry_count
+        figures = {
+            "transfers": TRANSFERS,
+            "applied": outcomes["done"],
+            "gave_up": outcomes["gave_up"],
+            "retries": retries,
+            "most_attempts": max(attempts_when_done + attempts_when_given_up),
+        }
+        print(f"S12 figures: {figures}")
         assert retries > 0, "50 writers on 10 rows must have conflicted"
         assert retries == sum(attempts_when_done) + sum(attempts_when_given_up) - TRANSFERS
         # Bounded: nobody ran more than MAX_RETRY_ATTEMPTS times, and whoever gave up had
