@@ -13,7 +13,7 @@ is one line per bad variable, naming it and saying what is expected.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -167,6 +167,61 @@ class DatabaseSettings(BaseSettings):
         description="Seconds the breaker stays open before it lets one probe through.",
     )
 
+    slow_query_threshold_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=3600,
+        alias="SLOW_QUERY_THRESHOLD",
+        description="Seconds after which a statement is logged as slow, with its route.",
+    )
+    leak_threshold_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=86_400,
+        alias="LEAK_DETECTION_THRESHOLD",
+        description="Seconds a connection may stay checked out before it is reported.",
+    )
+    n_plus_one_threshold: int = Field(
+        default=10,
+        ge=2,
+        le=10_000,
+        alias="N_PLUS_ONE_THRESHOLD",
+        description="Runs of one statement within one request that are reported as N+1.",
+    )
+    health_latency_degraded_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=600,
+        alias="HEALTH_LATENCY_DEGRADED",
+        description="SELECT 1 slower than this many seconds reads as degraded.",
+    )
+    health_pool_degraded: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        alias="HEALTH_POOL_DEGRADED",
+        description="Share of the pools checked out above which the pool reads as degraded.",
+    )
+    health_cache_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        alias="HEALTH_CACHE_TTL",
+        description="Seconds a health result is reused, so probes cannot storm the database.",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        alias="ADMIN_TOKEN",
+        description="Bearer token of the /admin/database API; unset, the admin API is off.",
+    )
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token_is_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (or unset to turn the admin API off)")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _url_is_supported(cls, value: SecretStr) -> SecretStr:
@@ -216,7 +271,7 @@ def describe_validation_error(exc: ValidationError, model: type[BaseSettings]) -
     """
     aliases = {name: (field.alias or name) for name, field in model.model_fields.items()}
     secret = {
-        alias for name, alias in aliases.items() if model.model_fields[name].annotation is SecretStr
+        alias for name, alias in aliases.items() if _is_secret(model.model_fields[name].annotation)
     }
     lines = []
     for error in exc.errors(include_url=False):
@@ -228,3 +283,8 @@ def describe_validation_error(exc: ValidationError, model: type[BaseSettings]) -
         else:
             lines.append(f"{variable}: {message} (got {error.get('input')!r})")
     return "; ".join(lines)
+
+
+def _is_secret(annotation: Any) -> bool:
+    """``SecretStr``, also inside ``SecretStr | None``."""
+    return annotation is SecretStr or SecretStr in get_args(annotation)

@@ -67,3 +67,15 @@ def test_the_database_password_never_reaches_repr_or_errors(
     with pytest.raises(ConfigurationError) as caught:
         load_settings()
     assert "hunter2" not in str(caught.value)
+
+
+def test_the_admin_token_never_reaches_repr_or_errors() -> None:
+    token = "admin-token-" + "s3cr3t" * 4
+    settings = DatabaseSettings(ADMIN_TOKEN=token)
+    assert token not in repr(settings)
+    assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == token
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(ADMIN_TOKEN="weak-s3cr3t")
+    assert "ADMIN_TOKEN" in str(caught.value)
+    assert "weak-s3cr3t" not in str(caught.value)
