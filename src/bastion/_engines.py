@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL, Dialect, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from bastion._sqlite import install_sqlite_listeners
+from bastion._sqlite import install_sqlite_listeners, sqlite_connect_args
 from bastion.errors import ConfigurationError, DatabaseUnavailableError, StatementTimeoutError
 from bastion.settings import DatabaseSettings
 
@@ -78,7 +78,12 @@ def create_engines(settings: DatabaseSettings) -> Engines:
         # Every connection to ":memory:" is a different, empty database: keep exactly one
         # and lend it to one unit at a time.
         shared = _create(
-            settings, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0, pool_recycle=-1
+            settings,
+            poolclass=AsyncAdaptedQueuePool,
+            pool_size=1,
+            max_overflow=0,
+            pool_recycle=-1,
+            connect_args=sqlite_connect_args(),
         )
         install_sqlite_listeners(
             shared.sync_engine,
@@ -90,8 +95,8 @@ def create_engines(settings: DatabaseSettings) -> Engines:
         return Engines(shared, shared)
 
     _ensure_parent_directory(settings.url.database or "")
-    primary = _create(settings)
-    reader = _create(settings)
+    primary = _create(settings, connect_args=sqlite_connect_args())
+    reader = _create(settings, connect_args=sqlite_connect_args())
     for engine, query_only in ((primary, False), (reader, True)):
         install_sqlite_listeners(
             engine.sync_engine,
