@@ -10,6 +10,7 @@ The core (this package) never imports FastAPI; the FastAPI glue is in :mod:`bast
 
 from bastion.breaker import BreakerSnapshot, BreakerState, CircuitBreaker, is_outage
 from bastion.bulk import BulkResult, FailedRow, bulk_insert
+from bastion.connection_leaks import HeldConnection, LeakDetector
 from bastion.database import Database, DatabaseState, PoolStatus
 from bastion.errors import (
     BastionError,
@@ -31,6 +32,14 @@ from bastion.errors import (
     TransactionConflictError,
     UniqueViolationError,
 )
+from bastion.fingerprint import fingerprint
+from bastion.health import (
+    ComponentHealth,
+    HealthCheck,
+    HealthChecker,
+    HealthReport,
+    HealthStatus,
+)
 from bastion.idempotency import (
     IdempotencyKeyReusedError,
     IdempotencyStore,
@@ -38,7 +47,10 @@ from bastion.idempotency import (
     idempotency_table,
     request_fingerprint,
 )
+from bastion.inspection import DatabaseInfo, TableInfo, inspect_database
 from bastion.loop_lag import LoopLag, LoopLagMonitor
+from bastion.metrics import FingerprintStats, MetricsHistory, MetricsSnapshot, QueryMetrics
+from bastion.request_context import RequestContext, current_request, install_request_id_logging
 from bastion.settings import DatabaseSettings, load_settings
 from bastion.types import UTCDateTime, utcnow
 from bastion.urls import Backend, normalise_database_url
@@ -65,31 +77,45 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "CommitOutcomeUnknownError",
+    "ComponentHealth",
     "ConfigurationError",
     "Database",
+    "DatabaseInfo",
     "DatabaseSettings",
     "DatabaseState",
     "DatabaseStateError",
     "DatabaseUnavailableError",
     "FailedRow",
+    "FingerprintStats",
     "ForeignKeyViolationError",
+    "HealthCheck",
+    "HealthChecker",
+    "HealthReport",
+    "HealthStatus",
+    "HeldConnection",
     "HttpUrlText",
     "IdempotencyKeyReusedError",
     "IdempotencyStore",
     "IntegrityViolationError",
     "JSONObject",
+    "LeakDetector",
     "LoopLag",
     "LoopLagMonitor",
+    "MetricsHistory",
+    "MetricsSnapshot",
     "NotFoundError",
     "NotNullViolationError",
     "PoolStatus",
     "PoolTimeoutError",
     "QueryError",
+    "QueryMetrics",
     "ReadOnlyViolationError",
+    "RequestContext",
     "SafeText",
     "StaleVersionError",
     "StatementTimeoutError",
     "StoredResponse",
+    "TableInfo",
     "TransactionConflictError",
     "UTCDateTime",
     "UTCTimestamp",
@@ -99,7 +125,11 @@ __all__ = [
     "check_http_url",
     "check_json_object",
     "check_safe_text",
+    "current_request",
+    "fingerprint",
     "idempotency_table",
+    "inspect_database",
+    "install_request_id_logging",
     "is_outage",
     "load_settings",
     "normalise_database_url",

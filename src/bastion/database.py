@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ from bastion._sqlite import (
 )
 from bastion._translate import translate_error
 from bastion.breaker import BreakerSnapshot, CircuitBreaker
+from bastion.connection_leaks import LeakDetector
 from bastion.errors import (
     BastionError,
     ConfigurationError,
@@ -77,6 +79,7 @@ from bastion.errors import (
     DatabaseUnavailableError,
     ReadOnlyViolationError,
 )
+from bastion.metrics import MetricsHistory, QueryMetrics
 from bastion.settings import DatabaseSettings
 from bastion.urls import Backend
 
@@ -176,6 +179,14 @@ class Database:
             reset_timeout_s=settings.breaker_reset_timeout_s,
         )
         self._retry_count = 0
+        self.metrics = QueryMetrics(self)
+        """Statement counts and latencies, errors, transactions; ``metrics.registry`` for
+        Prometheus."""
+        self.history = MetricsHistory(self.metrics)
+        """A snapshot of the metrics every 10 s for the last hour."""
+        self.leaks = LeakDetector(settings.leak_threshold_s)
+        """Connections held past ``LEAK_DETECTION_THRESHOLD``, and who holds them."""
+        self._monitor: asyncio.Task[None] | None = None
         # Built once and copied per retried call: a tenacity controller keeps per-run state.
         self._retrying = AsyncRetrying(
             # The first attempt runs outside tenacity (see run()), so it counts as one here.
@@ -255,6 +266,8 @@ class Database:
         display_url = self.settings.display_url
         try:
             self._engines = create_engines(self.settings)
+            self.metrics.install(self._engines.all)
+            self.leaks.install(self._engines.all)
             self._create_sessionmakers(self._engines)
             await asyncio.wait_for(self._check_connections(), self.settings.connect_timeout_s)
         except BaseException as exc:
@@ -276,6 +289,7 @@ class Database:
         if self._state is not DatabaseState.RUNNING:
             raise DatabaseStateError("the Database was closed while it was starting")
         logger.info("database started: %s", display_url)
+        self._monitor = asyncio.create_task(self._watch(), name="bastion-database-monitor")
         if self.backend == "postgresql":
             await self._check_connection_budget()
 
@@ -291,6 +305,10 @@ class Database:
             self._state = DatabaseState.CLOSED
             return
         self._state = DatabaseState.CLOSING
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._monitor
         timeout_s = self.settings.close_timeout_s if timeout_s is None else timeout_s
         engines = self._engines.all
         pools_in_use = tuple(engine.pool for engine in engines)
@@ -363,7 +381,9 @@ class Database:
         """
         async with self._unit():
             assert self._read_engine is not None
+            waited_from = time.perf_counter()
             async with self._read_engine.connect() as connection:
+                self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 try:
                     yield connection
                 except sa_exc.DBAPIError:
@@ -407,7 +427,9 @@ class Database:
         """
         async with self._unit():
             assert self._engines is not None
+            waited_from = time.perf_counter()
             async with self._engines.primary.connect() as connection:
+                self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 await connection.begin()
                 yield connection
                 await _commit(connection)
@@ -451,6 +473,20 @@ class Database:
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
     # -- internals -------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Scan for leaked connections every second; snapshot the metrics every interval."""
+        next_snapshot = asyncio.get_running_loop().time() + self.history.interval_s
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.leak_threshold_s / 2))
+            self.leaks.scan()
+            now = asyncio.get_running_loop().time()
+            if now >= next_snapshot:
+                next_snapshot = now + self.history.interval_s
+                self.history.take(
+                    pool_checked_out=self.pool_status(require_running=False).checked_out,
+                    breaker=self._breaker.state.value,
+                )
 
     def _log_retry(self, state: RetryCallState) -> None:
         self._retry_count += 1

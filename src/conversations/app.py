@@ -13,7 +13,10 @@ from fastapi import FastAPI
 from bastion import DatabaseSettings, load_settings
 from bastion.fastapi import (
     BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+    create_admin_router,
     create_health_router,
+    create_metrics_router,
     database_lifespan,
     install_error_handlers,
 )
@@ -45,7 +48,11 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
-    app.include_router(create_health_router())
+    # Added last, so it runs first: the request id covers everything below it.
+    app.add_middleware(RequestContextMiddleware, n_plus_one_threshold=settings.n_plus_one_threshold)
+    app.include_router(create_health_router(migrations=MIGRATIONS))
+    app.include_router(create_metrics_router())
+    app.include_router(create_admin_router(migrations=MIGRATIONS))
     app.include_router(conversations.router)
     app.include_router(messages.router)
     return app

@@ -7,11 +7,12 @@ captured: ``KEY=$(conversations create-user alice)``.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+import copy
+from typing import Annotated, Any
 
 import typer
 
-from bastion import Database, UniqueViolationError, load_settings
+from bastion import Database, UniqueViolationError, install_request_id_logging, load_settings
 from bastion.cli._run import fail, run_cli
 from bastion.migrations import is_at_head, upgrade
 from conversations import MIGRATIONS
@@ -110,7 +111,23 @@ def demo(
             ]
         )
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=_log_config())
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with the request id on every line and Bastion's loggers shown."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    install_request_id_logging()
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["default"]["fmt"] = (
+        "%(levelprefix)s [%(request_id)s] %(name)s: %(message)s"
+    )
+    config["formatters"]["access"]["fmt"] = (
+        '%(levelprefix)s [%(request_id)s] %(client_addr)s - "%(request_line)s" %(status_code)s'
+    )
+    config["loggers"]["bastion"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ import httpx
 import pytest
 
 from bastion import Database, DatabaseSettings
+from bastion.migrations import head_revisions
+from conversations import MIGRATIONS
 from conversations.auth import hash_api_key
 from conversations.users import create_user
 from tests.conftest import Users
@@ -54,6 +56,10 @@ async def test_liveness_and_readiness_answer(app_client: Client) -> None:
     assert live.json() == {"status": "ok"}
     assert ready.status_code == 200
     body = ready.json()
-    assert body["status"] == "ready"
-    assert body["database"]["status"] == "healthy"
-    assert body["database"]["pool"]["checked_out"] == 0
+    assert (body["status"], body["score"]) == ("healthy", 1.0)
+    components = body["components"]
+    assert list(components) == ["database", "pool", "breaker", "migrations"]
+    assert components["database"]["status"] == "healthy"
+    assert components["pool"]["details"]["checked_out"] == 0
+    assert components["migrations"]["details"]["current"] == list(head_revisions(MIGRATIONS))
+    assert set(body["loop_lag_ms"]) == {"p50", "p99", "max"}

@@ -20,12 +20,20 @@ from tests.conftest import Users, make_settings, serve
 async def test_an_exhausted_pool_answers_503_with_retry_after(
     database_url: str, users: Users
 ) -> None:
-    settings = make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=0.2)
+    settings = make_settings(
+        database_url,
+        DB_POOL_SIZE=1,
+        DB_MAX_OVERFLOW=0,
+        DB_POOL_TIMEOUT=0.2,
+        HEALTH_CACHE_TTL=0,  # the readiness after the release must not be the cached one
+    )
     app = create_app(settings)
     async with serve(app) as client:
         database: Database = app.state.database
-        async with database.read() as holder:
-            await holder.execute(text("SELECT 1"))
+        # Both pools' only connections: reads wait for one, and so does readiness's probe.
+        async with database.read() as reader, database.write() as writer:
+            await reader.execute(text("SELECT 1"))
+            await writer.execute(text("SELECT 1"))
             busy = await client.get("/v1/conversations", headers=users.alice)
             unready = await client.get("/health/ready")
         served = await client.get("/v1/conversations", headers=users.alice)
@@ -38,7 +46,15 @@ async def test_an_exhausted_pool_answers_503_with_retry_after(
         "code": "pool_timeout",
     }
     assert unready.status_code == 503
-    assert unready.json()["database"]["status"] == "unhealthy"
+    components = unready.json()["components"]
+    assert (components["database"]["status"], components["database"]["error"]) == (
+        "unhealthy",
+        "pool_timeout",
+    )
+    assert (components["pool"]["status"], components["pool"]["details"]["usage"]) == (
+        "degraded",
+        1.0,
+    )
     assert (served.status_code, ready.status_code) == (200, 200)
 
 

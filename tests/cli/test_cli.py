@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bastion.migrations import head_revisions
+
 BIN = Path(sys.executable).parent
 
 
@@ -37,6 +39,7 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
 
 def test_db_upgrade_current_downgrade_round_trip(sqlite_env: dict[str, str]) -> None:
     migrations = ("--migrations", "conversations:migrations")
+    (head,) = head_revisions("conversations:migrations")
 
     before = run("bastion", "db", "current", *migrations, env=sqlite_env)
     upgraded = run("bastion", "db", "upgrade", *migrations, env=sqlite_env)
@@ -45,10 +48,10 @@ def test_db_upgrade_current_downgrade_round_trip(sqlite_env: dict[str, str]) -> 
 
     assert (before.returncode, before.stdout) == (
         0,
-        "(none: no migration applied) [behind head 0001]\n",
+        f"(none: no migration applied) [behind head {head}]\n",
     )
     assert (upgraded.returncode, upgraded.stdout) == (0, "upgraded to head\n")
-    assert (at_head.returncode, at_head.stdout) == (0, "0001 [head]\n")
+    assert (at_head.returncode, at_head.stdout) == (0, f"{head} [head]\n")
     assert (downgraded.returncode, downgraded.stdout) == (0, "downgraded to base\n")
 
 

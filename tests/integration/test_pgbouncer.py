@@ -21,7 +21,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from bastion import Database, DatabaseSettings, DatabaseUnavailableError
+from bastion import (
+    Database,
+    DatabaseSettings,
+    DatabaseUnavailableError,
+    HealthChecker,
+    HealthStatus,
+)
+from conversations import MIGRATIONS
 from tests.conftest import IN_CI
 
 pytestmark = pytest.mark.postgres
@@ -129,3 +136,19 @@ async def test_without_the_setting_pgbouncer_refuses_the_read_pool(pgbouncer_url
     with pytest.raises(DatabaseUnavailableError):
         async with Database(settings):
             pass
+
+
+async def test_health_checks_work_behind_pgbouncer(pgbouncer_url: str) -> None:
+    """The probe's SELECT 1, revisions and figures share one transaction, so one server."""
+    settings = DatabaseSettings(
+        DATABASE_URL=pgbouncer_url, DB_PGBOUNCER=True, DB_POOL_SIZE=10, DB_MAX_OVERFLOW=0
+    )
+    async with Database(settings) as database:
+        # Twenty checkers, not one: their probes must run at the same time, not be shared.
+        checkers = [HealthChecker(database, migrations=MIGRATIONS) for _ in range(20)]
+        reports = await asyncio.gather(*(checker.check() for checker in checkers))
+
+    assert {report.status for report in reports} == {HealthStatus.HEALTHY}
+    probe = reports[0].component("database")
+    assert probe is not None
+    assert probe.details["size_bytes"] > 0

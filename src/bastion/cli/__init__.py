@@ -2,6 +2,8 @@
 
 Exit codes: 0 success; 1 the operation failed (database unreachable, migration error);
 2 bad usage or configuration (the message names the variable or option to fix).
+``bastion health`` reports the check's outcome the same way: 0 healthy, 1 degraded,
+2 unhealthy.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import typer
 
 from bastion.cli._run import run_cli
 from bastion.cli.db import db_app
+from bastion.cli.health import health
 
 __all__ = ["app", "main"]
 
@@ -20,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db_app, name="db")
+app.command()(health)
 
 
 def main() -> None:

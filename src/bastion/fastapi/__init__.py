@@ -11,6 +11,7 @@
 ...     return NoteOut.model_validate(note)
 """
 
+from bastion.fastapi._admin import create_admin_router, require_admin
 from bastion.fastapi._body_limit import BodySizeLimitMiddleware
 from bastion.fastapi._dependencies import (
     DatabaseDep,
@@ -29,22 +30,29 @@ from bastion.fastapi._errors import (
 from bastion.fastapi._health import create_health_router
 from bastion.fastapi._idempotency import IDEMPOTENCY_KEY_HEADER, REPLAYED_HEADER, idempotent_write
 from bastion.fastapi._lifespan import database_lifespan
+from bastion.fastapi._metrics import create_metrics_router
+from bastion.fastapi._request_context import REQUEST_ID_HEADER, RequestContextMiddleware
 
 __all__ = [
     "HTTP_STATUS_BY_ERROR",
     "IDEMPOTENCY_KEY_HEADER",
     "REPLAYED_HEADER",
+    "REQUEST_ID_HEADER",
     "RETRY_AFTER_S",
     "BodySizeLimitMiddleware",
     "DatabaseDep",
     "ReadConnection",
     "ReadSession",
+    "RequestContextMiddleware",
     "WriteConnection",
     "WriteSession",
+    "create_admin_router",
     "create_health_router",
+    "create_metrics_router",
     "database_lifespan",
     "error_response",
     "get_database",
     "idempotent_write",
     "install_error_handlers",
+    "require_admin",
 ]
