@@ -52,6 +52,7 @@ from bastion.loop_lag import LoopLag, LoopLagMonitor
 from bastion.metrics import FingerprintStats, MetricsHistory, MetricsSnapshot, QueryMetrics
 from bastion.request_context import RequestContext, current_request, install_request_id_logging
 from bastion.settings import DatabaseSettings, load_settings
+from bastion.tracing import instrument_tracing
 from bastion.types import UTCDateTime, utcnow
 from bastion.urls import Backend, normalise_database_url
 from bastion.validation import (
@@ -130,6 +131,7 @@ __all__ = [
     "idempotency_table",
     "inspect_database",
     "install_request_id_logging",
+    "instrument_tracing",
     "is_outage",
     "load_settings",
     "normalise_database_url",

@@ -236,6 +236,17 @@ class Database:
         """How many times :meth:`run` has re-run a unit since the Database was created."""
         return self._retry_count
 
+    @property
+    def engines(self) -> tuple[AsyncEngine, ...]:
+        """Every distinct engine: the write engine, then the read engine (if separate).
+
+        Raises:
+            DatabaseStateError: the Database is not running.
+        """
+        self._require_running()
+        assert self._engines is not None
+        return self._engines.all
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self

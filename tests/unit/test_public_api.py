@@ -24,6 +24,7 @@ CORE_MODULES = [
     "bastion.idempotency",
     "bastion.loop_lag",
     "bastion.settings",
+    "bastion.tracing",
     "bastion.types",
     "bastion.urls",
     "bastion.validation",
