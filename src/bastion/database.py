@@ -237,6 +237,16 @@ class Database:
         return self._retry_count
 
     @property
+    def pool_capacity(self) -> int:
+        """The most connections this Database's pools can hold at once.
+
+        ``DB_POOL_SIZE + DB_MAX_OVERFLOW`` for each of the write and the read pool; one for
+        an in-memory SQLite database, which lives inside its single connection.
+        """
+        settings = self.settings
+        return 1 if settings.is_memory else 2 * (settings.pool_size + settings.max_overflow)
+
+    @property
     def engines(self) -> tuple[AsyncEngine, ...]:
         """Every distinct engine: the write engine, then the read engine (if separate).
 
@@ -584,8 +594,7 @@ class Database:
         """Warn when every worker's pools at full size exceed the server's max_connections."""
         assert self._engines is not None
         settings = self.settings
-        per_pool = settings.pool_size + settings.max_overflow
-        budget = settings.workers * len(self._engines.all) * per_pool
+        budget = settings.workers * self.pool_capacity
         try:
             async with self._engines.primary.connect() as connection:
                 limit = int(await connection.scalar(text("SHOW max_connections")) or 0)

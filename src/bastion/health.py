@@ -364,12 +364,8 @@ class HealthChecker:
     def _pool(self) -> ComponentHealth:
         settings = self.database.settings
         pool = self.database.pool_status()
-        # Mirrors bastion._engines: an in-memory SQLite database has one pool of one
-        # connection; anything else a read pool and a write pool of the configured size.
-        pools, per_pool = (
-            (1, 1) if settings.is_memory else (2, settings.pool_size + settings.max_overflow)
-        )
-        capacity = pools * per_pool
+        capacity = self.database.pool_capacity
+        pools = 1 if settings.is_memory else 2  # in-memory SQLite shares one pool
         usage = pool.checked_out / capacity
         details = {
             "size": pool.size,

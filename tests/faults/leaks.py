@@ -69,10 +69,7 @@ def asyncpg_dsn(url: str) -> str:
 
 def pool_budget(database: Database) -> int:
     """The most connections the Database's pools may hold: size + overflow, per engine."""
-    settings = database.settings
-    if settings.is_memory:
-        return 1  # one shared connection: an in-memory database lives inside it
-    return 2 * (settings.pool_size + settings.max_overflow)  # the write and the read engine
+    return database.pool_capacity
 
 
 @dataclass(frozen=True, slots=True)
