@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
@@ -16,6 +17,7 @@ from bastion import Database, UniqueViolationError, install_request_id_logging, 
 from bastion.cli._run import fail, run_cli
 from bastion.migrations import is_at_head, upgrade
 from conversations import MIGRATIONS
+from conversations.routes._writes import purge_idempotency_keys
 from conversations.users import create_user, issue_key
 
 __all__ = ["app", "main"]
@@ -53,6 +55,26 @@ def create_user_command(
                 fail(f"a user named {name!r} already exists; use add-key to give them a new key")
 
     typer.echo(asyncio.run(run()))
+
+
+@app.command("purge-idempotency-keys")
+def purge_idempotency_keys_command(
+    older_than_hours: Annotated[
+        float, typer.Option(min=1, help="Delete keys stored more than this many hours ago.")
+    ] = 24,
+) -> None:
+    """Delete stored Idempotency-Key answers older than the window (run it from cron).
+
+    A client repeating a request after the window gets a new write rather than a replay, so
+    keep the window longer than any client's retries.
+    """
+
+    async def run() -> int:
+        async with Database(load_settings()) as database:
+            await _require_migrated(database)
+            return await purge_idempotency_keys(database, timedelta(hours=older_than_hours))
+
+    typer.echo(f"deleted {asyncio.run(run())} idempotency key(s)")
 
 
 @app.command("add-key")

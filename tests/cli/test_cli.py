@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,25 @@ def test_an_unknown_revision_is_one_line_not_a_traceback(sqlite_env: dict[str, s
     assert result.returncode == 2
     assert result.stderr.startswith("configuration error: migration 'nonexistent':")
     assert result.stderr.count("\n") == 1
+
+
+def test_purge_idempotency_keys_deletes_only_old_answers(sqlite_env: dict[str, str]) -> None:
+    assert (
+        run("bastion", "db", "upgrade", "-m", "conversations:migrations", env=sqlite_env).returncode
+        == 0
+    )
+    database_file = sqlite_env["DATABASE_URL"].removeprefix("sqlite:///")
+    with sqlite3.connect(database_file) as connection:
+        connection.executemany(
+            "INSERT INTO idempotency_keys VALUES ('u', ?, 'h', 201, '{}', x'7b7d', ?)",
+            [("old", "2000-01-01 00:00:00.000000"), ("new", "2999-01-01 00:00:00.000000")],
+        )
+
+    purged = run(
+        "conversations", "purge-idempotency-keys", "--older-than-hours", "24", env=sqlite_env
+    )
+
+    assert (purged.returncode, purged.stdout) == (0, "deleted 1 idempotency key(s)\n")
+    with sqlite3.connect(database_file) as connection:
+        left = [row[0] for row in connection.execute("SELECT key FROM idempotency_keys")]
+    assert left == ["new"]

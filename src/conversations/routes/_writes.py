@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
@@ -13,7 +14,7 @@ from bastion import Database, IdempotencyStore, StoredResponse
 from bastion.fastapi import idempotent_write
 from conversations.models import idempotency_keys
 
-__all__ = ["write_once"]
+__all__ = ["purge_idempotency_keys", "write_once"]
 
 _STORE = IdempotencyStore(idempotency_keys)
 
@@ -26,3 +27,8 @@ async def write_once(
 ) -> Response:
     """Run ``work`` as the user's idempotent, retried write and return its response."""
     return await idempotent_write(request, database, work, scope=str(user_id), store=_STORE)
+
+
+async def purge_idempotency_keys(database: Database, older_than: timedelta) -> int:
+    """Delete the stored answers of keys older than ``older_than``; return how many."""
+    return await _STORE.purge(database, older_than=older_than)
