@@ -47,7 +47,13 @@ from bastion.idempotency import (
     idempotency_table,
     request_fingerprint,
 )
-from bastion.inspection import DatabaseInfo, TableInfo, inspect_database
+from bastion.inspection import (
+    DatabaseInfo,
+    TableInfo,
+    inspect_database,
+    server_version,
+    sqlite_file_sizes,
+)
 from bastion.loop_lag import LoopLag, LoopLagMonitor
 from bastion.metrics import FingerprintStats, MetricsHistory, MetricsSnapshot, QueryMetrics
 from bastion.request_context import RequestContext, current_request, install_request_id_logging
@@ -136,6 +142,8 @@ __all__ = [
     "load_settings",
     "normalise_database_url",
     "request_fingerprint",
+    "server_version",
+    "sqlite_file_sizes",
     "to_utc",
     "utcnow",
 ]

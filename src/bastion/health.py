@@ -38,12 +38,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.engine import Connection
@@ -53,6 +51,7 @@ from bastion._sqlite import READ_UNIT, UNIT_OPTION
 from bastion._translate import translate_error
 from bastion.breaker import BreakerState
 from bastion.database import Database
+from bastion.inspection import server_version, sqlite_file_sizes
 from bastion.types import utcnow
 
 if TYPE_CHECKING:
@@ -304,13 +303,10 @@ class HealthChecker:
         settings = self.database.settings
         details: dict[str, Any] = {"backend": settings.backend}
         try:
+            details["server_version"] = server_version(connection)
             if settings.backend == "sqlite":
-                details["server_version"] = sqlite3.sqlite_version
-                details.update(_sqlite_file_sizes(settings.url.database or ""))
+                details.update(sqlite_file_sizes(settings.url.database or ""))
                 return details
-            version = connection.dialect.server_version_info
-            if version:
-                details["server_version"] = ".".join(str(part) for part in version)
             row: Any = (await connection.exec_driver_sql(_POSTGRES_FIGURES)).one()
             details["size_bytes"] = int(row[0])
             details["connections"] = int(row[1])
@@ -496,17 +492,6 @@ def _abort_socket(driver_connection: Any) -> None:
     terminate = getattr(driver_connection, "terminate", None)
     if callable(terminate):  # asyncpg; an aiosqlite statement has its own deadline
         terminate()
-
-
-def _sqlite_file_sizes(database: str) -> dict[str, int]:
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return {}
-    path = Path(database).expanduser()
-    sizes = {"size_bytes": path.stat().st_size}
-    wal = path.with_name(path.name + "-wal")
-    if wal.exists():
-        sizes["wal_bytes"] = wal.stat().st_size
-    return sizes
 
 
 def _guarded(name: str, check: Callable[[], ComponentHealth]) -> ComponentHealth:

@@ -6,15 +6,24 @@ each backend — catalog estimates on PostgreSQL rather than ``count(*)`` over b
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.database import Database
 
-__all__ = ["DatabaseInfo", "TableInfo", "inspect_database"]
+__all__ = [
+    "DatabaseInfo",
+    "TableInfo",
+    "inspect_database",
+    "server_version",
+    "sqlite_file_sizes",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +58,29 @@ _SQLITE_TABLES = text(
 )
 
 
+def server_version(connection: AsyncConnection) -> str:
+    """The server's version as SQLAlchemy read it on connecting (no round trip)."""
+    if connection.dialect.name == "sqlite":
+        return sqlite3.sqlite_version
+    version = connection.dialect.server_version_info or ()
+    return ".".join(str(part) for part in version)
+
+
+def sqlite_file_sizes(database: str) -> dict[str, int]:
+    """``size_bytes`` of an SQLite file and ``wal_bytes`` of its write-ahead log, if any.
+
+    Empty for an in-memory database. Blocking (two ``stat`` calls).
+    """
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return {}
+    path = Path(database).expanduser()
+    sizes = {"size_bytes": path.stat().st_size}
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists():
+        sizes["wal_bytes"] = wal.stat().st_size
+    return sizes
+
+
 async def inspect_database(database: Database) -> DatabaseInfo:
     """Version, size and tables of ``database``, read in one read unit.
 
@@ -57,13 +89,10 @@ async def inspect_database(database: Database) -> DatabaseInfo:
     """
     async with database.read_connection() as connection:
         if database.backend == "postgresql":
-            version = str(await connection.scalar(text("SHOW server_version")))
             size = await connection.scalar(text("SELECT pg_database_size(current_database())"))
             rows = (await connection.execute(_POSTGRES_TABLES)).all()
             tables = [TableInfo(row.name, int(row.rows), estimated=True) for row in rows]
-            return DatabaseInfo("postgresql", version, int(size or 0), tables)
-        pages = await connection.scalar(text("PRAGMA page_count"))
-        page_size = await connection.scalar(text("PRAGMA page_size"))
+            return DatabaseInfo("postgresql", server_version(connection), int(size or 0), tables)
         names = [row.name for row in await connection.execute(_SQLITE_TABLES)]
         tables = []
         for name in names:
@@ -71,6 +100,5 @@ async def inspect_database(database: Database) -> DatabaseInfo:
             quoted = '"' + name.replace('"', '""') + '"'
             count = await connection.scalar(text(f"SELECT count(*) FROM {quoted}"))  # noqa: S608
             tables.append(TableInfo(name, int(count or 0), estimated=False))
-    return DatabaseInfo(
-        "sqlite", sqlite3.sqlite_version, int(pages or 0) * int(page_size or 0), tables
-    )
+    sizes = await asyncio.to_thread(sqlite_file_sizes, database.settings.url.database or "")
+    return DatabaseInfo("sqlite", sqlite3.sqlite_version, sizes.get("size_bytes"), tables)
