@@ -207,7 +207,8 @@ async def test_metrics_parse_and_hold_no_secret(
         assert secret not in admin.text
         assert secret not in caplog.text
     assert admin.status_code == 200
-    assert admin.json()["pool"]["url"].count("***") <= 1
+    if backend == "postgresql":
+        assert "***" in admin.json()["pool"]["url"]  # the password's place, masked
 
 
 def admin_routes(app: FastAPI) -> list[tuple[str, str]]:

@@ -56,6 +56,7 @@ import anyio
 import httpx
 import pytest
 from sqlalchemy import Integer, Table, cast, func, insert, literal, select, text, update
+from sqlalchemy.ext.asyncio import AsyncResult
 
 from bastion import BastionError, Database, DatabaseSettings, TransactionConflictError, utcnow
 from conversations.app import create_app
@@ -362,31 +363,25 @@ class S10Workload:
         self.acked_increments += 1
 
     async def stream_consistent(self) -> int:
-        rows = 0
         async with self.database.read(consistent=True) as session:
-            result = await session.stream(self._stream_query())
-            async for partition in result.partitions(20):
-                rows += len(partition)
-                await asyncio.sleep(0)
-        return rows
+            return await _count_streamed(await session.stream(self._stream_query()))
 
     async def stream_write_connection(self) -> int:
-        rows = 0
         async with self.database.write_connection() as connection:
-            result = await connection.stream(self._stream_query())
-            async for partition in result.partitions(20):
-                rows += len(partition)
-                await asyncio.sleep(0)
-        return rows
+            return await _count_streamed(await connection.stream(self._stream_query()))
 
     async def stream_read_connection(self) -> int:
-        rows = 0
         async with self.database.read_connection() as connection:
-            result = await connection.stream(self._stream_query())
-            async for partition in result.partitions(20):
-                rows += len(partition)
-                await asyncio.sleep(0)
-        return rows
+            return await _count_streamed(await connection.stream(self._stream_query()))
+
+
+async def _count_streamed(result: AsyncResult[Any]) -> int:
+    """Consume a streamed result in partitions, yielding to the loop between them."""
+    rows = 0
+    async for partition in result.partitions(20):
+        rows += len(partition)
+        await asyncio.sleep(0)  # a cancellation point mid-stream
+    return rows
 
 
 @pytest.mark.timeout(120 + 0.03 * S10_ITERATIONS)  # the long run needs more than the default
