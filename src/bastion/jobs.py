@@ -150,8 +150,7 @@ class JobRegistry:
             for other in self._jobs.values():
                 if other.exclusive == exclusive and not other.state.finished:
                     raise JobConflictError(
-                        f"a {other.kind} job is already running ({other.id}); "
-                        "wait for it to finish"
+                        f"a {other.kind} job is already running ({other.id}); wait for it to finish"
                     )
         job = Job(id=secrets.token_hex(_ID_BYTES), kind=kind, target=target, exclusive=exclusive)
         self._jobs[job.id] = job
