@@ -1,0 +1,51 @@
+"""Fixtures of the maintenance tests: one migrated database of each backend at once."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from bastion import Database, DatabaseSettings
+from tests.maintenance.data import TABLES
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A migrated, empty SQLite database, whatever the ``backend`` of the test."""
+    path = tmp_path / "sqlite.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def postgres_url(postgres_test_url: str) -> Iterator[str]:
+    """The session's migrated PostgreSQL database, emptied after the test."""
+    yield postgres_test_url
+    asyncio.run(empty_postgres(postgres_test_url))
+
+
+async def empty_postgres(url: str) -> None:
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def sqlite_db(sqlite_url: str) -> AsyncIterator[Database]:
+    async with Database(DatabaseSettings(DATABASE_URL=sqlite_url)) as database:
+        yield database
+
+
+@pytest.fixture
+async def postgres_db(postgres_url: str) -> AsyncIterator[Database]:
+    async with Database(DatabaseSettings(DATABASE_URL=postgres_url)) as database:
+        yield database
