@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -90,9 +91,20 @@ class RedisServer:
             time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
+    def pause(self) -> None:
+        """Freeze it (SIGSTOP): connections stay open, commands get no answer."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Thaw it (SIGCONT), with its data."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Kill it (SIGKILL: an outage, not a goodbye) and wait until it is gone."""
         if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)  # a frozen server must still die
             self._process.kill()
             self._process.wait(10)
             self._process = None
