@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bastion.backup.retention import RetentionPolicy
@@ -142,14 +142,17 @@ class BackupSettings(BaseSettings):
         RetentionPolicy.parse(value)
         return value
 
-    @model_validator(mode="after")
-    def _encryption_has_a_key(self) -> BackupSettings:
-        if self.encrypt and self.encryption_key is None:
+    @field_validator("encrypt")
+    @classmethod
+    def _encryption_has_a_key(cls, value: bool, info: ValidationInfo) -> bool:
+        # A field validator (BACKUP_ENCRYPTION_KEY is validated first), so the error names
+        # BACKUP_ENCRYPT alone and never echoes the other settings.
+        if value and info.data.get("encryption_key") is None:
             raise ValueError(
-                "BACKUP_ENCRYPT is true but BACKUP_ENCRYPTION_KEY is not set; refusing to "
+                "is true but BACKUP_ENCRYPTION_KEY is not set (or not valid); refusing to "
                 "write unencrypted backups"
             )
-        return self
+        return value
 
     @cached_property
     def retention_policy(self) -> RetentionPolicy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import typer
 
 from bastion.cli._run import run_cli
+from bastion.cli.backup import backup_app
 from bastion.cli.db import db_app
 from bastion.cli.health import health
 
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db_app, name="db")
+app.add_typer(backup_app, name="backup")
 app.command()(health)
 
 
