@@ -30,7 +30,8 @@ def test_secrets_stay_out_of_repr_and_errors(tmp_path: Path, age_identity: str) 
         tmp_path, BACKUP_ENCRYPTION_KEY=age_identity, AWS_SECRET_ACCESS_KEY="aws-secret-value"
     )
     shown = repr(settings) + str(settings)
-    assert age_identity not in shown and "aws-secret-value" not in shown
+    assert age_identity not in shown
+    assert "aws-secret-value" not in shown
     with pytest.raises(ConfigurationError) as caught:
         load_backup_settings(BACKUP_DIR=tmp_path, BACKUP_SIGNING_KEY="short-signing-key")
     assert "short-signing-key" not in caught.value.message
@@ -56,10 +57,12 @@ async def test_an_encrypted_backup_holds_no_plaintext(
     await fill(database, tag="plaintext-marker")
     manifest = await service.create()
     assert manifest.encryption == "age-x25519"
-    assert manifest.recipient is not None and manifest.recipient.startswith("age1")
+    assert manifest.recipient is not None
+    assert manifest.recipient.startswith("age1")
     stored = (backup_settings.backup_dir / manifest.archive_name).read_bytes()
     assert stored.startswith(b"age-encryption.org/v1")
-    assert b"SQLite format 3" not in stored and b"plaintext-marker" not in stored
+    assert b"SQLite format 3" not in stored
+    assert b"plaintext-marker" not in stored
     key = backup_settings.encryption_key
     assert key is not None
     manifest_text = (backup_settings.backup_dir / f"{manifest.id}.manifest.json").read_text()

@@ -45,7 +45,8 @@ def test_round_trip_and_the_archive_is_not_plaintext(
     seal(source, tmp_path / "archive", encryption=encryption, level=3)
     stored = (tmp_path / "archive").read_bytes()
     assert stored.startswith(b"age-encryption.org/v1")
-    assert b"SQLite format 3" not in stored and b"secret conversation" not in stored
+    assert b"SQLite format 3" not in stored
+    assert b"secret conversation" not in stored
     unseal(
         tmp_path / "archive", tmp_path / "out", encryption=encryption, expected_bytes=len(plaintext)
     )
