@@ -73,12 +73,12 @@ async def test_start_runs_backups_in_the_background_until_stop(
     database: Database, backup_settings: BackupSettings
 ) -> None:
     service = BackupService(database, backup_settings)
-    scheduler = BackupScheduler(service, interval_s=0.05)
+    made = asyncio.Event()
+    scheduler = BackupScheduler(service, interval_s=0.05, on_backup=lambda _: made.set())
     scheduler.start()
     try:
         async with asyncio.timeout(30):
-            while scheduler.runs < 1:
-                await asyncio.sleep(0.05)
+            await made.wait()
     finally:
         await scheduler.stop()
     runs = scheduler.runs

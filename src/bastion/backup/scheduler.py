@@ -45,6 +45,7 @@ class BackupScheduler:
         *,
         clock: Callable[[], datetime] = utcnow,
         prune: bool = True,
+        on_backup: Callable[[BackupManifest], None] | None = None,
     ) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
@@ -54,6 +55,8 @@ class BackupScheduler:
         self.interval_s = interval_s
         self.jitter_s = min(jitter_s, interval_s / 2)
         self.prune = prune
+        self.on_backup = on_backup
+        """Called with each backup this scheduler made (for metrics, logs, tests)."""
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self.runs = 0
@@ -84,6 +87,8 @@ class BackupScheduler:
                     return None
             manifest = await self.service.create(label="scheduled")
             self.runs += 1
+        if self.on_backup is not None:
+            self.on_backup(manifest)
         if self.prune:
             await self.service.prune()
         return manifest
