@@ -11,6 +11,7 @@ from typing import Final
 from fastapi import FastAPI
 
 from bastion import DatabaseSettings, load_settings
+from bastion.cache import CacheSettings, load_cache_settings
 from bastion.fastapi import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
@@ -21,7 +22,7 @@ from bastion.fastapi import (
     install_error_handlers,
 )
 from conversations import MIGRATIONS
-from conversations.routes import conversations, messages
+from conversations.routes import conversations, messages, stream
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
@@ -30,21 +31,28 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 
 
 def create_app(
-    settings: DatabaseSettings | None = None, *, migrate_on_start: bool = False
+    settings: DatabaseSettings | None = None,
+    *,
+    migrate_on_start: bool = False,
+    cache_settings: CacheSettings | None = None,
 ) -> FastAPI:
     """Build the app. Settings default to the environment (``DATABASE_URL``, …).
 
     With ``migrate_on_start`` the schema is upgraded to head before the first request; with
     several workers, run ``bastion db upgrade`` once before starting them instead.
+    Cache settings (``REDIS_URL``…) also default to the environment.
 
     Raises:
         ConfigurationError: a setting in the environment is invalid.
     """
     settings = settings if settings is not None else load_settings()
+    cache_settings = cache_settings if cache_settings is not None else load_cache_settings()
     app = FastAPI(
         title="Conversations (Bastion reference service)",
         version="0.1.0",
-        lifespan=database_lifespan(settings, migrations=MIGRATIONS if migrate_on_start else None),
+        lifespan=database_lifespan(
+            settings, migrations=MIGRATIONS if migrate_on_start else None, cache=cache_settings
+        ),
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
@@ -55,4 +63,5 @@ def create_app(
     app.include_router(create_admin_router(migrations=MIGRATIONS))
     app.include_router(conversations.router)
     app.include_router(messages.router)
+    app.include_router(stream.router)
     return app

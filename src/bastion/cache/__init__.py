@@ -4,7 +4,8 @@
 the :class:`Cache` protocol — ``get_or_load``, ``invalidate``, ``invalidate_tags``,
 ``health`` — or the ``@cached`` decorator, and a Redis outage only makes reads slower.
 
-This package is the Redis integration: ``import bastion`` does not import it (or redis).
+This package is the Redis integration: ``import bastion`` does not import it, and redis itself
+is imported only when a :class:`RedisCache` is made (``pip install bastion[redis]``).
 
 >>> cache = create_cache(load_cache_settings(), registry=database.metrics.registry)
 >>> use_cache(cache)                                    # what @cached functions use
@@ -15,13 +16,14 @@ This package is the Redis integration: ``import bastion`` does not import it (or
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry
 
 from bastion.cache.base import Cache, NullCache
 from bastion.cache.codec import CacheCodecError
 from bastion.cache.decorator import cache_key, cached, current_cache, use_cache
 from bastion.cache.metrics import CacheMetrics
-from bastion.cache.redis_cache import RedisCache
 from bastion.cache.settings import CacheSettings, load_cache_settings
 
 __all__ = [
@@ -39,6 +41,17 @@ __all__ = [
     "use_cache",
 ]
 
+if TYPE_CHECKING:
+    from bastion.cache.redis_cache import RedisCache
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisCache":  # imported on first use: it needs redis, an optional extra
+        from bastion.cache.redis_cache import RedisCache
+
+        return RedisCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def create_cache(
     settings: CacheSettings, *, registry: CollectorRegistry | None = None
@@ -50,4 +63,6 @@ def create_cache(
     """
     if settings.redis_url is None:
         return NullCache()
+    from bastion.cache.redis_cache import RedisCache
+
     return RedisCache(settings, registry=registry)

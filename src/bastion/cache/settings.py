@@ -111,6 +111,14 @@ class CacheSettings(BaseSettings):
         description="Seconds other processes wait for that load before loading themselves.",
     )
 
+    live_queue_size: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        alias="LIVE_QUEUE_SIZE",
+        description="Live-update events a subscriber may fall behind before it is dropped.",
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _url_is_redis(cls, value: SecretStr | None) -> SecretStr | None:

@@ -13,6 +13,7 @@
 
 from bastion.fastapi._admin import create_admin_router, require_admin
 from bastion.fastapi._body_limit import BodySizeLimitMiddleware
+from bastion.fastapi._cache import CacheDep, LiveHubDep, cache_of, live_hub_of
 from bastion.fastapi._dependencies import (
     DatabaseDep,
     ReadConnection,
@@ -40,12 +41,15 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "RETRY_AFTER_S",
     "BodySizeLimitMiddleware",
+    "CacheDep",
     "DatabaseDep",
+    "LiveHubDep",
     "ReadConnection",
     "ReadSession",
     "RequestContextMiddleware",
     "WriteConnection",
     "WriteSession",
+    "cache_of",
     "create_admin_router",
     "create_health_router",
     "create_metrics_router",
@@ -54,5 +58,6 @@ __all__ = [
     "get_database",
     "idempotent_write",
     "install_error_handlers",
+    "live_hub_of",
     "require_admin",
 ]

@@ -65,6 +65,7 @@ def _checker(request: Request, migrations: str | None) -> HealthChecker:
     checker = getattr(request.app.state, "health", None)
     # A new checker when the lifespan ran again (tests restart apps): a new Database.
     if not isinstance(checker, HealthChecker) or checker.database is not database:
-        checker = HealthChecker(database, migrations=migrations)
+        checks = getattr(request.app.state, "health_checks", ())  # the cache's, for one
+        checker = HealthChecker(database, migrations=migrations, checks=checks)
         request.app.state.health = checker
     return checker

@@ -7,6 +7,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from starlette.types import ASGIApp
 
+from bastion.cache.settings import CacheSettings
 from bastion.database import Database
 from bastion.loop_lag import LoopLagMonitor
 from bastion.migrations import upgrade
@@ -16,7 +17,10 @@ __all__ = ["database_lifespan"]
 
 
 def database_lifespan(
-    settings: DatabaseSettings, *, migrations: str | None = None
+    settings: DatabaseSettings,
+    *,
+    migrations: str | None = None,
+    cache: CacheSettings | None = None,
 ) -> Callable[[ASGIApp], AbstractAsyncContextManager[None]]:
     """A lifespan that starts a Database, stores it on ``app.state.database``, and closes it.
 
@@ -25,6 +29,10 @@ def database_lifespan(
 
     With ``migrations`` (an Alembic ``script_location`` such as ``"myservice:migrations"``),
     the database is upgraded to head before the app takes requests.
+
+    With ``cache`` (:class:`~bastion.cache.CacheSettings`), a cache (Redis, or none without
+    ``REDIS_URL``) and a live-update hub run on ``app.state.cache`` / ``app.state.live``;
+    see :mod:`bastion.fastapi._cache`.
 
     >>> app = FastAPI(lifespan=database_lifespan(load_settings()))  # doctest: +SKIP
 
@@ -42,7 +50,13 @@ def database_lifespan(
             app.state.loop_lag = monitor  # type: ignore[attr-defined]
             await monitor.start()
             try:
-                yield
+                if cache is None:
+                    yield
+                else:
+                    from bastion.fastapi._cache import run_cache_and_hub  # redis: when asked
+
+                    async with run_cache_and_hub(app.state, database, cache):  # type: ignore[attr-defined]
+                        yield
             finally:
                 await monitor.stop()
 

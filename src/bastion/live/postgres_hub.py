@@ -1,0 +1,127 @@
+"""``PostgresHub``: live updates across processes over PostgreSQL ``LISTEN``/``NOTIFY``.
+
+For services on PostgreSQL without Redis. Each process keeps one dedicated asyncpg connection,
+outside the Database's pool (a pooled connection would be handed to other units and lose the
+``LISTEN``); it listens on one channel and publishes on it too (``pg_notify`` in autocommit,
+so the notification goes out at once). PostgreSQL delivers notifications in the order their
+transactions committed, and caps a payload at 8,000 bytes: :attr:`max_payload_bytes` leaves
+room for the envelope. When the connection drops, every subscription ends with
+:class:`~bastion.live.LiveUnavailableError` and the hub reconnects at the next subscribe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Final
+
+import asyncpg  # type: ignore[import-untyped]
+from sqlalchemy.engine import URL
+
+from bastion.live.base import DEFAULT_QUEUE_SIZE, check_size
+from bastion.live.subscription import (
+    Fanout,
+    HubClosedError,
+    LiveUnavailableError,
+    Subscription,
+)
+
+__all__ = ["PostgresHub"]
+
+logger = logging.getLogger("bastion.live")
+
+_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_NOTIFY: Final = "SELECT pg_notify($1, $2)"
+
+
+class PostgresHub:
+    """A :class:`~bastion.live.Hub` on PostgreSQL notifications; connects at first use.
+
+    ``url``: the Database's URL (``database.settings.url``); ``pg_channel``: the notification
+    channel (an identifier; one per service sharing a database).
+    """
+
+    max_payload_bytes = 7_000
+
+    def __init__(
+        self,
+        url: URL,
+        *,
+        pg_channel: str = "bastion_live",
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        timeout_s: float = 5.0,
+    ) -> None:
+        if not pg_channel.isidentifier() or len(pg_channel) > 63:
+            raise ValueError("pg_channel must be an identifier of at most 63 characters")
+        self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._pg_channel = pg_channel
+        self._timeout_s = timeout_s
+        self._fanout = Fanout(queue_size)
+        self._connection: asyncpg.Connection[Any] | None = None
+        self._lock = asyncio.Lock()  # one statement at a time on the connection
+        self._closed = False
+
+    @property
+    def subscribers(self) -> int:
+        """Subscriptions open in this process."""
+        return len(self._fanout)
+
+    async def publish(self, channel: str, payload: str) -> None:
+        """See :meth:`bastion.live.Hub.publish`."""
+        check_size(payload, self.max_payload_bytes)
+        envelope = json.dumps({"c": channel, "p": payload}, separators=(",", ":"))
+        try:
+            connection = await self._connect()
+            async with self._lock:
+                await connection.execute(_NOTIFY, self._pg_channel, envelope)
+        except _ERRORS as exc:
+            raise LiveUnavailableError("cannot publish: PostgreSQL is unreachable") from exc
+
+    async def subscribe(self, channel: str) -> Subscription:
+        """See :meth:`bastion.live.Hub.subscribe`."""
+        try:
+            await self._connect()
+        except _ERRORS as exc:
+            raise LiveUnavailableError("live updates are unavailable") from exc
+        return self._fanout.add(channel)
+
+    async def _connect(self) -> asyncpg.Connection[Any]:
+        if self._closed:
+            raise HubClosedError("the live-update hub is closed")
+        async with self._lock:
+            connection = self._connection
+            if connection is not None and not connection.is_closed():
+                return connection
+            connection = await asyncpg.connect(self._dsn, timeout=self._timeout_s)
+            connection.add_termination_listener(self._lost)
+            await connection.add_listener(self._pg_channel, self._received)
+            self._connection = connection
+            return connection
+
+    def _received(self, _connection: Any, _pid: int, _channel: str, envelope: str) -> None:
+        try:
+            event = json.loads(envelope)
+            channel, payload = event["c"], event["p"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("live: ignored a notification that is not ours")
+            return
+        self._fanout.deliver(channel, payload)
+
+    def _lost(self, _connection: Any) -> None:
+        if not self._closed:
+            logger.warning("live: PostgreSQL listener connection lost")
+        self._connection = None
+        self._fanout.end_all(LiveUnavailableError("live updates interrupted"))
+
+    async def close(self) -> None:
+        """See :meth:`bastion.live.Hub.close`."""
+        self._closed = True
+        self._fanout.end_all(HubClosedError("the live-update hub is closed"))
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            try:
+                await asyncio.wait_for(connection.close(), self._timeout_s)
+            except (*_ERRORS, asyncio.CancelledError):
+                connection.terminate()
+                raise

@@ -1,0 +1,91 @@
+"""What the conversation store caches, under which keys, and what a write invalidates.
+
+Every key and tag starts with the owner's id: a cached value is only ever found by the user
+it was loaded for, so no user can be served another's data, whatever the conversation id.
+A conversation's reads (the conversation, its message pages) share one tag; a write to it
+invalidates the tag before its response is sent, so a read after a write is never stale.
+
+>>> @cache_message_page                             # on a function with these parameters
+... async def message_page(connection, owner_id, conversation_id, limit, cursor) -> MessagePage:
+...     ...
+>>> await conversation_changed(cache_of(request), user_id, conversation_id)   # after COMMIT
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Final
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bastion import NotFoundError
+from bastion.cache import Cache, cache_key, cached
+from conversations.models import Conversation
+from conversations.routes._scope import visible
+from conversations.schemas import ConversationOut
+
+__all__ = [
+    "CONVERSATION_KEY",
+    "CONVERSATION_TAG",
+    "MESSAGE_PAGE_KEY",
+    "OWNER_TAG",
+    "TTL_S",
+    "cache_conversation",
+    "cache_message_page",
+    "conversation_changed",
+    "load_conversation",
+]
+
+TTL_S: Final = 60.0
+CONVERSATION_KEY: Final = "conversation:{owner_id}:{conversation_id}"
+MESSAGE_PAGE_KEY: Final = "messages:{owner_id}:{conversation_id}:{limit}:{cursor}"
+CONVERSATION_TAG: Final = "conversation:{owner_id}:{conversation_id}"
+"""Every cached read of one conversation (itself, its message pages)."""
+OWNER_TAG: Final = "owner:{owner_id}"
+"""Every cached read of one user (for list pages, which any of their writes changes)."""
+
+cache_conversation = cached(CONVERSATION_KEY, ttl=TTL_S, tags=[CONVERSATION_TAG, OWNER_TAG])
+"""Decorator for a function of ``(…, owner_id, conversation_id)`` returning one conversation."""
+
+cache_message_page = cached(MESSAGE_PAGE_KEY, ttl=TTL_S, tags=[CONVERSATION_TAG, OWNER_TAG])
+"""Decorator for a function of ``(…, owner_id, conversation_id, limit, cursor)`` returning a
+page of messages."""
+
+
+_CONVERSATION_COLUMNS = [column for column in Conversation.__table__.c if column.key != "owner_id"]
+_GET_CONVERSATION = select(*_CONVERSATION_COLUMNS).where(
+    *visible(bindparam("owner_id"), bindparam("cid"))
+)
+
+
+@cache_conversation
+async def load_conversation(
+    connection: AsyncConnection, owner_id: uuid.UUID, conversation_id: uuid.UUID
+) -> ConversationOut:
+    """The owner's conversation, from the cache or the database.
+
+    Raises:
+        NotFoundError: no such conversation for this owner (not cached: it is cheap to ask).
+    """
+    found = await connection.execute(
+        _GET_CONVERSATION, {"cid": conversation_id, "owner_id": owner_id}
+    )
+    row = found.mappings().first()
+    if row is None:
+        raise NotFoundError("conversation not found")
+    return ConversationOut.model_validate(row)
+
+
+async def conversation_changed(
+    cache: Cache, owner_id: uuid.UUID, conversation_id: uuid.UUID
+) -> None:
+    """Invalidate every cached read the change of this conversation affects.
+
+    Call it after the write committed and before the response is sent. Never raises because
+    Redis is down (the invalidation is applied when it answers again).
+    """
+    await cache.invalidate_tags(
+        cache_key(CONVERSATION_TAG, owner_id=owner_id, conversation_id=conversation_id),
+        cache_key(OWNER_TAG, owner_id=owner_id),
+    )
