@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import typer
 
+from bastion.cli import init, maintenance, transfer
 from bastion.cli._run import run_cli
 from bastion.cli.backup import backup_app
 from bastion.cli.db import db_app
@@ -26,6 +27,9 @@ app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(backup_app, name="backup")
 app.command()(health)
+init.register(app)
+maintenance.register(app)
+transfer.register(app)
 
 
 def main() -> None:

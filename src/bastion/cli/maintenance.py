@@ -201,7 +201,9 @@ def reset(
     async def run(database: Database) -> dict[str, int]:
         name = confirm
         if name is None:
-            name = typer.prompt(f"Type the database name ({database_name(database)}) to confirm")
+            name = typer.prompt(
+                f"Type the database name ({database_name(database)}) to confirm", err=True
+            )
         return await reset_database(database, confirm=name)
 
     counts = with_database(database_url, run)
