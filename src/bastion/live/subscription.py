@@ -72,6 +72,11 @@ class Subscription:
         """Set when the subscription ended (its reason in :attr:`error`)."""
         self.error: LiveError | None = None
 
+    @property
+    def pending(self) -> int:
+        """Events received and not yet read."""
+        return 0 if self.ended.is_set() else self._queue.qsize()
+
     def deliver(self, payload: str) -> None:
         """Queue ``payload``; end the subscription if the subscriber is too far behind."""
         if self.ended.is_set():

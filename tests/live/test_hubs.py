@@ -1,0 +1,163 @@
+"""The live-update hubs: order, exactly once, across processes, bounded queues, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from bastion import Database, DatabaseSettings
+from bastion.cache import CacheSettings
+from bastion.live import (
+    HubClosedError,
+    LiveUnavailableError,
+    LocalHub,
+    PostgresHub,
+    RedisHub,
+    SlowConsumerError,
+    create_hub,
+)
+from tests.cache.redis_server import RedisServer
+
+
+async def _take(subscription: object, count: int) -> list[str]:
+    async with asyncio.timeout(10):
+        return [await subscription.get() for _ in range(count)]  # type: ignore[attr-defined]
+
+
+async def test_a_local_subscriber_gets_every_event_in_order_then_the_close() -> None:
+    hub = LocalHub(queue_size=10)
+    subscription = await hub.subscribe("c")
+    other = await hub.subscribe("other")
+    for n in range(5):
+        await hub.publish("c", str(n))
+    assert await _take(subscription, 5) == ["0", "1", "2", "3", "4"]
+    assert other.pending == 0  # nothing crossed channels
+    await hub.close()
+    with pytest.raises(HubClosedError):
+        await subscription.get()
+    with pytest.raises(HubClosedError):
+        await hub.subscribe("c")
+
+
+async def test_a_subscriber_that_falls_behind_is_dropped_not_buffered() -> None:
+    hub = LocalHub(queue_size=10)
+    slow = await hub.subscribe("c")
+    fast = await hub.subscribe("c")
+    for n in range(10):
+        await hub.publish("c", str(n))
+        await fast.get()
+    assert not slow.ended.is_set()  # exactly full is still fine
+    await hub.publish("c", "one too many")
+    assert slow.ended.is_set()
+    with pytest.raises(SlowConsumerError):
+        await slow.get()
+    assert await fast.get() == "one too many"  # the others are not affected
+    assert hub.subscribers == 1
+
+
+async def test_closing_a_subscription_leaves_the_channel() -> None:
+    hub = LocalHub()
+    async with await hub.subscribe("c") as subscription:
+        await hub.publish("c", "x")
+        assert await subscription.get() == "x"
+    assert hub.subscribers == 0
+    await hub.publish("c", "nobody listens")
+
+
+async def test_an_event_over_the_size_limit_is_refused() -> None:
+    hub = LocalHub()
+    with pytest.raises(ValueError, match="limit"):
+        await hub.publish("c", "x" * (hub.max_payload_bytes + 1))
+
+
+async def test_redis_events_reach_another_process_in_order_exactly_once(
+    cache_settings: CacheSettings,
+) -> None:
+    url = cache_settings.redis_url.get_secret_value()  # type: ignore[union-attr]
+    one = RedisHub(url, prefix=cache_settings.prefix)
+    two = RedisHub(url, prefix=cache_settings.prefix)
+    elsewhere = RedisHub(url, prefix=cache_settings.prefix + "other:")
+    try:
+        here = await one.subscribe("conversation:1")
+        there = await two.subscribe("conversation:1")
+        foreign = await elsewhere.subscribe("conversation:1")
+        for n in range(200):
+            await (one if n % 2 else two).publish("conversation:1", json.dumps({"n": n}))
+        expected = [json.dumps({"n": n}) for n in range(200)]
+        assert await _take(here, 200) == expected
+        assert await _take(there, 200) == expected
+        await one.publish("conversation:1", "last")
+        assert await here.get() == "last"  # nothing was delivered twice before it
+        assert foreign.pending == 0  # another prefix: another service
+    finally:
+        for hub in (one, two, elsewhere):
+            await hub.close()
+
+
+async def test_losing_redis_ends_subscriptions_and_they_resume_after(
+    redis_server: RedisServer,
+) -> None:
+    hub = RedisHub(redis_server.url, prefix="live:")
+    try:
+        subscription = await hub.subscribe("c")
+        await asyncio.to_thread(redis_server.stop)
+        async with asyncio.timeout(10):
+            with pytest.raises(LiveUnavailableError):
+                await subscription.get()
+        with pytest.raises(LiveUnavailableError):
+            await hub.publish("c", "x")
+        with pytest.raises(LiveUnavailableError):
+            await hub.subscribe("c")
+        await asyncio.to_thread(redis_server.start)
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    again = await hub.subscribe("c")
+                    break
+                except LiveUnavailableError:
+                    await asyncio.sleep(0.1)
+        await hub.publish("c", "back")
+        assert await again.get() == "back"
+    finally:
+        await hub.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_notifications_reach_another_process_in_order(
+    postgres_test_url: str,
+) -> None:
+    url = make_url(postgres_test_url)
+    channel = f"t{uuid.uuid4().hex[:12]}"
+    one = PostgresHub(url, pg_channel=channel)
+    two = PostgresHub(url, pg_channel=channel)
+    try:
+        here = await one.subscribe("conversation:1")
+        there = await two.subscribe("conversation:1")
+        for n in range(100):
+            await (one if n % 2 else two).publish("conversation:1", str(n))
+        expected = [str(n) for n in range(100)]
+        assert await _take(here, 100) == expected
+        assert await _take(there, 100) == expected
+        with pytest.raises(ValueError, match="limit"):
+            await one.publish("conversation:1", "x" * 7_001)
+    finally:
+        await one.close()
+        await two.close()
+
+
+@pytest.mark.postgres
+async def test_without_redis_a_postgres_service_gets_the_postgres_hub(
+    postgres_test_url: str, tmp_path: object
+) -> None:
+    async with Database(DatabaseSettings(DATABASE_URL=postgres_test_url)) as database:
+        assert isinstance(create_hub(database), PostgresHub)
+        assert isinstance(create_hub(database, redis_url="redis://127.0.0.1:1/0"), RedisHub)
+
+
+async def test_without_redis_an_sqlite_service_gets_the_local_hub(tmp_path: object) -> None:
+    async with Database(DatabaseSettings(DATABASE_URL=f"sqlite:///{tmp_path}/x.db")) as database:
+        assert isinstance(create_hub(database), LocalHub)
