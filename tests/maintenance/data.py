@@ -117,17 +117,19 @@ async def seed(database: Database, *, now: datetime = NOW) -> None:
                 {"message_id": 4, "position": 0, "url": "https://c.example/", "title": "C"},
             ],
         )
+        # Keys that sort differently by locale than by code point ("B" < "a" < "é" in C).
         await connection.execute(
             insert(idempotency_keys),
             [
                 {
                     "scope": "alice",
-                    "key": "k1",
+                    "key": key,
                     "request_hash": "0" * 64,
                     "status_code": 201,
-                    "headers": {"content-type": "application/json"},
-                    "body": bytes(range(256)),
+                    "headers": {"content-type": "application/json", "n": index},
+                    "body": bytes(range(256)) if index == 0 else b"",
                     "created_at": now,
                 }
+                for index, key in enumerate(["k1", "B", "a", "\u00e9", "Z", "_"])
             ],
         )

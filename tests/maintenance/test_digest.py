@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-from sqlalchemy import update
+from collections.abc import AsyncIterator
 
-from bastion import Database
+import asyncpg
+import pytest
+from sqlalchemy import text, update
+from sqlalchemy.engine import make_url
+
+from bastion import Database, DatabaseSettings
 from bastion.maintenance import TableDigest, UnknownTableError, table_digests
+from bastion.migrations import upgrade
+from conversations import MIGRATIONS
 from conversations.models import Conversation
 from tests.maintenance.data import ALICE, seed
 
@@ -68,3 +74,50 @@ async def test_the_same_data_has_the_same_digests_on_sqlite_and_postgresql(
 
     assert on_sqlite == on_postgres
     assert on_sqlite["messages"].rows == 4
+
+
+@pytest.fixture
+async def icu_postgres_url(postgres_test_url: str) -> AsyncIterator[str]:
+    """A migrated PostgreSQL database whose default collation is ICU's (not code point)."""
+    url = make_url(postgres_test_url)
+    name = f"{url.database}_icu"
+    admin_dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE template0 '
+            "LOCALE_PROVIDER icu ICU_LOCALE 'und' LOCALE 'C.UTF-8'"
+        )
+    finally:
+        await admin.close()
+    icu_url = url.set(database=name).render_as_string(hide_password=False)
+    try:
+        async with Database(DatabaseSettings(DATABASE_URL=icu_url)) as database:
+            await upgrade(database, MIGRATIONS)
+        yield icu_url
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.mark.postgres
+async def test_text_keys_order_the_same_under_a_locale_collation(
+    sqlite_db: Database, icu_postgres_url: str
+) -> None:
+    await seed(sqlite_db)
+    async with Database(DatabaseSettings(DATABASE_URL=icu_postgres_url)) as icu_db:
+        await seed(icu_db)
+        async with icu_db.read_connection() as connection:
+            # The premise: this server sorts these keys differently from code point order.
+            keys = (
+                (await connection.execute(text("SELECT key FROM idempotency_keys ORDER BY key")))
+                .scalars()
+                .all()
+            )
+        on_postgres = await table_digests(icu_db)
+
+    assert keys != sorted(keys)
+    assert on_postgres == await table_digests(sqlite_db)
