@@ -28,6 +28,7 @@ async def test_s16_backup_under_continuous_writes_is_consistent(
     async with database.read() as session:
         conversation_id = await session.scalar(select(Conversation.id).limit(1))
     stop = asyncio.Event()
+    under_way = asyncio.Event()
     written = 0
 
     async def write_continuously() -> None:
@@ -38,12 +39,13 @@ async def test_s16_backup_under_continuous_writes_is_consistent(
                     Message(conversation_id=conversation_id, role="user", content="x" * 200)
                 )
             written += 1
+            if written >= 20:
+                under_way.set()
             await asyncio.sleep(0)
 
     writer = asyncio.create_task(write_continuously())
     try:
-        while written < 20:  # the writer is well under way
-            await asyncio.sleep(0.01)
+        await under_way.wait()
         at_start = await _count(database)
         written_at_start = written
         manifest = await service.create()
