@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -171,7 +172,17 @@ class S3Store:
             prefix=prefix or None,
             config=config,  # type: ignore[arg-type]
             client_options=client_options,  # type: ignore[arg-type]
-            retry_config={"max_retries": 3, "retry_timeout": "30s"},  # type: ignore[arg-type]
+            # A few quick retries ride out a dropped connection; a store that stays away
+            # fails the backup within about a minute instead of hanging it.
+            retry_config={
+                "max_retries": 3,
+                "retry_timeout": timedelta(seconds=30),
+                "backoff": {
+                    "init_backoff": timedelta(milliseconds=100),
+                    "max_backoff": timedelta(seconds=2),
+                    "base": 2,
+                },
+            },
         )
         self.description = settings.store_url or ""
 
