@@ -3,12 +3,15 @@
 Two modes:
 
 * **atomic** (the default): one transaction; every row lands or none does.
-* **best effort**: each batch commits on its own, up to ``concurrency`` at a time. A batch
-  that fails is retried row by row, so the result names exactly the rows that were refused
-  (and why), and every other row is kept.
+* **best effort**: each batch commits on its own (re-run while its failure is transient),
+  up to ``concurrency`` at a time. A batch that a row spoils is split in halves until the
+  bad rows stand alone, so the result names exactly the rows that were refused — and why —
+  and every other row is stored, at the cost of a few transactions per bad row.
 
 Values go through the columns' SQLAlchemy types first (JSON is serialised, ``UTCDateTime``
-checks and converts), exactly as a normal INSERT would bind them.
+checks and converts), exactly as a normal INSERT would bind them; a column a row leaves out
+gets its Python-side default computed for that row (an audit timestamp is the instant the
+row's batch is prepared, not the instant the import started).
 
 >>> result = await bulk_insert(db, Message.__table__, rows, batch_size=5_000)  # doctest: +SKIP
 >>> result.inserted, result.failed
@@ -20,9 +23,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from sqlalchemy import Table, insert, text
+from sqlalchemy import Column, Table, insert, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -35,11 +38,20 @@ __all__ = ["BulkResult", "FailedRow", "bulk_insert"]
 
 Row = Mapping[str, Any]
 Progress = Callable[[int, int], None]
+Record = tuple[Any, ...]
+
+INVALID_ROW: Final = "invalid_row"
+"""``FailedRow.code`` of a row refused before reaching the database (a value its column
+cannot take, a missing column)."""
 
 
 @dataclass(frozen=True, slots=True)
 class FailedRow:
-    """A row the database refused: its position in the input, and why."""
+    """A row that was refused: its position in the input, a stable code, and why.
+
+    ``code`` is a Bastion error code (``"unique_violation"``, ``"foreign_key_violation"``,
+    ``"check_violation"``, …) or ``"invalid_row"``; ``message`` never quotes the row's values.
+    """
 
     index: int
     code: str
@@ -71,23 +83,27 @@ async def bulk_insert(
     batch.
 
     Raises:
-        ValueError: ``batch_size`` or ``concurrency`` is not positive, or a row names a column
-            the table does not have.
-        KeyError: a row lacks a column the first row has.
+        ValueError: ``batch_size`` or ``concurrency`` is not positive; the first row names a
+            column the table does not have; or (atomic mode) a row lacks a column or holds a
+            value its column cannot take — the message gives the row's index; nothing is
+            written.
         IntegrityViolationError: atomic mode, and a row broke a constraint (nothing written).
-        BastionError: any other database failure (atomic mode: nothing written).
+        BastionError: any other database failure. In best-effort mode the batches committed
+            before it stay committed.
     """
     if batch_size < 1 or (concurrency is not None and concurrency < 1):
         raise ValueError("batch_size and concurrency must be positive")
-    columns = _columns_of(table, rows)
+    if not rows:
+        return BulkResult(inserted=0)
+    plan = _Plan(database.engine.dialect, table, rows[0])
     batches = [
         (start, rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)
     ]
     progress = _ProgressCounter(len(rows), on_progress)
     if atomic:
         async with database.write_connection() as connection:
-            for _start, batch in batches:
-                await _insert_batch(connection, table, columns, batch)
+            for start, batch in batches:
+                await plan.write(connection, plan.encode_all(start, batch))
                 progress.add(len(batch))
         return BulkResult(inserted=len(rows))
 
@@ -96,9 +112,10 @@ async def bulk_insert(
 
     async def one_batch(start: int, batch: Sequence[Row]) -> tuple[int, list[FailedRow]]:
         async with gate:
-            result = await _insert_best_effort(database, table, columns, start, batch)
+            records, failed = plan.encode_valid(start, batch)
+            inserted = await _insert_halving(database, plan, records, failed)
         progress.add(len(batch))
-        return result
+        return inserted, failed
 
     # A TaskGroup, not gather: if one batch fails unexpectedly, the others are cancelled and
     # awaited, so no connection is still in use when the error reaches the caller.
@@ -128,85 +145,183 @@ class _ProgressCounter:
             self.callback(self.done, self.total)
 
 
-def _columns_of(table: Table, rows: Sequence[Row]) -> list[str]:
-    """The columns the rows fill (those of the first row; every row must have the same)."""
-    if not rows:
-        return []
-    columns = list(rows[0])
-    unknown = [name for name in columns if name not in table.c]
-    if unknown:
-        raise ValueError(f"{table.name} has no column(s) {', '.join(unknown)}")
-    return columns
+class _RowError(ValueError):
+    """A row that cannot be encoded for its columns; ``message`` quotes no value."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
-async def _insert_best_effort(
-    database: Database, table: Table, columns: list[str], start: int, batch: Sequence[Row]
-) -> tuple[int, list[FailedRow]]:
-    try:
-        async with database.write_connection() as connection:
-            await _insert_batch(connection, table, columns, batch)
-        return len(batch), []
-    except IntegrityViolationError:
-        pass  # find the offending rows one by one; the rest of the batch is still wanted
-    inserted, failed = 0, []
-    for offset, row in enumerate(batch):
+class _Plan:
+    """How rows become driver records and reach the table: computed once per call."""
+
+    def __init__(self, dialect: Dialect, table: Table, first: Row) -> None:
+        unknown = [name for name in first if name not in table.c]
+        if unknown:
+            raise ValueError(f"{table.name} has no column(s) {', '.join(unknown)}")
+        self.table = table
+        self.dialect = dialect
+        # Columns with a Python-side default: computed for each row that leaves them out.
+        self.defaults: dict[str, Callable[[], Any]] = {
+            column.name: _default_of(column) for column in table.c if _has_python_default(column)
+        }
+        columns = [*first, *(name for name in self.defaults if name not in first)]
+        self.sql: str | None = None
+        if dialect.name != "postgresql":
+            # Compiled for the driver's positional style; executed without SQLAlchemy's
+            # per-row parameter handling, which dominates the cost of a large executemany.
+            compiled = insert(table).compile(dialect=dialect, column_keys=columns)
+            self.sql = str(compiled)
+            columns = list(compiled.positiontup or [])  # the table's order, not the rows'
+        self.columns = columns
+        self.processors = [
+            # dialect_impl resolves variants (JSON → JSONB) and keeps TypeDecorator conversions.
+            table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in columns
+        ]
+        self.pairs = list(zip(columns, self.processors, strict=True))
+
+    def encode(self, row: Row) -> Record:
+        """``row`` as a driver-ready tuple.
+
+        Raises:
+            _RowError: a missing column or a value its column refuses (which one, not what).
+        """
+        if self.defaults:
+            filled = dict(row)
+            for name, make in self.defaults.items():
+                if name not in filled:
+                    filled[name] = make()
+            row = filled
         try:
-            async with database.write_connection() as connection:
-                await _insert_batch(connection, table, columns, [row])
-            inserted += 1
-        except BastionError as exc:
-            failed.append(FailedRow(index=start + offset, code=exc.code, message=exc.message))
-    return inserted, failed
+            return tuple(
+                row[name] if process is None else process(row[name]) for name, process in self.pairs
+            )
+        except Exception:
+            raise self._explain(row) from None
+
+    def _explain(self, row: Row) -> _RowError:
+        for name, process in zip(self.columns, self.processors, strict=True):
+            if name not in row:
+                return _RowError(f"missing column {name}")
+            try:
+                value = row[name]
+                if process is not None:
+                    process(value)
+            except Exception as exc:
+                return _RowError(f"column {name}: {_describe(exc)}")
+        return _RowError("the row cannot be encoded")
+
+    def encode_all(self, start: int, batch: Sequence[Row]) -> list[Record]:
+        """Every row of ``batch`` encoded (atomic mode).
+
+        Raises:
+            ValueError: a row cannot be encoded; the message gives its index in the input.
+        """
+        records: list[Record] = []
+        for offset, row in enumerate(batch):
+            try:
+                records.append(self.encode(row))
+            except _RowError as exc:
+                raise ValueError(f"row {start + offset}: {exc.message}") from None
+        return records
+
+    def encode_valid(
+        self, start: int, batch: Sequence[Row]
+    ) -> tuple[list[tuple[int, Record]], list[FailedRow]]:
+        """The rows of ``batch`` that encode (with their input index), and those that don't."""
+        records: list[tuple[int, Record]] = []
+        failed: list[FailedRow] = []
+        for offset, row in enumerate(batch):
+            try:
+                records.append((start + offset, self.encode(row)))
+            except _RowError as exc:
+                failed.append(
+                    FailedRow(index=start + offset, code=INVALID_ROW, message=exc.message)
+                )
+        return records, failed
+
+    async def write(self, connection: AsyncConnection, records: Sequence[Record]) -> None:
+        """Insert ``records`` within ``connection``'s transaction."""
+        if not records:
+            return
+        if self.sql is not None:
+            await connection.exec_driver_sql(self.sql, list(records))
+        else:
+            await _copy(connection, self.table, self.columns, records)
 
 
-async def _insert_batch(
-    connection: AsyncConnection, table: Table, columns: list[str], batch: Sequence[Row]
-) -> None:
-    if not batch:
-        return
-    if connection.dialect.name == "postgresql":
-        await _copy(connection, table, columns, batch)
-    else:
-        await _executemany(connection, table, columns, batch)
+def _has_python_default(column: Column[Any]) -> bool:
+    default = column.default
+    return default is not None and (default.is_callable or default.is_scalar)
 
 
-def _records(
-    dialect: Dialect, table: Table, columns: list[str], batch: Sequence[Row]
-) -> list[tuple[Any, ...]]:
-    """The batch as driver-ready tuples: each value through its column's bind processor."""
-    # dialect_impl resolves variants (JSON → JSONB) and keeps TypeDecorator conversions.
-    processors = [
-        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
-    ]
-    return [
-        tuple(
-            process(row[name]) if process is not None else row[name]
-            for name, process in zip(columns, processors, strict=True)
-        )
-        for row in batch
-    ]
+def _default_of(column: Column[Any]) -> Callable[[], Any]:
+    default: Any = column.default
+    if default.is_callable:
+        # SQLAlchemy wraps a no-argument function to take the execution context; there is
+        # none here, so defaults that need one are out of reach of bulk inserts.
+        function = default.arg
+        return lambda: function(None)
+    value = default.arg
+    return lambda: value
 
 
-async def _executemany(
-    connection: AsyncConnection, table: Table, columns: list[str], batch: Sequence[Row]
-) -> None:
-    """One driver-level ``executemany`` of a plain INSERT (SQLite)."""
-    # Compiled by SQLAlchemy for the driver's positional style; executed without SQLAlchemy's
-    # per-row parameter handling, which dominates the cost of a large executemany.
-    compiled = insert(table).compile(dialect=connection.dialect, column_keys=columns)
-    order = list(compiled.positiontup or [])  # the table's column order, not the rows'
-    await connection.exec_driver_sql(
-        str(compiled), _records(connection.dialect, table, order, batch)
-    )
+def _describe(exc: Exception) -> str:
+    # The converters' own messages name the problem (a naive datetime, a wrong type) without
+    # the value; anything else is described by its type only, so no value can leak.
+    if isinstance(exc, ValueError | TypeError) and len(str(exc)) <= 200:
+        return str(exc)
+    return type(exc).__name__
+
+
+def _is_row_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is about the rows written (so smaller batches may succeed)."""
+    if isinstance(exc, IntegrityViolationError | _RowError):
+        return True
+    # PostgreSQL class 22, data exception: a value too long, out of range, malformed.
+    return isinstance(exc, BastionError) and (exc.sqlstate or "").startswith("22")
+
+
+async def _insert_halving(
+    database: Database,
+    plan: _Plan,
+    records: list[tuple[int, Record]],
+    failed: list[FailedRow],
+) -> int:
+    """Insert ``records`` in one retried unit; on a row error, each half in its own.
+
+    Appends the rows that fail alone to ``failed``; returns how many were inserted.
+    """
+    if not records:
+        return 0
+
+    async def work(connection: AsyncConnection) -> None:
+        await plan.write(connection, [record for _, record in records])
+
+    try:
+        await database.run(database.write_connection, work)
+        return len(records)
+    except Exception as exc:
+        if not _is_row_error(exc):
+            raise
+        if len(records) == 1:
+            code = exc.code if isinstance(exc, BastionError) else INVALID_ROW
+            message = exc.message if isinstance(exc, BastionError | _RowError) else str(exc)
+            failed.append(FailedRow(index=records[0][0], code=code, message=message))
+            return 0
+    middle = len(records) // 2
+    first = await _insert_halving(database, plan, records[:middle], failed)
+    return first + await _insert_halving(database, plan, records[middle:], failed)
 
 
 async def _copy(
-    connection: AsyncConnection, table: Table, columns: list[str], batch: Sequence[Row]
+    connection: AsyncConnection, table: Table, columns: list[str], records: Sequence[Record]
 ) -> None:
-    """COPY ``batch`` into ``table`` inside the connection's transaction."""
+    """COPY ``records`` into ``table`` inside the connection's transaction."""
     # The adapter opens its transaction lazily, at the first statement; COPY must run in it.
     await connection.execute(text("SELECT 1"))
-    records = _records(connection.dialect, table, columns, batch)
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection  # an asyncpg.Connection
     try:
@@ -214,6 +329,12 @@ async def _copy(
             table.name, records=records, columns=columns, schema_name=table.schema
         )
     except Exception as exc:
+        if getattr(exc, "sqlstate", None) is None:
+            # Refused by asyncpg's encoder before reaching the server: a value of the wrong
+            # type for its column. The message can quote the value, so it is not passed on.
+            raise _RowError(
+                f"a value has the wrong type for its column ({type(exc).__name__})"
+            ) from exc
         # Raised by asyncpg directly, not through SQLAlchemy: route it through the same seam.
         raise _as_dbapi_error(exc) from exc
 

@@ -20,10 +20,15 @@ NO_REQUEST: Final = "-"
 
 @dataclass(slots=True)
 class RequestContext:
-    """One request: its id, a description of its route, and the statements it ran."""
+    """One request: its id, a description of its route, and the statements it ran.
+
+    ``user`` names who is acting, once the application has authenticated the caller; audit
+    columns (:mod:`bastion.repository.audit`) record it.
+    """
 
     request_id: str
     route: str
+    user: str | None = None
     queries: int = 0
     database_s: float = 0.0
     fingerprints: Counter[str] = field(default_factory=Counter)

@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 from sqlalchemy import Table, func, select, text
 
-from bastion import Database, ForeignKeyViolationError, UniqueViolationError
+from bastion import Database, ForeignKeyViolationError, UniqueViolationError, utcnow
 from bastion.bulk import bulk_insert
 from conversations.models import Conversation, Message
 from conversations.users import create_user
@@ -139,8 +139,78 @@ async def test_an_unexpected_failure_stops_every_batch_and_leaks_nothing(
     database: Database, conversation_id: uuid.UUID
 ) -> None:
     rows = message_rows(conversation_id, 400)
-    del rows[350]["content"]  # a malformed row in a late batch
 
-    with pytest.raises(KeyError, match="content"):
-        await bulk_insert(database, MESSAGES, rows, batch_size=50, atomic=False, concurrency=4)
+    def fail_on_third_batch(done: int, _total: int) -> None:
+        if done >= 150:
+            raise RuntimeError("progress display crashed")
+
+    with pytest.raises(RuntimeError, match="progress display crashed"):
+        await bulk_insert(
+            database,
+            MESSAGES,
+            rows,
+            batch_size=50,
+            atomic=False,
+            concurrency=4,
+            on_progress=fail_on_third_batch,
+        )
     # The database fixture then checks that no connection is still checked out.
+
+
+async def test_best_effort_reports_exactly_the_bad_rows_of_every_kind_and_stores_the_rest(
+    database: Database, conversation_id: uuid.UUID
+) -> None:
+    rows = message_rows(conversation_id, 3_000)
+    bad = {
+        17: ("conversation_id", uuid.uuid4(), "foreign_key_violation"),
+        1_234: ("role", "robot", "check_violation"),
+        1_235: ("created_at", datetime(2026, 1, 1), "invalid_row"),  # naive: refused
+        2_999: ("metadata", {"not json": object()}, "invalid_row"),
+    }
+    for index, (column, value, _) in bad.items():
+        rows[index][column] = value
+    del rows[2_000]["content"]
+
+    result = await bulk_insert(
+        database, MESSAGES, rows, batch_size=500, atomic=False, concurrency=3
+    )
+
+    expected = {index: code for index, (_, _, code) in bad.items()} | {2_000: "invalid_row"}
+    assert {row.index: row.code for row in result.failed} == expected
+    assert result.inserted == 3_000 - len(expected)
+    missing = next(row for row in result.failed if row.index == 2_000)
+    assert missing.message == "missing column content"
+    naive = next(row for row in result.failed if row.index == 1_235)
+    assert "created_at" in naive.message
+    assert "naive" in naive.message
+    stored_contents = [content for content, _, _ in await stored(database)]
+    assert sorted(stored_contents) == sorted(
+        row["content"] for n, row in enumerate(rows) if n not in expected
+    )
+
+
+async def test_an_atomic_bulk_insert_names_the_row_it_cannot_encode(
+    database: Database, conversation_id: uuid.UUID
+) -> None:
+    rows = message_rows(conversation_id, 1_500)
+    rows[1_200]["created_at"] = datetime(2026, 1, 1)  # naive
+
+    with pytest.raises(ValueError, match=r"row 1200: column created_at"):
+        await bulk_insert(database, MESSAGES, rows, batch_size=500)
+
+    assert await stored(database) == []
+
+
+async def test_columns_left_out_get_their_defaults_computed_per_row(
+    database: Database, conversation_id: uuid.UUID
+) -> None:
+    rows = [
+        {"conversation_id": conversation_id, "role": "user", "content": f"m{n}"} for n in range(3)
+    ]
+    before = utcnow()
+
+    await bulk_insert(database, MESSAGES, rows)
+
+    saved = await stored(database)
+    assert [metadata for _, metadata, _ in saved] == [{}, {}, {}]
+    assert all(before <= created <= utcnow() for _, _, created in saved)
