@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from bastion.errors import BastionError
+from bastion.errors import BastionError, NotFoundError
 from bastion.types import utcnow
 
 __all__ = [
@@ -51,7 +51,7 @@ JobWork = Callable[[JobProgress], Awaitable[Mapping[str, Any] | None]]
 _ID_BYTES: Final = 12
 
 
-class JobNotFoundError(BastionError):
+class JobNotFoundError(NotFoundError):
     """No job has that id (it never existed, or it finished long enough ago to be forgotten)."""
 
     code = "job_not_found"
@@ -185,9 +185,14 @@ class JobRegistry:
             await asyncio.shield(task)
         return job
 
-    async def aclose(self) -> None:
-        """Cancel the jobs still running and wait for them to end (at application shutdown)."""
+    async def aclose(self, *, grace_s: float = 10.0) -> None:
+        """Let running jobs finish for up to ``grace_s`` seconds, then cancel the rest and
+        wait for them to end (at application shutdown, before the database closes)."""
+        # A grace period first: a job cancelled mid-statement gives its connection back only
+        # after the driver's call returns, which can be after the database was closed.
         tasks = list(self._tasks.values())
+        if tasks and grace_s > 0:
+            await asyncio.wait(tasks, timeout=grace_s)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -85,14 +85,19 @@ async def test_old_finished_jobs_are_forgotten_and_unknown_ids_are_not_found() -
         jobs.get(ids[0])
 
 
-async def test_closing_the_registry_cancels_running_jobs() -> None:
+async def test_closing_the_registry_lets_short_jobs_finish_and_cancels_the_rest() -> None:
     jobs = JobRegistry()
 
-    async def work(progress: JobProgress) -> None:
+    async def endless(progress: JobProgress) -> None:
         await asyncio.Event().wait()
 
-    job = jobs.submit("backup", work)
+    async def short(progress: JobProgress) -> None:
+        await asyncio.sleep(0.01)
+
+    stuck = jobs.submit("backup", endless)
+    quick = jobs.submit("optimize", short)
     await asyncio.sleep(0)
-    await jobs.aclose()
-    assert job.state is JobState.FAILED
-    assert job.error_code == "cancelled"
+    await jobs.aclose(grace_s=0.5)
+    assert quick.state is JobState.SUCCEEDED
+    assert stuck.state is JobState.FAILED
+    assert stuck.error_code == "cancelled"

@@ -6,13 +6,16 @@ API nobody configured is off, not open. A missing token is 401, a wrong one 403.
 and every refusal is logged (``bastion.admin``) with its outcome — never the token.
 
 This router brings ``GET info``, ``GET metrics``, ``GET metrics/history`` and
-``GET metrics/summary``; backup, restore and maintenance routes join it on the same router.
+``GET metrics/summary``, and the operations of :mod:`bastion.fastapi._admin_operations`:
+backups, restore, integrity, optimize, jobs and the audit trail. Refusals are audited too.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -20,7 +23,10 @@ from fastapi import APIRouter, Depends, HTTPException
 from starlette.requests import Request
 
 import bastion
+from bastion.backup import BackupSettings
 from bastion.database import Database
+from bastion.fastapi._admin_limits import DEFAULT_ADMIN_RATE
+from bastion.fastapi._admin_operations import AdminOperations, add_operation_routes, client_actor
 from bastion.fastapi._dependencies import get_database
 from bastion.inspection import inspect_database
 from bastion.migrations import current_revisions
@@ -60,14 +66,50 @@ async def require_admin(
 
 
 def create_admin_router(
-    *, prefix: str = "/admin/database", migrations: str | None = None
+    *,
+    prefix: str = "/admin/database",
+    migrations: str | None = None,
+    backups: BackupSettings | None = None,
+    rate: str = DEFAULT_ADMIN_RATE,
 ) -> APIRouter:
     """The admin routes, each behind :func:`require_admin`.
 
     ``migrations`` (an Alembic location such as ``"myservice:migrations"``) lets ``info``
-    report the schema's current revision.
+    report the schema's current revision. ``backups`` says where backups go (default
+    :class:`~bastion.backup.BackupSettings`); ``rate`` limits expensive operations per
+    client (a ``limits`` rate such as ``"6/minute"``).
+
+    Raises:
+        ValueError: ``rate`` is not a rate.
     """
-    router = APIRouter(prefix=prefix, tags=["admin"], dependencies=[Depends(require_admin)])
+    operations = AdminOperations(backups, rate=rate)
+
+    async def admin_only(
+        request: Request, database: Annotated[Database, Depends(get_database)]
+    ) -> None:
+        try:
+            await require_admin(request, database)
+        except HTTPException as exc:
+            if exc.status_code in (401, 403):
+                operations.audit.record(
+                    actor=client_actor(request, authenticated=False),
+                    action=f"{request.method} {request.url.path}",
+                    target=None,
+                    outcome="refused",
+                    detail=str(exc.status_code),
+                )
+            raise
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        # Nested inside the app's lifespan, so this runs before the Database closes: a job
+        # still running is cancelled while its connection can still be given back.
+        yield
+        await operations.jobs.aclose()
+
+    router = APIRouter(
+        prefix=prefix, tags=["admin"], dependencies=[Depends(admin_only)], lifespan=lifespan
+    )
 
     @router.get("/info")
     async def info(database: Annotated[Database, Depends(get_database)]) -> dict[str, Any]:
@@ -121,6 +163,7 @@ def create_admin_router(
     async def summary(database: Annotated[Database, Depends(get_database)]) -> dict[str, Any]:
         return database.history.summary()
 
+    add_operation_routes(router, operations)
     return router
 
 

@@ -18,6 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from bastion.backup.errors import (
+    BackupIntegrityError,
+    BackupStoreError,
+    ConfirmationRequiredError,
+    RestoreInProgressError,
+)
 from bastion.errors import (
     BastionError,
     CircuitOpenError,
@@ -33,6 +39,8 @@ from bastion.errors import (
     UniqueViolationError,
 )
 from bastion.idempotency import IdempotencyKeyReusedError
+from bastion.jobs import JobConflictError
+from bastion.maintenance.errors import ConfirmationError, MaintenanceError
 
 __all__ = ["HTTP_STATUS_BY_ERROR", "RETRY_AFTER_S", "error_response", "install_error_handlers"]
 
@@ -45,6 +53,13 @@ HTTP_STATUS_BY_ERROR: Final[Mapping[type[BastionError], int]] = {
     StaleVersionError: 412,
     UniqueViolationError: 409,
     IdempotencyKeyReusedError: 422,
+    JobConflictError: 409,
+    RestoreInProgressError: 409,
+    ConfirmationRequiredError: 400,
+    ConfirmationError: 400,
+    BackupIntegrityError: 422,
+    MaintenanceError: 422,
+    BackupStoreError: 503,
     IntegrityViolationError: 422,
     DatabaseUnavailableError: 503,
     TransactionConflictError: 503,
