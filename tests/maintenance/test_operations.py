@@ -19,7 +19,7 @@ from bastion.maintenance import (
     reset_database,
     table_digests,
 )
-from conversations.models import Conversation, Message, MessageSource
+from conversations.models import Conversation, Message, MessageSource, User
 from tests.maintenance.data import ALICE, LIVE, NOW, RECENTLY_DELETED, seed
 
 
@@ -154,3 +154,26 @@ async def test_stats_use_the_catalog_estimate_above_the_exact_threshold(
     rows = {entry.name: (entry.rows, entry.rows_estimated) for entry in stats.tables}
     assert rows["messages"] == (4, True)
     assert rows["users"] == (2, True)
+
+
+async def _first_messages(database: Database, count: int) -> list[int]:
+    """Add a user, a conversation and ``count`` messages with database-made ids."""
+    async with database.write_connection() as connection:
+        await connection.execute(insert(User).values(id=ALICE, name="alice", created_at=NOW))
+        await connection.execute(
+            insert(Conversation).values(id=LIVE, owner_id=ALICE, title="t", metadata_={})
+        )
+        statement = (
+            insert(Message)
+            .values(conversation_id=LIVE, role="user", content="m", metadata_={})
+            .returning(Message.id)
+        )
+        return [(await connection.execute(statement)).scalar_one() for _ in range(count)]
+
+
+async def test_after_a_reset_new_ids_start_again_at_1(database: Database) -> None:
+    assert await _first_messages(database, 3) == [1, 2, 3]
+
+    await reset_database(database, confirm=database_name(database))
+
+    assert await _first_messages(database, 1) == [1]

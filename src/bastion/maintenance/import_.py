@@ -91,6 +91,8 @@ async def import_database(
     async with database.read_connection() as connection:
         metadata = await reflect_tables(connection)
         target_revision = await schema_revision(connection, metadata)
+        if not replace:  # early, to fail before reading the files; checked again below
+            await _require_empty(connection, user_tables(metadata))
     tables = _check_tables(manifest, metadata, directory)
     if manifest.schema_revision and target_revision != manifest.schema_revision:
         shown = ", ".join(target_revision) or "none"

@@ -4,19 +4,18 @@ It runs only when confirmed with the database's own name (the file name on SQLit
 ``app.db``; the database name on PostgreSQL), so a command pointed at the wrong database by
 a stray ``DATABASE_URL`` refuses instead of emptying it. ``alembic_version`` is kept, so the
 schema stays at its revision. All tables are emptied in one transaction: all or nothing.
-PostgreSQL identity / serial sequences restart at 1.
+On PostgreSQL the tables are truncated and their identity / serial sequences restart at 1.
 """
 
 from __future__ import annotations
 
 from pathlib import PurePath
 
-from sqlalchemy import delete
+from sqlalchemy import Table, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.database import Database
 from bastion.maintenance.errors import ConfirmationError
-from bastion.maintenance.sequences import sync_sequences
 from bastion.maintenance.tables import reflect_tables, user_tables
 
 __all__ = ["database_name", "reset_database"]
@@ -46,14 +45,28 @@ async def reset_database(database: Database, *, confirm: str | None) -> dict[str
 
 
 async def delete_all_rows(connection: AsyncConnection) -> dict[str, int]:
-    """Delete every row of every user table on ``connection``, children before parents.
+    """Delete every row of every user table on ``connection``; returns the rows per table.
 
-    Runs in the connection's transaction; restarts PostgreSQL sequences of the tables.
+    Runs in the connection's transaction. SQLite deletes children before parents;
+    PostgreSQL counts, then empties all tables with one ``TRUNCATE`` (fast on big tables,
+    transactional, but it locks the tables exclusively until the transaction ends) and
+    restarts their sequences.
     """
     metadata = await reflect_tables(connection)
     tables = user_tables(metadata)
     counts: dict[str, int] = {}
+    if connection.dialect.name == "postgresql":
+        for table in reversed(tables):
+            counts[table.name] = await _count(connection, table)
+        if tables:
+            preparer = connection.dialect.identifier_preparer
+            names = ", ".join(preparer.format_table(table) for table in tables)
+            await connection.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY")
+        return counts
     for table in reversed(tables):
         counts[table.name] = int((await connection.execute(delete(table))).rowcount)
-    await sync_sequences(connection, tables)
     return counts
+
+
+async def _count(connection: AsyncConnection, table: Table) -> int:
+    return int(await connection.scalar(select(func.count()).select_from(table)) or 0)
