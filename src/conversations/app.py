@@ -11,6 +11,7 @@ from typing import Final
 from fastapi import FastAPI
 
 from bastion import DatabaseSettings, load_settings
+from bastion.backup import BackupSettings, load_backup_settings
 from bastion.cache import CacheSettings, load_cache_settings
 from bastion.fastapi import (
     BodySizeLimitMiddleware,
@@ -35,23 +36,29 @@ def create_app(
     *,
     migrate_on_start: bool = False,
     cache_settings: CacheSettings | None = None,
+    backup_settings: BackupSettings | None = None,
 ) -> FastAPI:
     """Build the app. Settings default to the environment (``DATABASE_URL``, …).
 
     With ``migrate_on_start`` the schema is upgraded to head before the first request; with
     several workers, run ``bastion db upgrade`` once before starting them instead.
-    Cache settings (``REDIS_URL``…) also default to the environment.
+    Cache settings (``REDIS_URL``…) and backup settings (``BACKUP_DIR``…) also default to
+    the environment.
 
     Raises:
         ConfigurationError: a setting in the environment is invalid.
     """
     settings = settings if settings is not None else load_settings()
     cache_settings = cache_settings if cache_settings is not None else load_cache_settings()
+    backups = backup_settings if backup_settings is not None else load_backup_settings()
     app = FastAPI(
         title="Conversations (Bastion reference service)",
         version="0.1.0",
         lifespan=database_lifespan(
-            settings, migrations=MIGRATIONS if migrate_on_start else None, cache=cache_settings
+            settings,
+            migrations=MIGRATIONS if migrate_on_start else None,
+            cache=cache_settings,
+            backups=backups,
         ),
     )
     install_error_handlers(app)
@@ -60,7 +67,7 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, n_plus_one_threshold=settings.n_plus_one_threshold)
     app.include_router(create_health_router(migrations=MIGRATIONS))
     app.include_router(create_metrics_router())
-    app.include_router(create_admin_router(migrations=MIGRATIONS))
+    app.include_router(create_admin_router(migrations=MIGRATIONS, backups=backups))
     app.include_router(conversations.router)
     app.include_router(messages.router)
     app.include_router(stream.router)

@@ -27,6 +27,7 @@ from bastion.fastapi import (
     database_lifespan,
     install_error_handlers,
 )
+from conversations.app import create_app
 from conversations.models import Conversation
 from conversations.routes import conversations
 from tests.conftest import Users, make_settings, serve
@@ -250,3 +251,23 @@ async def test_integrity_and_optimize_answer_on_a_healthy_database(
     assert done["result"]["statements"]
     jobs = (await client.get("/admin/database/jobs", headers=AUTH)).json()["jobs"]
     assert jobs[0]["id"] == done["id"]
+
+
+async def test_scheduled_backups_run_and_feed_readiness(database_url: str, tmp_path: Path) -> None:
+    """With BACKUP_INTERVAL_S the reference service backs itself up, the admin API lists
+    the scheduled backups, and /health/ready carries a healthy ``backup`` component."""
+    backups = BackupSettings(
+        BACKUP_DIR=tmp_path / "backups", BACKUP_SIGNING_KEY=SIGNING_KEY, BACKUP_INTERVAL_S=0.2
+    )
+    app = create_app(make_settings(database_url, ADMIN_TOKEN=ADMIN_TOKEN), backup_settings=backups)
+    async with serve(app) as client:
+        listed: list[dict[str, Any]] = []
+        for _ in range(200):
+            listed = (await client.get("/admin/database/backups", headers=AUTH)).json()["backups"]
+            if listed:
+                break
+            await asyncio.sleep(0.05)
+        ready = (await client.get("/health/ready")).json()
+    assert listed, "no scheduled backup appeared"
+    assert listed[0]["label"] == "scheduled"
+    assert ready["components"]["backup"]["status"] == "healthy"

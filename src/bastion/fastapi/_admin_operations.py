@@ -29,6 +29,7 @@ from bastion.backup.reports import ProgressCallback
 from bastion.database import Database
 from bastion.errors import BastionError
 from bastion.fastapi._admin_limits import DEFAULT_ADMIN_RATE, AdminRateLimit
+from bastion.fastapi._backups import backup_service_of
 from bastion.fastapi._dependencies import get_database
 from bastion.jobs import Job, JobProgress, JobRegistry
 from bastion.maintenance.integrity import check_integrity
@@ -88,12 +89,15 @@ class AdminOperations:
         self.limit = AdminRateLimit(rate)
         self._services: dict[int, BackupService] = {}
 
-    def backup_service(self, database: Database) -> BackupService:
-        """The BackupService of ``database``, built on first use.
+    def backup_service(self, database: Database, request: Request) -> BackupService:
+        """The app's BackupService (see :func:`run_backups`), or one built on first use.
 
         Raises:
             ConfigurationError: the backup settings are unusable (bad key, in-memory SQLite).
         """
+        running = backup_service_of(request)
+        if running is not None and running.database is database:
+            return running
         service = self._services.get(id(database))
         if service is None or service.database is not database:
             settings = (
@@ -189,7 +193,7 @@ def add_operation_routes(router: APIRouter, operations: AdminOperations) -> None
 
         async def start() -> Job:
             await ops.limit.check(request, "backup")
-            service = ops.backup_service(database)
+            service = ops.backup_service(database, request)
 
             async def work(progress: ProgressCallback) -> Mapping[str, Any]:
                 return (await service.create(progress=progress)).to_dict()
@@ -202,16 +206,18 @@ def add_operation_routes(router: APIRouter, operations: AdminOperations) -> None
     @router.get("/backups")
     async def list_backups(request: Request, database: DatabaseDep) -> dict[str, Any]:
         """Valid backups, newest first, and ids of incomplete ones (never valid)."""
-        service = ops.backup_service(database)
+        service = ops.backup_service(database, request)
         return {
             "backups": [manifest.to_dict() for manifest in await service.list()],
             "incomplete": await service.list_incomplete(),
         }
 
     @router.get("/backups/{backup_id}")
-    async def get_backup(backup_id: BackupId, database: DatabaseDep) -> dict[str, Any]:
+    async def get_backup(
+        request: Request, backup_id: BackupId, database: DatabaseDep
+    ) -> dict[str, Any]:
         """One backup's authenticated manifest (404 for an unknown or malformed id)."""
-        return (await ops.backup_service(database).get(backup_id)).to_dict()
+        return (await ops.backup_service(database, request).get(backup_id)).to_dict()
 
     @router.post("/backups/{backup_id}/verify", status_code=202)
     async def verify_backup(
@@ -221,7 +227,7 @@ def add_operation_routes(router: APIRouter, operations: AdminOperations) -> None
 
         async def start() -> Job:
             await ops.limit.check(request, "verify")
-            service = ops.backup_service(database)
+            service = ops.backup_service(database, request)
             await service.get(backup_id)  # unknown or forged: refused now, not in the job
 
             async def work(progress: ProgressCallback) -> Mapping[str, Any]:
@@ -241,7 +247,9 @@ def add_operation_routes(router: APIRouter, operations: AdminOperations) -> None
         async def run() -> dict[str, Any]:
             await ops.limit.check(request, "prune")
             return (
-                await ops.backup_service(database).prune(dry_run=body is not None and body.dry_run)
+                await ops.backup_service(database, request).prune(
+                    dry_run=body is not None and body.dry_run
+                )
             ).to_dict()
 
         result: dict[str, Any] = await ops.audited(request, "backup.prune", None, run)
@@ -256,7 +264,7 @@ def add_operation_routes(router: APIRouter, operations: AdminOperations) -> None
 
         async def start() -> Job | dict[str, Any]:
             await ops.limit.check(request, "restore")
-            service = ops.backup_service(database)
+            service = ops.backup_service(database, request)
             # Checked now, so a bad id or a missing confirmation is an answer, not a job.
             report = await service.restore(body.backup_id, dry_run=True)
             if body.dry_run:

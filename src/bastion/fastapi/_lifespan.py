@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 from starlette.types import ASGIApp
 
+from bastion.backup import BackupSettings
 from bastion.cache.settings import CacheSettings
 from bastion.database import Database
+from bastion.fastapi._backups import run_backups
 from bastion.loop_lag import LoopLagMonitor
 from bastion.migrations import upgrade
 from bastion.settings import DatabaseSettings
@@ -21,6 +23,7 @@ def database_lifespan(
     *,
     migrations: str | None = None,
     cache: CacheSettings | None = None,
+    backups: BackupSettings | None = None,
 ) -> Callable[[ASGIApp], AbstractAsyncContextManager[None]]:
     """A lifespan that starts a Database, stores it on ``app.state.database``, and closes it.
 
@@ -33,6 +36,10 @@ def database_lifespan(
     With ``cache`` (:class:`~bastion.cache.CacheSettings`), a cache (Redis, or none without
     ``REDIS_URL``) and a live-update hub run on ``app.state.cache`` / ``app.state.live``;
     see :mod:`bastion.fastapi._cache`.
+
+    With ``backups`` (:class:`~bastion.backup.BackupSettings`), a BackupService runs on
+    ``app.state.backups`` (used by the admin API), its ``backup`` health check joins
+    ``/health/ready``, and ``BACKUP_INTERVAL_S`` > 0 schedules backups.
 
     >>> app = FastAPI(lifespan=database_lifespan(load_settings()))  # doctest: +SKIP
 
@@ -50,13 +57,18 @@ def database_lifespan(
             app.state.loop_lag = monitor  # type: ignore[attr-defined]
             await monitor.start()
             try:
-                if cache is None:
-                    yield
-                else:
-                    from bastion.fastapi._cache import run_cache_and_hub  # redis: when asked
+                async with AsyncExitStack() as stack:
+                    if backups is not None:
+                        await stack.enter_async_context(
+                            run_backups(app.state, database, backups)  # type: ignore[attr-defined]
+                        )
+                    if cache is not None:
+                        from bastion.fastapi._cache import run_cache_and_hub  # redis: when asked
 
-                    async with run_cache_and_hub(app.state, database, cache):  # type: ignore[attr-defined]
-                        yield
+                        await stack.enter_async_context(
+                            run_cache_and_hub(app.state, database, cache)  # type: ignore[attr-defined]
+                        )
+                    yield
             finally:
                 await monitor.stop()
 
