@@ -24,7 +24,7 @@ async def _count(database: Database) -> int:
 async def test_s16_backup_under_continuous_writes_is_consistent(
     database: Database, service: BackupService
 ) -> None:
-    await fill(database, users=4, conversations=25, messages=50)  # 5,000 messages
+    await fill(database, users=2, conversations=20, messages=50)  # 2,000 messages
     async with database.read() as session:
         conversation_id = await session.scalar(select(Conversation.id).limit(1))
     stop = asyncio.Event()

@@ -13,7 +13,10 @@ from bastion.backup import (
 )
 from tests.backup.conftest import digests, fill
 
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])
 
+
+@sqlite_only
 async def test_s22_restore_without_confirmation_is_refused(
     database: Database, service: BackupService
 ) -> None:
@@ -28,6 +31,7 @@ async def test_s22_restore_without_confirmation_is_refused(
     assert len(await service.list()) == 1
 
 
+@sqlite_only
 async def test_s22_a_dry_run_lists_the_archive_and_target_and_changes_nothing(
     database: Database, service: BackupService
 ) -> None:
