@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 
+from bastion import current_request
 from bastion.fastapi import DatabaseDep, ReadConnection
 from conversations.models import ApiKey
 
@@ -65,6 +66,9 @@ async def _authenticate(connection: AsyncConnection, key: str) -> uuid.UUID:
     user_id = await user_for_key(connection, key)
     if user_id is None:
         raise _unauthorized("invalid API key")
+    request = current_request()
+    if request is not None:
+        request.user = str(user_id)  # who the audit columns record
     return user_id
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from bastion import UTCDateTime, idempotency_table, utcnow
+from bastion import AuditMixin, UTCDateTime, audit_now, idempotency_table, utcnow
 
 __all__ = [
     "ApiKey",
@@ -79,7 +79,9 @@ class ApiKey(Base):
     __table_args__ = (Index("ix_api_keys_user_id", "user_id"),)
 
 
-class Conversation(Base):
+class Conversation(AuditMixin, Base):
+    """A conversation; soft-deleted (``deleted_at``), versioned, audited (who and when)."""
+
     __tablename__ = "conversations"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -88,9 +90,6 @@ class Conversation(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONDocument, default=dict)
     message_count: Mapped[int] = mapped_column(BigInteger, default=0)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     __table_args__ = (
@@ -113,7 +112,7 @@ class Message(Base):
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONDocument, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=audit_now)
 
     sources: Mapped[list[MessageSource]] = relationship(
         lazy="raise", order_by="MessageSource.position", cascade="all, delete-orphan"

@@ -15,10 +15,14 @@ from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field,
 from bastion import HttpUrlText, JSONObject, check_safe_text
 
 __all__ = [
+    "MAX_BATCH_MESSAGES",
+    "BatchItemResult",
     "ConversationCreate",
     "ConversationOut",
     "ConversationPage",
     "ConversationUpdate",
+    "MessageBatch",
+    "MessageBatchResult",
     "MessageCreate",
     "MessageOut",
     "MessagePage",
@@ -34,6 +38,7 @@ Status = Literal["active", "archived"]
 Role = Literal["user", "assistant", "system"]
 
 MAX_SOURCES_PER_MESSAGE = 50
+MAX_BATCH_MESSAGES = 1_000
 
 
 class _Request(BaseModel):
@@ -117,3 +122,28 @@ class MessagePage(BaseModel):
     items: list[MessageOut]
     next_cursor: str | None
     total: int
+
+
+class MessageBatch(_Request):
+    """Up to 1,000 messages; each item is checked on its own (see ``BatchItemResult``)."""
+
+    messages: list[Any] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_MESSAGES,
+        json_schema_extra={"items": {"$ref": "#/components/schemas/MessageCreate"}},
+    )
+
+
+class BatchItemResult(BaseModel):
+    """What became of one item of a batch: 201 and the stored message, or 422 and why."""
+
+    index: int
+    status: Literal[201, 422]
+    message: MessageOut | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+class MessageBatchResult(BaseModel):
+    created: int
+    failed: int
+    results: list[BatchItemResult]

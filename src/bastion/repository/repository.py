@@ -145,6 +145,25 @@ class Repository(Generic[ModelT]):
             raise NotFoundError(f"{self.name} not found")
         return row
 
+    async def values(
+        self, executor: Executor, id: Any, *columns: str, scope: Any = None
+    ) -> RowMapping | None:
+        """Only ``columns`` of the visible row ``id`` (``None``: no such row): for hot paths
+        that need a field or two, not the whole row.
+
+        Raises:
+            ValueError: a column the table does not have.
+        """
+        names = tuple(self._checked(columns))
+        statement = self._cached(
+            ("values", names),
+            lambda: select(*(self.table.c[name] for name in names)).where(
+                self._pk == _id(self._pk), *self._where("live")
+            ),
+        )
+        result = await executor.execute(statement, self._params(scope, _id=id))
+        return result.mappings().first()
+
     async def get_many(
         self, executor: Executor, ids: Sequence[Any], *, scope: Any = None
     ) -> list[RowMapping]:
@@ -273,6 +292,27 @@ class Repository(Generic[ModelT]):
     def scope_params(self, scope: Any) -> dict[str, Any]:
         """The parameters that bind ``scope`` into statements from :meth:`keyset_query`."""
         return self._params(scope)
+
+    def children_query(self, relationship: str, *, order_by: Any = None) -> Select[Any]:
+        """A statement loading the rows of a one-to-many ``relationship`` of many parents.
+
+        The explicit eager load of Core reads: bind ``parent_ids`` (a list) and get every
+        child row, ordered by parent and then ``order_by``. Build it once.
+
+        Raises:
+            ValueError: not a relationship of the model, or one over several columns.
+        """
+        known = inspect(self.model).relationships
+        if relationship not in known:
+            raise ValueError(f"{self.table.name} has no relationship {relationship!r}")
+        pairs = known[relationship].local_remote_pairs or []
+        if len(pairs) != 1:
+            raise ValueError(f"{relationship} joins on several columns")
+        ((_, child_key),) = pairs
+        child_table = cast(Table, child_key.table)
+        parents = bindparam("parent_ids", expanding=True, type_=child_key.type)
+        ordering = [child_key] if order_by is None else [child_key, order_by]
+        return select(*child_table.c).where(child_key.in_(parents)).order_by(*ordering)
 
     # -- ORM reads -------------------------------------------------------------------------
 

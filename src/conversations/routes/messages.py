@@ -1,46 +1,89 @@
-"""``/v1/conversations/{id}/messages``: add a message, page through them in creation order.
+"""``/v1/conversations/{id}/messages``: add messages (one, or a batch), page through them.
 
 Pages use a keyset cursor (the last message id), not an offset, so a page never repeats or
-skips a message when new ones arrive. Adding a message first updates its conversation row,
+skips a message when new ones arrive. Adding messages first updates their conversation row,
 which locks it: messages of one conversation get their ids in commit order, so a cursor can
 never pass a message that commits later with a smaller id.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+import uuid
+from collections.abc import Sequence
+from typing import Annotated, Any, Final, cast
 
 from fastapi import APIRouter, Query, Response
-from sqlalchemy import Table, bindparam, insert, select, update
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from sqlalchemy import Table, bindparam, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 
-from bastion import NotFoundError, StoredResponse, utcnow
+from bastion import InvalidQueryError, NotFoundError, StoredResponse
 from bastion.fastapi import DatabaseDep, ReadConnection
 from conversations.auth import CurrentReader, CurrentUser
-from conversations.models import Conversation, Message, MessageSource
-from conversations.routes._ids import decode_cursor, encode_cursor, parse_conversation_id
-from conversations.routes._scope import visible
+from conversations.models import Message, MessageSource
+from conversations.routes._ids import parse_conversation_id
+from conversations.routes._repositories import CONVERSATIONS, MESSAGES, invalid_query
 from conversations.routes._writes import write_once
-from conversations.schemas import MessageCreate, MessageOut, MessagePage, SourceOut
+from conversations.schemas import (
+    BatchItemResult,
+    MessageBatch,
+    MessageBatchResult,
+    MessageCreate,
+    MessageOut,
+    MessagePage,
+    SourceOut,
+)
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/conversations/{conversation_id}/messages", tags=["messages"])
 
+# Sources are rows of a child table with a composite key: written with one Core statement.
+_INSERT_SOURCES: Final = insert(cast(Table, MessageSource.__table__))
+# Built once: the hot read path binds values into the same statements on every request.
+_PAGES: Final = MESSAGES.keyset_query(None, Message.conversation_id == bindparam("cid"))
+_SOURCES_OF: Final = MESSAGES.children_query("sources", order_by=MessageSource.position)
 
-_conversations = cast(Table, Conversation.__table__)
-_messages = cast(Table, Message.__table__)
-# Table-level (Core) statements built once: the hot write path skips the ORM unit of work.
-_TOUCH_CONVERSATION = (
-    update(_conversations)
-    # Not "owner_id": in an UPDATE that name would mean the column's new value.
-    .where(*visible(bindparam("owner"), bindparam("cid")))
-    .values(message_count=_conversations.c.message_count + 1, updated_at=bindparam("now"))
-    .returning(_conversations.c.id)
-)
-_INSERT_MESSAGE = insert(_messages).returning(_messages.c.id)
-_INSERT_SOURCE = insert(cast(Table, MessageSource.__table__))
+
+async def _add(
+    connection: AsyncConnection, user_id: uuid.UUID, cid: uuid.UUID, bodies: list[MessageCreate]
+) -> list[MessageOut]:
+    """Store ``bodies`` in conversation ``cid`` and return them as stored.
+
+    Raises:
+        NotFoundError: no such conversation of this user (checked first: never a foreign-key
+            error).
+    """
+    # The UPDATE comes first: it locks the conversation row, so this conversation's
+    # messages get their ids in commit order (see the module docstring).
+    await CONVERSATIONS.update(
+        connection,
+        cid,
+        {},
+        scope=user_id,
+        increment={"message_count": len(bodies)},
+        bump_version=False,
+    )
+    rows = [
+        {"conversation_id": cid, "role": b.role, "content": b.content, "metadata": b.metadata}
+        for b in bodies
+    ]
+    stored = await MESSAGES.create_many(connection, rows)
+    sources = [
+        {"message_id": row["id"], "position": n, "url": s.url, "title": s.title}
+        for row, body in zip(stored, bodies, strict=True)
+        for n, s in enumerate(body.sources)
+    ]
+    if sources:
+        await connection.execute(_INSERT_SOURCES, sources)
+    return [
+        MessageOut.model_validate(
+            {**row, "sources": [SourceOut(url=s.url, title=s.title) for s in body.sources]}
+        )
+        for row, body in zip(stored, bodies, strict=True)
+    ]
 
 
 @router.post("", status_code=201, response_model=MessageOut)
@@ -54,63 +97,69 @@ async def create_message(
     cid = parse_conversation_id(conversation_id)
 
     async def add_message(connection: AsyncConnection) -> StoredResponse:
-        now = utcnow()
-        # The UPDATE comes first: it locks the conversation row, so this conversation's
-        # messages get their ids in commit order (see the module docstring).
-        touched = await connection.scalar(
-            _TOUCH_CONVERSATION, {"cid": cid, "owner": user_id, "now": now}
-        )
-        if touched is None:
-            raise NotFoundError("conversation not found")
-        message_id = await connection.scalar(
-            _INSERT_MESSAGE,
-            {
-                "conversation_id": cid,
-                "role": body.role,
-                "content": body.content,
-                "metadata": body.metadata,
-                "created_at": now,
-            },
-        )
-        assert message_id is not None
-        if body.sources:
-            await connection.execute(
-                _INSERT_SOURCE,
-                [
-                    {"message_id": message_id, "position": n, "url": s.url, "title": s.title}
-                    for n, s in enumerate(body.sources)
-                ],
-            )
-        message = MessageOut(
-            id=message_id,
-            conversation_id=cid,
-            role=body.role,
-            content=body.content,
-            metadata=body.metadata,
-            sources=[SourceOut(url=s.url, title=s.title) for s in body.sources],
-            created_at=now,
-        )
-        location = f"/v1/conversations/{cid}/messages/{message_id}"
+        (message,) = await _add(connection, user_id, cid, [body])
+        location = f"/v1/conversations/{cid}/messages/{message.id}"
         return StoredResponse.json(message, status_code=201, headers={"Location": location})
 
     return await write_once(request, database, user_id, add_message)
 
 
-# Built once: see the note on statements in routes/conversations.py.
-_MESSAGE_COUNT = select(Conversation.message_count).where(
-    *visible(bindparam("owner_id"), bindparam("cid"))
+@router.post(
+    ":batch",
+    status_code=201,
+    response_model=MessageBatchResult,
+    responses={207: {"model": MessageBatchResult, "description": "some messages were refused"}},
 )
-_MESSAGES_AFTER = (
-    select(*Message.__table__.c)
-    .where(Message.conversation_id == bindparam("cid"), Message.id > bindparam("after"))
-    .order_by(Message.id)
-    .limit(bindparam("fetch"))
-)
-_SOURCES_OF = (
-    select(MessageSource.message_id, MessageSource.url, MessageSource.title)
-    .where(MessageSource.message_id.in_(bindparam("message_ids", expanding=True)))
-    .order_by(MessageSource.message_id, MessageSource.position)
-)
+async def create_messages(
+    conversation_id: str,
+    body: MessageBatch,
+    user_id: CurrentUser,
+    database: DatabaseDep,
+    request: Request,
+) -> Response:
+    """Add up to 1,000 messages at once; each is checked on its own.
+
+    201 when every message was stored, 207 when some were refused (each result says which
+    and why; the others are stored), 422 when none could be. Like every POST, it is retried
+    when safe and idempotent with an ``Idempotency-Key``.
+    """
+    cid = parse_conversation_id(conversation_id)
+    valid, refused = _validate_each(body.messages)
+    if not valid:
+        raise RequestValidationError([error for _, errors in refused for error in errors])
+
+    async def add_messages(connection: AsyncConnection) -> StoredResponse:
+        stored = await _add(connection, user_id, cid, [message for _, message in valid])
+        results = [
+            BatchItemResult(index=index, status=201, message=message)
+            for (index, _), message in zip(valid, stored, strict=True)
+        ]
+        results += [
+            BatchItemResult(index=index, status=422, errors=errors) for index, errors in refused
+        ]
+        results.sort(key=lambda result: result.index)
+        answer = MessageBatchResult(created=len(stored), failed=len(refused), results=results)
+        return StoredResponse.json(answer, status_code=207 if refused else 201)
+
+    return await write_once(request, database, user_id, add_messages)
+
+
+def _validate_each(
+    items: Sequence[Any],
+) -> tuple[list[tuple[int, MessageCreate]], list[tuple[int, list[dict[str, Any]]]]]:
+    valid: list[tuple[int, MessageCreate]] = []
+    refused: list[tuple[int, list[dict[str, Any]]]] = []
+    for index, item in enumerate(items):
+        try:
+            valid.append((index, MessageCreate.model_validate(item)))
+        except ValidationError as exc:
+            # Like every 422 of the API: where and what, never the input itself.
+            errors = [
+                {"loc": ["body", "messages", index, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                for e in exc.errors(include_input=False, include_context=False, include_url=False)
+            ]
+            refused.append((index, errors))
+    return valid, refused
 
 
 @router.get("")
@@ -122,19 +171,20 @@ async def list_messages(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> MessagePage:
     cid = parse_conversation_id(conversation_id)
-    after = decode_cursor(cursor) if cursor else 0
-    total = await connection.scalar(_MESSAGE_COUNT, {"cid": cid, "owner_id": user_id})
-    if total is None:
+    conversation = await CONVERSATIONS.values(connection, cid, "message_count", scope=user_id)
+    if conversation is None:
         raise NotFoundError("conversation not found")
-    found = await connection.execute(
-        _MESSAGES_AFTER, {"cid": cid, "after": after, "fetch": limit + 1}
-    )
-    rows = list(found.mappings())
-    page = rows[:limit]
-    sources: dict[int, list[SourceOut]] = {row["id"]: [] for row in page}
-    if page:
-        for source in await connection.execute(_SOURCES_OF, {"message_ids": list(sources)}):
+    try:
+        page = await _PAGES.page(connection, {"cid": cid}, limit=limit, cursor=cursor or None)
+    except InvalidQueryError as exc:
+        raise invalid_query(exc) from None
+    sources: dict[int, list[SourceOut]] = {row["id"]: [] for row in page.items}
+    if sources:
+        for source in await connection.execute(_SOURCES_OF, {"parent_ids": list(sources)}):
             sources[source.message_id].append(SourceOut(url=source.url, title=source.title))
-    next_cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
-    items = [MessageOut.model_validate({**row, "sources": sources[row["id"]]}) for row in page]
-    return MessagePage(items=items, next_cursor=next_cursor, total=total)
+    items = [
+        MessageOut.model_validate({**row, "sources": sources[row["id"]]}) for row in page.items
+    ]
+    return MessagePage(
+        items=items, next_cursor=page.next_cursor, total=conversation["message_count"]
+    )
