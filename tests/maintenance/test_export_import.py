@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select
 
-from bastion import Database
+from bastion import Database, DatabaseSettings
 from bastion.maintenance import (
     ImportFileError,
     ImportTargetError,
@@ -107,6 +108,22 @@ async def test_a_non_empty_target_is_refused_unless_replaced(
     assert await table_digests(database) == before
 
 
+@pytest.fixture(scope="module")
+async def seeded_export(sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export of the seeded data set from SQLite, made once for the module (read-only)."""
+    source = tmp_path_factory.mktemp("seeded") / "source.db"
+    shutil.copyfile(sqlite_template, source)
+    async with Database(DatabaseSettings(DATABASE_URL=f"sqlite:///{source}")) as database:
+        await seed(database)
+        await export_database(database, source.parent / "export")
+    return source.parent / "export"
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
 def listing(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir())
 
@@ -176,11 +193,9 @@ def damage_export(export: Path, damage: str) -> None:
     ],
 )
 async def test_a_damaged_export_is_refused_before_anything_is_written(
-    sqlite_db: Database, database: Database, tmp_path: Path, damage: str, message: str
+    seeded_export: Path, database: Database, tmp_path: Path, damage: str, message: str
 ) -> None:
-    await seed(sqlite_db)
-    export = tmp_path / "export"
-    await export_database(sqlite_db, export)
+    export = copy_tree(seeded_export, tmp_path / "export")
     damage_export(export, damage)
     before = await table_digests(database)
 
