@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import datetime, timedelta
 
 import httpx
+from sqlalchemy import select
 
+from bastion import Database, DatabaseSettings, use_clock
+from conversations.models import Conversation
 from tests.conftest import Users
+from tests.repository.conftest import SteppingClock
 
 Client = httpx.AsyncClient
 
@@ -231,3 +236,31 @@ async def test_dates_and_versions_beyond_range_are_client_errors(
 
     assert (too_early.status_code, too_late.status_code) == (422, 422)
     assert huge_version.status_code == 412
+
+
+async def test_conversations_record_when_and_by_whom_they_were_written(
+    app_client: Client, users: Users, settings: DatabaseSettings
+) -> None:
+    clock = SteppingClock()
+    with use_clock(clock):
+        first = await create(app_client, users.alice, title="first")
+        clock.advance(1)
+        second = await create(app_client, users.alice, title="second")
+        clock.advance(1)
+        edited = await app_client.patch(
+            f"/v1/conversations/{first['id']}", json={"title": "1st"}, headers=users.alice
+        )
+
+    created = [datetime.fromisoformat(str(c["created_at"])) for c in (first, second)]
+    assert created[1] - created[0] == timedelta(seconds=1)
+    updated = datetime.fromisoformat(edited.json()["updated_at"])
+    assert updated - created[0] == timedelta(seconds=2)
+    async with Database(settings) as database, database.read() as session:
+        owner, created_by, updated_by = (
+            await session.execute(
+                select(
+                    Conversation.owner_id, Conversation.created_by, Conversation.updated_by
+                ).where(Conversation.id == uuid.UUID(str(first["id"])))
+            )
+        ).one()
+    assert created_by == updated_by == str(owner)
