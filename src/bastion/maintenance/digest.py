@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -31,10 +31,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from bastion.database import Database
-from bastion.maintenance.codec import encode_value
+from bastion.maintenance.codec import encoder_for
 from bastion.maintenance.tables import reflect_tables, user_tables
 
-__all__ = ["TableDigest", "canonical_lines", "open_snapshot", "table_digests"]
+__all__ = ["TableDigest", "canonical_lines", "open_snapshot", "row_encoder", "table_digests"]
 
 STREAM_BATCH_ROWS: Final = 1000
 
@@ -79,19 +79,29 @@ async def canonical_lines(connection: AsyncConnection, table: Table) -> AsyncIte
     a digest without reading the data twice.
     """
     columns = list(table.columns)
+    line = row_encoder(columns)
     statement = select(*columns).order_by(*_row_order(table, connection.dialect.name))
     result = await connection.stream(statement)
     async for partition in result.partitions(STREAM_BATCH_ROWS):
-        yield [canonical_line(columns, row) for row in partition]
+        yield [line(row) for row in partition]
 
 
-def canonical_line(columns: Sequence[Any], row: Sequence[Any]) -> bytes:
-    """One row as a canonical JSON line: sorted keys, no spaces, ``\\n`` at the end."""
-    document = {
-        column.name: encode_value(value, column.type)
-        for column, value in zip(columns, row, strict=True)
-    }
-    return dumps_canonical(document).encode() + b"\n"
+def row_encoder(columns: Sequence[Any]) -> Callable[[Sequence[Any]], bytes]:
+    """A function turning a row of ``columns`` into its canonical JSON line.
+
+    The line is an object of column name → canonical value, with sorted keys, no spaces,
+    and ``\n`` at the end.
+    """
+    names = [column.name for column in columns]
+    encoders = [encoder_for(column.type) for column in columns]
+
+    def line(row: Sequence[Any]) -> bytes:
+        document = {
+            name: encode(value) for name, encode, value in zip(names, encoders, row, strict=True)
+        }
+        return dumps_canonical(document).encode() + b"\n"
+
+    return line
 
 
 def dumps_canonical(document: Any) -> str:
