@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bastion.cli import main
 from tests.backup.conftest import SIGNING_KEY
 
 BIN = Path(sys.executable).parent
@@ -30,6 +31,36 @@ def bastion(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
     )
 
 
+class InProcess:
+    """``bastion`` run in this process through its real entry point (``main``): the same
+    parsing, output and exit-code mapping as the console script, without a process start."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        self._monkeypatch = monkeypatch
+        self._capsys = capsys
+
+    def __call__(self, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        for name in list(os.environ):
+            if name.startswith(("DATABASE_URL", "DB_", "BACKUP_")):
+                self._monkeypatch.delenv(name)
+        for name, value in env.items():
+            self._monkeypatch.setenv(name, value)
+        self._monkeypatch.setattr(sys, "argv", ["bastion", *args])
+        self._capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main()
+        captured = self._capsys.readouterr()
+        code = exited.value.code
+        return subprocess.CompletedProcess(
+            args, code if isinstance(code, int) else 0, captured.out, captured.err
+        )
+
+
+@pytest.fixture
+def bastion_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> InProcess:
+    return InProcess(monkeypatch, capsys)
+
+
 @pytest.fixture
 def cli_env(tmp_path: Path, sqlite_template: Path, age_identity: str) -> dict[str, str]:
     shutil.copyfile(sqlite_template, tmp_path / "app.db")
@@ -41,8 +72,8 @@ def cli_env(tmp_path: Path, sqlite_template: Path, age_identity: str) -> dict[st
     }
 
 
-def test_help_lists_every_command_and_their_options() -> None:
-    top = bastion("backup", "--help", env={})
+def test_help_lists_every_command_and_their_options(bastion_main: InProcess) -> None:
+    top = bastion_main("backup", "--help", env={})
     assert top.returncode == 0
     for command in ("create", "list", "verify", "restore", "prune"):
         assert command in top.stdout
@@ -53,8 +84,9 @@ def test_help_lists_every_command_and_their_options() -> None:
 
 
 def test_create_list_verify_restore_prune_damage_with_json_and_exit_codes(
-    cli_env: dict[str, str],
+    cli_env: dict[str, str], bastion_main: InProcess
 ) -> None:
+    bastion = bastion_main
     created = bastion("backup", "create", "--json", env=cli_env)
     assert created.returncode == 0, created.stderr
     manifest = json.loads(created.stdout)
