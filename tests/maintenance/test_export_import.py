@@ -230,3 +230,35 @@ async def test_a_failure_midway_through_the_import_leaves_the_target_as_it_was(
     async with database.read_connection() as connection:
         names = (await connection.execute(select(User.name))).scalars().all()
     assert names == ["alice"]
+
+
+class RecordingProgress:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, int]] = []
+        self.current = ("", "")
+
+    def start(self, phase: str, table: str, rows: int) -> None:
+        self.events.append((phase, table, rows))
+        self.current = (phase, table)
+
+    def advance(self, rows: int) -> None:
+        phase, table = self.current
+        self.events.append((f"{phase}+", table, rows))
+
+
+async def test_progress_covers_every_row_of_every_phase(
+    seeded_export: Path, sqlite_db: Database
+) -> None:
+    progress = RecordingProgress()
+
+    await import_database(sqlite_db, seeded_export, progress=progress, batch_size=2)
+
+    started = {(phase, table): rows for phase, table, rows in progress.events if "+" not in phase}
+    advanced: dict[tuple[str, str], int] = {}
+    for phase, table, rows in progress.events:
+        if phase.endswith("+"):
+            key = (phase[:-1], table)
+            advanced[key] = advanced.get(key, 0) + rows
+    assert started[("checking", "messages")] == started[("importing", "messages")] == 4
+    assert advanced == {key: rows for key, rows in started.items() if rows}
+    assert [phase for phase, _, _ in progress.events if "+" not in phase][:1] == ["checking"]

@@ -53,7 +53,7 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Export every table as JSON Lines (one file per table) plus manifest.json."""
-    with TableProgress("exporting") as progress:
+    with TableProgress() as progress:
         manifest = with_database(
             database_url,
             lambda db: export_database(db, directory, tables=tables, progress=progress),
@@ -83,7 +83,7 @@ def import_(
     as_json: JsonOption = False,
 ) -> None:
     """Import an export into an empty database at the same schema revision: all or nothing."""
-    with TableProgress("importing") as progress:
+    with TableProgress() as progress:
         result = with_database(
             database_url,
             lambda db: import_database(db, directory, replace=replace, progress=progress),
@@ -97,19 +97,17 @@ def import_(
 
 
 class TableProgress:
-    """A Rich progress bar per table, on stderr (a :class:`bastion.maintenance.Progress`)."""
+    """A Rich progress bar per table and phase, on stderr (a maintenance ``Progress``)."""
 
-    def __init__(self, verb: str) -> None:
-        self._verb = verb
+    def __init__(self) -> None:
         self._bars = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             console=console(stderr=True),
-            transient=False,
         )
-        self._tasks: dict[str, TaskID] = {}
+        self._task: TaskID | None = None
 
     def __enter__(self) -> Self:
         self._bars.start()
@@ -123,8 +121,9 @@ class TableProgress:
     ) -> None:
         self._bars.stop()
 
-    def start_table(self, table: str, rows: int) -> None:
-        self._tasks[table] = self._bars.add_task(f"{self._verb} {table}", total=rows)
+    def start(self, phase: str, table: str, rows: int) -> None:
+        self._task = self._bars.add_task(f"{phase} {table}", total=rows)
 
-    def advance(self, table: str, rows: int) -> None:
-        self._bars.advance(self._tasks[table], rows)
+    def advance(self, rows: int) -> None:
+        if self._task is not None:
+            self._bars.advance(self._task, rows)

@@ -65,7 +65,7 @@ async def export_database(
             exported = []
             for table in selected:
                 total = await connection.scalar(select(func.count()).select_from(table))
-                progress.start_table(table.name, int(total or 0))
+                progress.start("exporting", table.name, int(total or 0))
                 path = directory / table_file_name(table.name)
                 written.append(path)
                 exported.append(await _export_table(connection, table, path, progress))
@@ -105,7 +105,7 @@ async def _export_table(
             hasher.update(data)
             await asyncio.to_thread(file.write, data)
             rows += len(batch)
-            progress.advance(table.name, len(batch))
+            progress.advance(len(batch))
     finally:
         await asyncio.to_thread(file.close)
     return ExportedTable(name=table.name, file=path.name, rows=rows, sha256=hasher.hexdigest())

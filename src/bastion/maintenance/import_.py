@@ -102,7 +102,7 @@ async def import_database(
         )
     dialect = database.backend
     for table in tables:
-        await asyncio.to_thread(_check_file, directory, manifest, table, dialect, max_line_bytes)
+        await _check_file(directory, manifest, table, dialect, max_line_bytes, progress)
     async with database.write_connection() as connection:
         if replace:
             await delete_all_rows(connection)
@@ -175,21 +175,28 @@ def _entry(manifest: ExportManifest, name: str) -> Any:
     return next(table for table in manifest.tables if table.name == name)
 
 
-def _check_file(
+async def _check_file(
     directory: Path,
     manifest: ExportManifest,
     table: Table,
     dialect: str,
     max_line_bytes: int,
+    progress: Progress,
 ) -> None:
-    """Decode every row of ``table``'s file, and compare its count and SHA-256 (blocking)."""
+    """Decode every row of ``table``'s file, and compare its count and SHA-256."""
     entry = _entry(manifest, table.name)
+    progress.start("checking", table.name, entry.rows)
     hasher = hashlib.sha256()
-    rows = 0
-    for line, _ in _rows(directory / entry.file, table, dialect, max_line_bytes, hasher):
-        rows = line
-    if rows != entry.rows:
-        raise ImportFileError(f"{entry.file}: {rows} rows, the manifest says {entry.rows}")
+    rows = _rows(directory / entry.file, table, dialect, max_line_bytes, hasher)
+    count = 0
+    try:
+        while batch := await asyncio.to_thread(_next_batch, rows, BATCH_ROWS):
+            count += len(batch)
+            progress.advance(len(batch))
+    finally:
+        rows.close()
+    if count != entry.rows:
+        raise ImportFileError(f"{entry.file}: {count} rows, the manifest says {entry.rows}")
     if hasher.hexdigest() != entry.sha256:
         raise ImportFileError(f"{entry.file}: content differs from the manifest's SHA-256")
 
@@ -271,7 +278,7 @@ async def _insert_table(
     *,
     expected: int,
 ) -> int:
-    progress.start_table(table.name, expected)
+    progress.start("importing", table.name, expected)
     rows = _rows(directory / table_file_name(table.name), table, dialect, max_line_bytes)
     statement = insert(table)
     inserted = 0
@@ -279,7 +286,7 @@ async def _insert_table(
         while batch := await asyncio.to_thread(_next_batch, rows, batch_size):
             await connection.execute(statement, batch)
             inserted += len(batch)
-            progress.advance(table.name, len(batch))
+            progress.advance(len(batch))
     finally:
         rows.close()
     return inserted
