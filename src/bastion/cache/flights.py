@@ -2,9 +2,10 @@
 
 The first caller (the leader) runs the load in its own task — with its own connection and
 cancellation — and the others wait for its outcome. A follower is never handed a value it must
-not see: when the leader is cancelled, or reports its value stale (an invalidation landed
-while it loaded), the followers start over instead; :meth:`SingleFlight.forget` (called on
-invalidation) makes callers arriving after a write start a fresh load.
+not see: flights are keyed by the key *and* the invalidation generations the caller read, so
+a caller that saw a newer generation (it started after a write) never joins a load that began
+before it; when the leader is cancelled, or reports its value stale, the followers start over;
+:meth:`SingleFlight.forget` (called on invalidation) covers loads that run without Redis.
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ class SingleFlight:
     """One load per key at a time; followers share the leader's (shareable) result."""
 
     def __init__(self) -> None:
-        self._flights: dict[str, asyncio.Future[Any]] = {}
+        self._flights: dict[tuple[str, Any], asyncio.Future[Any]] = {}
 
     def __len__(self) -> int:
         return len(self._flights)
 
     async def run(
         self,
-        key: str,
+        key: tuple[str, Any],
         load: Callable[[], Awaitable[Outcome[T]]],
         share: Callable[[Any], T],
     ) -> T:
@@ -90,8 +91,9 @@ class SingleFlight:
         """Let the next caller of ``key`` (of every key when ``None``) start a new load."""
         if key is None:
             self._flights.clear()
-        else:
-            self._flights.pop(key, None)
+            return
+        for flight_key in [flight_key for flight_key in self._flights if flight_key[0] == key]:
+            del self._flights[flight_key]
 
 
 def _consume(flight: asyncio.Future[Any]) -> None:

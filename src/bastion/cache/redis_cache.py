@@ -60,7 +60,8 @@ _OUTAGE: Final = DatabaseUnavailableError("the cache (Redis) is unreachable")
 _MAX_KEY: Final = 200  # longer keys are hashed: Redis keys cost memory per byte
 _MAX_PENDING: Final = 10_000
 _GENERATION_TTL_MS: Final = 3_600_000  # must outlive the slowest load (see _STORE)
-_LOCK_POLL_S: Final = 0.02
+_LOCK_POLL_S: Final = 0.002
+_LOCK_POLL_MAX_S: Final = 0.02
 
 # KEYS: value, key generation, tag generations…, tag sets…
 # ARGV: blob, ttl ms, tag count, expected key generation, expected tag generations…
@@ -77,21 +78,23 @@ for i = 1, n do
 end
 return 1
 """
-# KEYS: values…, their generations…, tag sets…, tag generations…
+# KEYS: values…, their generations…, their load locks…, tag sets…, tag generations…
 # ARGV: key count, tag count, generation ttl ms
+# A load under way when its key is invalidated will not be stored, so its lock is dropped
+# too: processes waiting on it load at once instead of waiting out CACHE_LOCK_WAIT_S.
 _INVALIDATE: Final = """
 local nk, nt = tonumber(ARGV[1]), tonumber(ARGV[2])
 for i = 1, nk do
-  redis.call('DEL', KEYS[i])
+  redis.call('DEL', KEYS[i], KEYS[2 * nk + i])
   redis.call('INCR', KEYS[nk + i])
   redis.call('PEXPIRE', KEYS[nk + i], ARGV[3])
 end
 for i = 1, nt do
-  local set = KEYS[2 * nk + i]
+  local set = KEYS[3 * nk + i]
   for _, member in ipairs(redis.call('SMEMBERS', set)) do redis.call('DEL', member) end
   redis.call('DEL', set)
-  redis.call('INCR', KEYS[2 * nk + nt + i])
-  redis.call('PEXPIRE', KEYS[2 * nk + nt + i], ARGV[3])
+  redis.call('INCR', KEYS[3 * nk + nt + i])
+  redis.call('PEXPIRE', KEYS[3 * nk + nt + i], ARGV[3])
 end
 return 1
 """
@@ -167,7 +170,7 @@ class RedisCache:
         ok, found = await self._call("get", lambda: self.client.mget([value_key, *generation_keys]))
         if not ok:
             self.metrics.bypass()
-            return await self._flights.run(key, lambda: _load_only(load, dump), parse)
+            return await self._flights.run((key, None), lambda: _load_only(load, dump), parse)
         raw = self._raw(found[0])
         if raw is not _MISSING:
             try:
@@ -185,7 +188,8 @@ class RedisCache:
                 key, value_key, generation_keys, generations, tags, ttl_s, load, dump, parse
             )
 
-        return await self._flights.run(key, load_and_store, parse)
+        # Keyed by the generations too: see bastion.cache.flights.
+        return await self._flights.run((key, tuple(generations)), load_and_store, parse)
 
     async def _load_and_store(
         self,
@@ -200,25 +204,28 @@ class RedisCache:
         parse: Callable[[Any], T],
     ) -> Outcome[T]:
         settings = self.settings
+        lock_key = f"{settings.prefix}l:{_bounded(key)}"
         lock = self.client.lock(
-            f"{settings.prefix}l:{_bounded(key)}",
-            timeout=settings.lock_timeout_s,
-            blocking=False,
-            thread_local=False,
+            lock_key, timeout=settings.lock_timeout_s, blocking=False, thread_local=False
         )
         ok, locked = await self._call("lock", lock.acquire)
         holds_lock = bool(ok and locked)
         if ok and not locked:
-            # Another process is loading this key: wait a little for its value.
+            # Another process is loading this key: wait a little for its value, until it lets
+            # go of the lock (its load failed or went stale) or the wait is over.
             deadline = time.monotonic() + settings.lock_wait_s
+            pause = _LOCK_POLL_S
             while time.monotonic() < deadline:
-                await asyncio.sleep(_LOCK_POLL_S)
-                ok, blob = await self._call("get", lambda: self.client.get(value_key))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _LOCK_POLL_MAX_S)
+                ok, found = await self._call("get", lambda: self.client.mget([value_key, lock_key]))
                 if not ok:
                     break
-                raw = self._raw(blob)
+                raw = self._raw(found[0])
                 if raw is not _MISSING:
                     return Outcome(parse(raw), raw, shareable=True)
+                if found[1] is None:
+                    break
         value = await load()
         raw = dump(value)
         blob = encode(raw, compress_min_bytes=settings.compress_min_bytes)
@@ -276,6 +283,7 @@ class RedisCache:
             keys=[
                 *map(self._value_key, keys),
                 *map(self._generation_key, keys),
+                *(f"{prefix}l:{_bounded(key)}" for key in keys),
                 *(f"{prefix}t:{_bounded(tag)}" for tag in tags),
                 *map(self._tag_generation_key, tags),
             ],
