@@ -3,15 +3,21 @@ and a second restore while one runs is refused (409 over the admin API)."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
-from bastion import Database
+import pytest
+from sqlalchemy import text
+
+from bastion import Database, DatabaseUnavailableError
 from bastion.backup import (
     BackupService,
+    BackupSettings,
     ConfirmationRequiredError,
     RestoreInProgressError,
+    RestoreReport,
 )
 from tests.backup.conftest import digests, fill
+from tests.conftest import make_settings
 
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])
 
@@ -73,3 +79,35 @@ async def test_a_restore_leaves_no_pooled_connection_on_the_old_data(
     await service.restore(manifest.id, confirm=manifest.id)
     assert database.pool_status().checked_in == 0
     assert (await digests(database))["messages"].rows == 400
+
+
+async def test_two_restores_racing_one_runs_the_other_is_refused(
+    database: Database, service: BackupService
+) -> None:
+    manifest = await service.create()
+    results = await asyncio.gather(
+        service.restore(manifest.id, confirm=manifest.id),
+        service.restore(manifest.id, confirm=manifest.id),
+        return_exceptions=True,
+    )
+    refused = [result for result in results if isinstance(result, RestoreInProgressError)]
+    assert len(refused) == 1, results
+    assert sum(isinstance(result, RestoreReport) for result in results) == 1
+
+
+@sqlite_only
+async def test_a_live_database_locked_by_a_writer_is_left_as_it_was(
+    database_url: str, backup_settings: BackupSettings
+) -> None:
+    async with Database(make_settings(database_url, DB_SQLITE_BUSY_TIMEOUT=100)) as database:
+        service = BackupService(database, backup_settings)
+        await fill(database)
+        manifest = await service.create()
+        await fill(database, tag="after")
+        before = await digests(database)
+        async with database.write() as session:  # holds the write lock throughout
+            await session.execute(text("DELETE FROM idempotency_keys"))
+            with pytest.raises(DatabaseUnavailableError) as caught:
+                await service.restore(manifest.id, confirm=manifest.id)
+        assert "changed nothing" in caught.value.message
+        assert await digests(database) == before
