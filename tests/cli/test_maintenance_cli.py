@@ -178,9 +178,8 @@ def test_bad_usage_exits_2(env: dict[str, str]) -> None:
     assert no_days.exit_code == 2
     assert "--days-old" in no_days.stderr
     assert unknown_table.exit_code == 2
-    assert unknown_table.stderr == (
+    assert unknown_table.stderr.startswith(
         "usage error: no such table: nope (tables: api_keys, conversations, "
-        "idempotency_keys, message_sources, messages, users)\n"
     )
 
 

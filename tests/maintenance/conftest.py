@@ -12,7 +12,6 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from bastion import Database, DatabaseSettings
-from tests.maintenance.data import TABLES
 
 
 @pytest.fixture
@@ -31,10 +30,16 @@ def postgres_url(postgres_test_url: str) -> Iterator[str]:
 
 
 async def empty_postgres(url: str) -> None:
+    """Empty every table but ``alembic_version`` (whatever tables later migrations add)."""
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     connection = await asyncpg.connect(dsn)
     try:
-        await connection.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        tables = await connection.fetch(
+            "SELECT quote_ident(tablename) AS name FROM pg_tables "
+            "WHERE schemaname = current_schema() AND tablename <> 'alembic_version'"
+        )
+        names = ", ".join(row["name"] for row in tables)
+        await connection.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
     finally:
         await connection.close()
 

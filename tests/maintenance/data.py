@@ -22,14 +22,6 @@ from conversations.models import (
     idempotency_keys,
 )
 
-TABLES = (
-    "idempotency_keys",
-    "message_sources",
-    "messages",
-    "conversations",
-    "api_keys",
-    "users",
-)
 NOW = datetime(2026, 11, 1, 12, 0, 0, 123456, tzinfo=UTC)
 ALICE = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
 BOB = uuid.UUID("00000000-0000-4000-8000-000000000b0b")
