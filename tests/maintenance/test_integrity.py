@@ -6,8 +6,10 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import asyncpg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from bastion import Database, DatabaseSettings
 from bastion.maintenance import IntegrityProblem, check_integrity
@@ -90,9 +92,11 @@ async def test_a_damaged_sqlite_file_is_reported_not_raised(
 
     async with Database(DatabaseSettings(DATABASE_URL=f"sqlite:///{damaged}")) as database:
         report = await check_integrity(database)
+        quick_report = await check_integrity(database, quick=True)
 
     assert not report.ok
     assert report.problems[0].check == "integrity_check"
+    assert quick_report.problems[0].check == "quick_check"
     assert "messages" in report.problems[0].detail or "malformed" in report.problems[0].detail
 
 
@@ -103,5 +107,33 @@ async def test_amcheck_checks_every_btree_index_once_installed(postgres_db: Data
     report = await check_integrity(postgres_db, install_amcheck=True)
 
     assert report.ok
-    assert report.checks == ["amcheck", "orphan_rows"]
+    assert report.checks == ["amcheck", "invalid_indexes", "orphan_rows"]
     assert report.problems == []
+
+
+@pytest.mark.postgres
+async def test_an_index_left_invalid_by_a_failed_concurrent_build_is_reported(
+    postgres_db: Database, postgres_url: str
+) -> None:
+    await seed(postgres_db)  # every conversation has status 'active': not unique
+    dsn = make_url(postgres_url).set(drivername="postgresql").render_as_string(False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await connection.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY ix_probe_status ON conversations (status)"
+            )
+        report = await check_integrity(postgres_db)
+    finally:
+        await connection.execute("DROP INDEX IF EXISTS ix_probe_status")
+        await connection.close()
+
+    assert not report.ok
+    assert (
+        IntegrityProblem(
+            "invalid_indexes",
+            "conversations",
+            "index ix_probe_status is invalid: drop it and create it again",
+        )
+        in report.problems
+    )

@@ -53,15 +53,21 @@ def integrity(
             help="PostgreSQL: CREATE EXTENSION amcheck first if missing (needs the right to).",
         ),
     ] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="SQLite: quick_check (no index-to-table comparison; much faster)."
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Check the database's integrity; exit 1 if a problem is found.
 
-    SQLite: integrity_check and foreign_key_check. PostgreSQL: amcheck on every B-tree index
-    (when installed) and rows whose foreign-key parent is missing.
+    SQLite: integrity_check and foreign_key_check. PostgreSQL: invalid indexes, amcheck on
+    every B-tree index (when installed) and rows whose foreign-key parent is missing.
     """
     report = with_database(
-        database_url, lambda db: check_integrity(db, install_amcheck=install_amcheck)
+        database_url, lambda db: check_integrity(db, install_amcheck=install_amcheck, quick=quick)
     )
     if as_json:
         print_json(report.to_dict())
