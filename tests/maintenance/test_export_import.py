@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ async def test_an_export_has_one_file_per_table_and_a_manifest_in_foreign_key_or
     }
     assert manifest.schema_revision
     assert manifest.source_backend == database.backend
+    assert modes(tmp_path / "export") == {0o600}
 
 
 async def test_an_export_never_writes_into_a_directory_that_is_not_empty(
@@ -122,6 +124,10 @@ async def seeded_export(sqlite_template: Path, tmp_path_factory: pytest.TempPath
 def copy_tree(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+def modes(directory: Path) -> set[int]:
+    return {stat.S_IMODE(path.stat().st_mode) for path in directory.iterdir()}
 
 
 def listing(directory: Path) -> list[str]:

@@ -3,7 +3,9 @@
 The export reads one consistent snapshot, streams each table in primary-key order into
 ``<table>.jsonl`` (see :mod:`bastion.maintenance.export_format`) without holding more than a
 batch in memory, and writes ``manifest.json`` last. It refuses a directory that is not empty,
-so an earlier export is never overwritten; if it fails, the files it wrote are removed.
+so an earlier export is never overwritten; if it fails, the files it wrote are removed. Files
+are readable by their owner only (mode 0600; a directory it creates, 0700): they hold all of
+the service's data.
 
 >>> manifest = await export_database(db, Path("export"))  # doctest: +SKIP
 >>> [(table.name, table.rows) for table in manifest.tables]  # doctest: +SKIP
@@ -14,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import MetaData, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -77,7 +80,7 @@ async def export_database(
         )
         manifest_path = directory / MANIFEST_NAME
         written.append(manifest_path)
-        await asyncio.to_thread(manifest_path.write_text, manifest.model_dump_json(indent=2))
+        await asyncio.to_thread(_write_private, manifest_path, manifest.model_dump_json(indent=2))
     except BaseException:
         await asyncio.to_thread(_remove, written)
         raise
@@ -98,7 +101,7 @@ async def _export_table(
 ) -> ExportedTable:
     hasher = hashlib.sha256()
     rows = 0
-    file = await asyncio.to_thread(path.open, "xb")
+    file = await asyncio.to_thread(_create_private, path)
     try:
         async for batch in canonical_lines(connection, table):
             data = b"".join(batch)
@@ -111,10 +114,20 @@ async def _export_table(
     return ExportedTable(name=table.name, file=path.name, rows=rows, sha256=hasher.hexdigest())
 
 
+def _create_private(path: Path) -> BinaryIO:
+    """A new file only its owner can read: an export holds all of the service's data."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
+def _write_private(path: Path, text: str) -> None:
+    with _create_private(path) as file:
+        file.write(text.encode())
+
+
 def _prepare_directory(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
         raise MaintenanceError(f"{directory} is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     if any(directory.iterdir()):
         raise MaintenanceError(f"{directory} is not empty: export into a new directory")
 
