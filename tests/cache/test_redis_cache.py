@@ -278,3 +278,30 @@ def test_the_redis_password_never_shows() -> None:
 
 async def _value(value: Any) -> Any:
     return value
+
+
+async def test_a_failing_load_stores_nothing_and_its_followers_share_the_error(
+    cache_settings: CacheSettings,
+) -> None:
+    cache = RedisCache(cache_settings)
+    calls = 0
+
+    async def missing() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        raise LookupError("no such row")
+
+    try:
+        results = await asyncio.gather(
+            *(cache.get_or_load("gone", missing) for _ in range(5)), return_exceptions=True
+        )
+        assert calls == 1
+        assert all(isinstance(result, LookupError) for result in results)
+        lock = await cache.client.exists(f"{cache_settings.prefix}l:gone")
+        with pytest.raises(LookupError):
+            await cache.get_or_load("gone", missing)
+    finally:
+        await cache.close()
+    assert lock == 0  # released at once: other processes need not wait it out
+    assert calls == 2  # nothing was cached

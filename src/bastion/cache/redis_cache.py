@@ -13,7 +13,8 @@ Fail-open: a Redis command that fails or exceeds ``CACHE_SOCKET_TIMEOUT_S`` is c
 circuit opens and Redis is not tried at all for ``CACHE_BREAKER_RESET_S`` — a dead Redis costs
 no timeout per request — then one call probes it. Invalidations that could not reach Redis
 are kept (bounded; past the bound the whole prefix is flushed instead) and applied before the
-next command once Redis answers.
+next command once Redis answers. (Other processes that can still reach Redis meanwhile may
+serve the value such a write changed until then, or until its TTL: keep TTLs short.)
 
 Cancellation: redis-py (≥ 4.5.4, CVE-2023-28858/28859) disconnects a connection whose command
 was cancelled before its reply was read, so a pooled connection never hands one caller the
@@ -226,7 +227,12 @@ class RedisCache:
                     return Outcome(parse(raw), raw, shareable=True)
                 if found[1] is None:
                     break
-        value = await load()
+        try:
+            value = await load()
+        except Exception:
+            if holds_lock:  # let waiting processes load now rather than wait the lock out
+                await self._call("unlock", lambda: _release(lock))
+            raise
         raw = dump(value)
         blob = encode(raw, compress_min_bytes=settings.compress_min_bytes)
         shareable = True
