@@ -13,7 +13,14 @@
 
 from bastion.fastapi._admin import create_admin_router, require_admin
 from bastion.fastapi._body_limit import BodySizeLimitMiddleware
-from bastion.fastapi._cache import CacheDep, LiveHubDep, cache_of, live_hub_of
+from bastion.fastapi._cache import (
+    CacheDep,
+    CacheInvalidations,
+    InvalidateAfterCommit,
+    LiveHubDep,
+    cache_of,
+    live_hub_of,
+)
 from bastion.fastapi._dependencies import (
     DatabaseDep,
     ReadConnection,
@@ -42,7 +49,9 @@ __all__ = [
     "RETRY_AFTER_S",
     "BodySizeLimitMiddleware",
     "CacheDep",
+    "CacheInvalidations",
     "DatabaseDep",
+    "InvalidateAfterCommit",
     "LiveHubDep",
     "ReadConnection",
     "ReadSession",

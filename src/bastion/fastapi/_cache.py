@@ -9,7 +9,7 @@ the ``Cache`` / ``LiveHub`` dependencies, or :func:`cache_of` / :func:`live_hub_
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -21,7 +21,15 @@ from bastion.database import Database
 from bastion.errors import ConfigurationError
 from bastion.live import Hub, create_hub
 
-__all__ = ["CacheDep", "LiveHubDep", "cache_of", "live_hub_of", "run_cache_and_hub"]
+__all__ = [
+    "CacheDep",
+    "CacheInvalidations",
+    "InvalidateAfterCommit",
+    "LiveHubDep",
+    "cache_of",
+    "live_hub_of",
+    "run_cache_and_hub",
+]
 
 
 @asynccontextmanager
@@ -83,3 +91,48 @@ CacheDep = Annotated[Cache, Depends(_cache)]
 
 LiveHubDep = Annotated[Hub, Depends(_live_hub)]
 """The app's live-update :class:`~bastion.live.Hub`."""
+
+
+class CacheInvalidations:
+    """Keys and tags a route's write makes stale, invalidated once its unit has committed."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.keys: list[str] = []
+        self.tags: list[str] = []
+
+    def add(self, *, keys: Sequence[str] = (), tags: Sequence[str] = ()) -> None:
+        """Invalidate ``keys`` and ``tags`` after the commit."""
+        self.keys.extend(keys)
+        self.tags.extend(tags)
+
+    async def apply(self) -> None:
+        """Invalidate what was added (never raises for Redis being down)."""
+        if self.keys:
+            await self.cache.invalidate(*self.keys)
+        if self.tags:
+            await self.cache.invalidate_tags(*self.tags)
+
+
+async def _after_commit(connection: HTTPConnection) -> AsyncIterator[CacheInvalidations]:
+    pending = CacheInvalidations(cache_of(connection))
+    yield pending
+    # Reached only when the route succeeded. Dependencies are torn down in reverse order, so
+    # when this one is declared before the route's WriteSession/WriteConnection it runs after
+    # their COMMIT — and still before the response is sent (scope="function").
+    await pending.apply()
+
+
+InvalidateAfterCommit = Annotated[CacheInvalidations, Depends(_after_commit, scope="function")]
+"""Cache invalidation that runs after the route's write unit committed, before the response.
+
+Declare it *before* the ``WriteSession`` / ``WriteConnection`` parameter:
+
+>>> @router.patch("/{cid}")
+... async def update(cid: UUID, stale: InvalidateAfterCommit, connection: WriteConnection):
+...     ...
+...     stale.add(tags=[cache_key(CONVERSATION_TAG, owner_id=user_id, conversation_id=cid)])
+
+Invalidating inside the route instead would run before the COMMIT, and a read in between
+could put the old row back into the cache.
+"""
