@@ -17,7 +17,6 @@ from rich.console import Console
 
 from bastion.cli._run import EXIT_CONFIGURATION, fail
 from bastion.database import Database
-from bastion.maintenance.errors import ConfirmationError, UnknownTableError
 from bastion.settings import load_settings
 
 __all__ = [
@@ -52,6 +51,9 @@ def with_database(database_url: str | None, operation: Callable[[Database], Awai
 
     A table name the database does not have, or a missing confirmation, is bad usage: exit 2.
     """
+    # Imported when a command runs, so `bastion --help` and other commands start faster.
+    from bastion.maintenance.errors import ConfirmationError, UnknownTableError
+
     overrides: dict[str, Any] = {} if database_url is None else {"DATABASE_URL": database_url}
     settings = load_settings(**overrides)
 

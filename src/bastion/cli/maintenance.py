@@ -1,5 +1,8 @@
 """``bastion integrity | optimize | stats | cleanup | reset``: maintenance of the database.
 
+The library is imported when a command runs, not when ``bastion`` starts: every other
+command, and ``--help``, would pay for it.
+
 Exit codes: 0 done (``integrity``: no problem found); 1 failed, or ``integrity`` found a
 problem; 2 bad usage or configuration (an unknown ``--table``, a reset not confirmed).
 """
@@ -21,14 +24,6 @@ from bastion.cli._maintenance_run import (
 )
 from bastion.cli._run import EXIT_CONFIGURATION, EXIT_FAILURE, fail
 from bastion.database import Database
-from bastion.maintenance import (
-    check_integrity,
-    collect_stats,
-    database_name,
-    optimize,
-    purge_soft_deleted,
-    reset_database,
-)
 
 __all__ = ["cleanup", "integrity", "optimize_command", "register", "reset", "stats"]
 
@@ -66,6 +61,8 @@ def integrity(
     SQLite: integrity_check and foreign_key_check. PostgreSQL: invalid indexes, amcheck on
     every B-tree index (when installed) and rows whose foreign-key parent is missing.
     """
+    from bastion.maintenance import check_integrity
+
     report = with_database(
         database_url, lambda db: check_integrity(db, install_amcheck=install_amcheck, quick=quick)
     )
@@ -97,6 +94,8 @@ def optimize_command(
     as_json: JsonOption = False,
 ) -> None:
     """Refresh the planner's statistics (ANALYZE, PRAGMA optimize, VACUUM ANALYZE)."""
+    from bastion.maintenance import optimize
+
     result = with_database(database_url, lambda db: optimize(db, vacuum=vacuum, tables=tables))
     if as_json:
         print_json(result.to_dict())
@@ -118,6 +117,8 @@ def stats(
     as_json: JsonOption = False,
 ) -> None:
     """Show rows, size, dead rows, last vacuum/analyze and index use per table."""
+    from bastion.maintenance import collect_stats
+
     result = with_database(database_url, lambda db: collect_stats(db, exact_below=exact_below))
     if as_json:
         print_json(result.to_dict())
@@ -171,6 +172,8 @@ def cleanup(
     as_json: JsonOption = False,
 ) -> None:
     """Purge rows whose deleted_at is older than --days-old days (children by CASCADE)."""
+    from bastion.maintenance import purge_soft_deleted
+
     counts = with_database(
         database_url,
         lambda db: purge_soft_deleted(db, days_old, tables=tables, dry_run=dry_run),
@@ -201,6 +204,8 @@ def reset(
     as_json: JsonOption = False,
 ) -> None:
     """Delete ALL data (every row of every table; the schema stays). Needs --yes and the name."""
+    from bastion.maintenance import database_name, reset_database
+
     if not yes:
         fail("usage error: reset deletes every row of every table; pass --yes", EXIT_CONFIGURATION)
 

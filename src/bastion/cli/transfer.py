@@ -1,7 +1,8 @@
 """``bastion export DIR`` and ``bastion import DIR``: the database as JSON Lines, and back.
 
 An export from one backend imports into the other (SQLite → PostgreSQL is the usual move).
-Progress bars go to stderr, so ``--json`` output on stdout stays parseable.
+Progress bars go to stderr, so ``--json`` output on stdout stays parseable. The library and
+Rich's progress module are imported when a command runs, not when ``bastion`` starts.
 
 Exit codes: 0 done; 1 failed (a malformed export, a non-empty target without ``--replace``,
 another schema revision — nothing was written); 2 bad usage or configuration.
@@ -11,17 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Self
+from typing import TYPE_CHECKING, Annotated, Self
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from bastion.cli._maintenance_run import (
     DatabaseUrlOption,
@@ -31,7 +24,9 @@ from bastion.cli._maintenance_run import (
     print_json,
     with_database,
 )
-from bastion.maintenance import export_database, import_database
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 __all__ = ["export", "import_", "register"]
 
@@ -53,6 +48,8 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Export every table as JSON Lines (one file per table) plus manifest.json."""
+    from bastion.maintenance import export_database
+
     with TableProgress() as progress:
         manifest = with_database(
             database_url,
@@ -83,6 +80,8 @@ def import_(
     as_json: JsonOption = False,
 ) -> None:
     """Import an export into an empty database at the same schema revision: all or nothing."""
+    from bastion.maintenance import import_database
+
     with TableProgress() as progress:
         result = with_database(
             database_url,
@@ -100,6 +99,14 @@ class TableProgress:
     """A Rich progress bar per table and phase, on stderr (a maintenance ``Progress``)."""
 
     def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         self._bars = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
