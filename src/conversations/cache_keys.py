@@ -9,6 +9,10 @@ invalidates the tag before its response is sent, so a read after a write is neve
 ... async def message_page(connection, owner_id, conversation_id, limit, cursor) -> MessagePage:
 ...     ...
 >>> await conversation_changed(cache_of(request), user_id, conversation_id)   # after COMMIT
+
+Routes whose write unit is a ``WriteConnection``/``WriteSession`` dependency (committed after
+the route returns) add the tags to ``bastion.fastapi.InvalidateAfterCommit`` instead, via
+:func:`conversation_tags`.
 """
 
 from __future__ import annotations
@@ -16,13 +20,10 @@ from __future__ import annotations
 import uuid
 from typing import Final
 
-from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bastion import NotFoundError
 from bastion.cache import Cache, cache_key, cached
-from conversations.models import Conversation
-from conversations.routes._scope import visible
+from conversations.routes._repositories import CONVERSATIONS
 from conversations.schemas import ConversationOut
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "cache_conversation",
     "cache_message_page",
     "conversation_changed",
+    "conversation_tags",
     "load_conversation",
 ]
 
@@ -53,12 +55,6 @@ cache_message_page = cached(MESSAGE_PAGE_KEY, ttl=TTL_S, tags=[CONVERSATION_TAG,
 page of messages."""
 
 
-_CONVERSATION_COLUMNS = [column for column in Conversation.__table__.c if column.key != "owner_id"]
-_GET_CONVERSATION = select(*_CONVERSATION_COLUMNS).where(
-    *visible(bindparam("owner_id"), bindparam("cid"))
-)
-
-
 @cache_conversation
 async def load_conversation(
     connection: AsyncConnection, owner_id: uuid.UUID, conversation_id: uuid.UUID
@@ -68,13 +64,17 @@ async def load_conversation(
     Raises:
         NotFoundError: no such conversation for this owner (not cached: it is cheap to ask).
     """
-    found = await connection.execute(
-        _GET_CONVERSATION, {"cid": conversation_id, "owner_id": owner_id}
+    return ConversationOut.model_validate(
+        await CONVERSATIONS.require(connection, conversation_id, scope=owner_id)
     )
-    row = found.mappings().first()
-    if row is None:
-        raise NotFoundError("conversation not found")
-    return ConversationOut.model_validate(row)
+
+
+def conversation_tags(owner_id: uuid.UUID, conversation_id: uuid.UUID) -> list[str]:
+    """The tags a change of this conversation invalidates."""
+    return [
+        cache_key(CONVERSATION_TAG, owner_id=owner_id, conversation_id=conversation_id),
+        cache_key(OWNER_TAG, owner_id=owner_id),
+    ]
 
 
 async def conversation_changed(
@@ -85,7 +85,4 @@ async def conversation_changed(
     Call it after the write committed and before the response is sent. Never raises because
     Redis is down (the invalidation is applied when it answers again).
     """
-    await cache.invalidate_tags(
-        cache_key(CONVERSATION_TAG, owner_id=owner_id, conversation_id=conversation_id),
-        cache_key(OWNER_TAG, owner_id=owner_id),
-    )
+    await cache.invalidate_tags(*conversation_tags(owner_id, conversation_id))

@@ -1,15 +1,16 @@
 """The reference service with the after-commit hook the message route will call itself.
 
 Until the integrator adds ``await message_created(request, user_id, response)`` to
-``create_message``, this test-only app calls it from a middleware: after a ``POST
-…/messages`` answered 201 (its transaction committed) and before the response is sent —
-exactly where the route will. Started by the tests as ``uvicorn tests.live.hooked_app:create_app
---factory``.
+``create_message`` (and ``messages_created`` to ``create_messages``), this test-only app calls
+them from a middleware: after a ``POST …/messages`` answered 201 or 207 (its transaction
+committed) and before the response is sent — exactly where the routes will. The tests start
+it as ``uvicorn tests.live.hooked_app:create_app --factory``.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,21 +21,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bastion.fastapi._dependencies import database_of
 from conversations.app import create_app as create_service
 from conversations.auth import user_for_key
-from conversations.live_events import message_created
+from conversations.live_events import message_created, messages_created
 
-_MESSAGES = re.compile(r"^/v1/conversations/[^/]+/messages$")
+_MESSAGES = re.compile(r"^/v1/conversations/([^/]+)/messages(:batch)?$")
 
 
 class AnnounceMessages:
-    """Calls :func:`message_created` for each 201 of ``POST /v1/conversations/{id}/messages``."""
+    """Calls the hooks after ``POST /v1/conversations/{id}/messages`` (and ``:batch``)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not (
-            scope["type"] == "http" and scope["method"] == "POST" and _MESSAGES.match(scope["path"])
-        ):
+        matched = _MESSAGES.match(scope["path"]) if scope["type"] == "http" else None
+        if matched is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         held: list[Message] = []
@@ -45,16 +45,20 @@ class AnnounceMessages:
         await self.app(scope, receive, hold)
         start = held[0]
         body = b"".join(m.get("body", b"") for m in held[1:])
-        if start["status"] == 201:
+        if start["status"] in (201, 207):
             connection = HTTPConnection(scope)
             headers = {k.decode(): v.decode() for k, v in start["headers"]}
             headers.pop("content-length", None)
-            response = Response(body, status_code=201, headers=headers)
+            response = Response(body, status_code=start["status"], headers=headers)
             key = connection.headers["authorization"].partition(" ")[2].strip()
             async with database_of(connection).read_connection() as db:
                 owner_id = await user_for_key(db, key)
             assert owner_id is not None
-            await message_created(connection, owner_id, response)
+            if matched.group(2):
+                cid = uuid.UUID(matched.group(1))
+                await messages_created(connection, owner_id, cid, response)
+            else:
+                await message_created(connection, owner_id, response)
         for message in held:
             await send(message)
 

@@ -179,6 +179,14 @@ async def test_a_client_on_one_worker_gets_messages_posted_on_the_other_in_order
             content = "x" * 20_000 if n == 7 else f"message {n}"
             posted.append(await service.post(there if n % 3 else here, service.alice,
                                              conversation, content))  # fmt: skip
+        async with httpx.AsyncClient(base_url=there.http, timeout=30) as client:
+            batch = await client.post(
+                f"/v1/conversations/{conversation}/messages:batch",
+                json={"messages": [{"role": "user", "content": f"batch {n}"} for n in range(3)]},
+                headers=service.headers(service.alice),
+            )
+        assert batch.status_code == 201, batch.text
+        posted += [result["message"]["id"] for result in batch.json()["results"]]
         received = []
         async with asyncio.timeout(30):
             while len(received) < len(posted):
@@ -188,6 +196,7 @@ async def test_a_client_on_one_worker_gets_messages_posted_on_the_other_in_order
     assert [message["id"] for message in received] == posted
     assert received[7]["content"] == "x" * 20_000
     assert received[3]["content"] == "message 3"
+    assert [message["content"] for message in received[-3:]] == ["batch 0", "batch 1", "batch 2"]
     assert after["id"] == last  # nothing arrived twice in between
 
 
