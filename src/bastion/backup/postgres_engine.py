@@ -80,10 +80,13 @@ class PostgresEngine:
             try:
                 revisions = await alembic_revisions(connection)
                 tables = await table_digests(connection)
-            finally:
-                # The snapshot must outlive pg_dump's use of it: wait before ending the unit.
-                await asyncio.wait([dumping])
-            dumping.result()
+            except BaseException:
+                # Failed or cancelled: pg_dump must not outlive the snapshot it reads.
+                dumping.cancel()
+                await asyncio.gather(dumping, return_exceptions=True)
+                raise
+            # The snapshot must stay open until pg_dump is done with it: wait inside the unit.
+            await dumping
         return DumpInfo(server_version=version, alembic_revisions=revisions, tables=tables)
 
     async def check_copy(self, dump: Path, work_dir: Path) -> CopyCheck:
