@@ -4,6 +4,7 @@ export from one and an import into the other (the reference schema lacks some of
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import (
+    ARRAY,
     JSON,
     Boolean,
     Column,
@@ -19,6 +21,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     Integer,
+    Interval,
     LargeBinary,
     MetaData,
     Numeric,
@@ -156,6 +159,9 @@ async def test_every_type_moves_between_backends(
         (b"\x00\xff", LargeBinary(), "AP8="),
         ({"b": 1}, JSON(), {"b": 1}),
         ("x", JSON(), "x"),
+        ([Decimal("1.0"), None], ARRAY(Numeric()), ["1", None]),
+        (ipaddress.ip_network("10.0.0.0/8"), String(), "10.0.0.0/8"),
+        (dt.timedelta(minutes=1, microseconds=5), Interval(), 60.000005),
     ],
 )
 def test_canonical_forms(value: Any, column_type: Any, canonical: Any) -> None:

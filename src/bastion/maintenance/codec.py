@@ -16,6 +16,9 @@ Decimal            its plain decimal string, trailing zeros dropped
 bytes              base64
 bool               JSON ``true`` / ``false`` (SQLite's 0/1 too, when the column is BOOLEAN)
 float              a JSON number; NaN and ±infinity as the strings ``"NaN"``, ``"Infinity"``
+interval           seconds, a JSON number
+array              a JSON array of canonical values
+inet, cidr         the address or network as text; an enum: its value
 JSON column        the document itself, keys sorted when the row is serialised
 NULL               ``null``
 =================  ==================================================================
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import enum
+import ipaddress
 import math
 import uuid
 from collections.abc import Callable
@@ -108,6 +113,14 @@ def _encode_scalar(value: Any) -> JSONValue:
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
+    if isinstance(value, list | tuple):  # PostgreSQL arrays
+        return [_encode_scalar(item) for item in value]
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return str(value)
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return _encode_scalar(value.value)
     raise TypeError(f"no canonical form for a {type(value).__name__} value")
 
 
