@@ -1,10 +1,10 @@
 """Cleanup: purge rows soft-deleted (``deleted_at`` set) more than N days ago.
 
-Every user table with a ``deleted_at`` column takes part, children before parents. Rows go in
-batches, each batch its own short write transaction (re-run if it meets a conflict), so a
-purge of millions of rows never holds a lock for long. Rows of other tables that refer to a
-purged row go with it by their foreign key's ``ON DELETE CASCADE`` (in the reference schema:
-a conversation's messages and their sources); they are not counted.
+Every user table with a ``deleted_at`` timestamp column takes part, children before
+parents. Rows go in batches, each batch its own short write transaction (re-run if it meets a
+conflict), so a purge of millions of rows never holds a lock for long. Rows of other tables
+that refer to a purged row go with it by their foreign key's ``ON DELETE CASCADE`` (in the
+reference schema: a conversation's messages and their sources); they are not counted.
 
 >>> await purge_soft_deleted(db, days_old=30, dry_run=True)  # doctest: +SKIP
 {'conversations': 12}
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Column, Table, delete, func, select, tuple_
+from sqlalchemy import Column, DateTime, Table, delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.database import Database
@@ -60,6 +60,7 @@ async def purge_soft_deleted(
         table
         for table in reversed(user_tables(metadata, tables))
         if SOFT_DELETE_COLUMN in table.columns
+        and isinstance(table.columns[SOFT_DELETE_COLUMN].type, DateTime)
     ]
     counts: dict[str, int] = {}
     for table in candidates:
