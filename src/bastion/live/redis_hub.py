@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Final
 
 from redis.asyncio import Redis
@@ -34,7 +35,8 @@ __all__ = ["RedisHub"]
 logger = logging.getLogger("bastion.live")
 
 _ERRORS: Final = (RedisError, OSError, TimeoutError)
-_RECONNECT_S: Final = 0.5
+_RECONNECT_S: Final = 0.25
+_RECONNECT_MAX_S: Final = 5.0
 _POLL_S: Final = 1.0
 _CONNECT_WAIT_S: Final = 2.0
 
@@ -97,11 +99,13 @@ class RedisHub:
 
     async def _listen(self) -> None:
         start = len(self._prefix)
+        delay = _RECONNECT_S
         while not self._closed:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.psubscribe(self._prefix.replace("*", r"\*") + "*")
+                await pubsub.psubscribe(_glob_escape(self._prefix) + "*")
                 self._connected.set()
+                delay = _RECONNECT_S
                 while True:
                     message = await pubsub.get_message(timeout=_POLL_S)
                     if message is None or message.get("type") != "pmessage":
@@ -109,14 +113,17 @@ class RedisHub:
                     channel = message["channel"].decode()[start:]
                     self._fanout.deliver(channel, message["data"].decode())
             except _ERRORS as exc:
-                logger.warning("live: Redis pub/sub lost (%s); reconnecting", type(exc).__name__)
+                # Once per outage, not once per reconnection attempt.
+                log = logger.warning if self._connected.is_set() else logger.debug
+                log("live: Redis pub/sub unavailable (%s); reconnecting", type(exc).__name__)
             finally:
                 self._connected.clear()
                 # Subscribers may have missed events: tell them rather than go silent.
                 self._fanout.end_all(LiveUnavailableError("live updates interrupted"))
                 with contextlib.suppress(*_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(_RECONNECT_S)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RECONNECT_MAX_S)
 
     async def close(self) -> None:
         """See :meth:`bastion.live.Hub.close`."""
@@ -127,3 +134,7 @@ class RedisHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
         await self._client.aclose()
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)

@@ -101,7 +101,9 @@ class Subscription:
         """The next event.
 
         Raises:
-            LiveError: the subscription ended (its reason); StopAsyncIteration-free.
+            LiveError: the subscription ended: :class:`SlowConsumerError`,
+                :class:`LiveUnavailableError`, or :class:`HubClosedError` (also when the
+                subscriber closed it).
         """
         item = await self._queue.get()
         if item is _END:

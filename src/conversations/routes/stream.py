@@ -33,7 +33,6 @@ from collections import deque
 from typing import Final
 
 from fastapi import APIRouter
-from sqlalchemy import bindparam, select
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bastion import BastionError, Database, NotFoundError
@@ -42,9 +41,9 @@ from bastion.fastapi._dependencies import database_of
 from bastion.live import HubClosedError, LiveUnavailableError, SlowConsumerError, Subscription
 from conversations.auth import MAX_KEY_LENGTH, user_for_key
 from conversations.live_events import message_channel
-from conversations.models import Conversation, Message, MessageSource
+from conversations.models import MessageSource
 from conversations.routes._ids import parse_conversation_id
-from conversations.routes._scope import visible
+from conversations.routes._repositories import CONVERSATIONS, MESSAGES
 from conversations.schemas import MessageOut, SourceOut
 
 __all__ = [
@@ -70,15 +69,7 @@ CLOSE_TRY_LATER: Final = 1013
 _CLOSE_TIMEOUT_S: Final = 5.0  # a slow reader gets this long to take the close frame
 _REMEMBERED_IDS: Final = 1024  # recent message ids, to send each once
 
-_VISIBLE = select(Conversation.id).where(*visible(bindparam("owner_id"), bindparam("cid")))
-_MESSAGE = select(*Message.__table__.c).where(
-    Message.id == bindparam("id"), Message.conversation_id == bindparam("cid")
-)
-_SOURCES = (
-    select(MessageSource.url, MessageSource.title)
-    .where(MessageSource.message_id == bindparam("id"))
-    .order_by(MessageSource.position)
-)
+_SOURCES_OF = MESSAGES.children_query("sources", order_by=MessageSource.position)
 
 
 @router.websocket("/v1/conversations/{conversation_id}/stream")
@@ -95,7 +86,7 @@ async def stream_messages(websocket: WebSocket, conversation_id: str) -> None:
         async with database.read_connection() as connection:
             owner_id = await user_for_key(connection, key)
             found = owner_id is not None and (
-                await connection.scalar(_VISIBLE, {"owner_id": owner_id, "cid": cid})
+                await CONVERSATIONS.values(connection, cid, "id", scope=owner_id) is not None
             )
     except NotFoundError:
         found, owner_id = False, uuid.UUID(int=0)
@@ -171,14 +162,12 @@ async def _pump(
 async def _load_message(database: Database, cid: uuid.UUID, message_id: int) -> str | None:
     """A message too large for the hub, read in one short unit."""
     async with database.read_connection() as connection:
-        row = (
-            (await connection.execute(_MESSAGE, {"id": message_id, "cid": cid})).mappings().first()
-        )
-        if row is None:
+        row = await MESSAGES.get(connection, message_id)
+        if row is None or row["conversation_id"] != cid:
             return None
         sources = [
             SourceOut(url=source.url, title=source.title)
-            for source in await connection.execute(_SOURCES, {"id": message_id})
+            for source in await connection.execute(_SOURCES_OF, {"parent_ids": [message_id]})
         ]
     return MessageOut.model_validate({**row, "sources": sources}).model_dump_json()
 
