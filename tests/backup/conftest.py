@@ -35,21 +35,39 @@ def age_identity() -> str:
     return str(pyrage.x25519.Identity.generate())
 
 
+@pytest.fixture(scope="session")
+def postgres_backup_databases() -> Iterator[tuple[str, list[str]]]:
+    """A migrated template database (never connected to after), and the copies made of it.
+
+    Copies of a template are much cheaper than a migration per test; they are all dropped at
+    the end of the session.
+    """
+    template = f"bastion_backup_template_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{template}"'))
+    asyncio.run(_migrate(_url(template)))
+    copies: list[str] = []
+    yield template, copies
+    for name in [*copies, template]:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _url(name: str) -> str:
+    return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+
 @pytest.fixture
-def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated database of ``backend`` that this test alone uses."""
     if backend == "sqlite":
         template: Path = request.getfixturevalue("sqlite_template")
         path = tmp_path / "live.db"
         shutil.copyfile(template, path)
-        yield f"sqlite:///{path}"
-        return
+        return f"sqlite:///{path}"
+    postgres_template, copies = request.getfixturevalue("postgres_backup_databases")
     name = f"bastion_backup_{uuid.uuid4().hex[:12]}"
-    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    asyncio.run(_migrate(url))
-    yield url
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(_admin(f'CREATE DATABASE "{name}" TEMPLATE "{postgres_template}"'))
+    copies.append(name)
+    return _url(name)
 
 
 async def _admin(statement: str) -> None:
