@@ -93,3 +93,12 @@ async def test_a_signing_key_is_generated_once_outside_the_backup_dir(
     assert not any(path.name.endswith(".key") for path in settings.backup_dir.iterdir())
     # A second service (another worker, a restart) reads the same key and trusts the backup.
     assert [item.id for item in await BackupService(database, settings).list()] == [manifest.id]
+
+
+def test_an_in_memory_database_cannot_be_backed_up(tmp_path: Path) -> None:
+    from tests.conftest import make_settings
+
+    database = Database(make_settings("sqlite:///:memory:"))
+    with pytest.raises(ConfigurationError) as caught:
+        BackupService(database, make_backup_settings(tmp_path))
+    assert "in-memory" in caught.value.message

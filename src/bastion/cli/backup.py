@@ -42,6 +42,8 @@ T = TypeVar("T")
 
 backup_app = typer.Typer(
     help="Backups: create, list, verify, restore and prune (BACKUP_* settings).",
+    epilog="Exit codes: 0 done; 1 failed (a backup failing verification, a restore refused or "
+    "already running, the store or database unreachable); 2 bad usage or configuration.",
     no_args_is_help=True,
 )
 
