@@ -82,14 +82,17 @@ async def test_an_encrypted_backup_needs_the_key_to_be_read(
 
 @pytest.mark.parametrize("backend", ["sqlite"])
 async def test_a_signing_key_is_generated_once_outside_the_backup_dir(
-    database: Database, tmp_path: Path
+    database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = BackupSettings(BACKUP_DIR=tmp_path / "store" / "backups")
-    first = BackupService(database, settings)
+    with caplog.at_level("WARNING", logger="bastion.backup"):
+        first = BackupService(database, settings)
     manifest = await first.create()
     key_file = tmp_path / "store" / "backup-signing.key"
     assert key_file.exists()
     assert os.stat(key_file).st_mode & 0o777 == 0o600
+    assert "generated a backup signing key" in caplog.text
+    assert key_file.read_text().strip() not in caplog.text
     assert not any(path.name.endswith(".key") for path in settings.backup_dir.iterdir())
     # A second service (another worker, a restart) reads the same key and trusts the backup.
     assert [item.id for item in await BackupService(database, settings).list()] == [manifest.id]
