@@ -211,7 +211,15 @@ class RedisCache:
         )
         ok, locked = await self._call("lock", lock.acquire)
         holds_lock = bool(ok and locked)
-        if ok and not locked:
+        if holds_lock:
+            # Our read may have missed just before another loader stored the value and let go
+            # of the lock: look once more before loading again.
+            ok, blob = await self._call("get", lambda: self.client.get(value_key))
+            raw = self._raw(blob, count=False) if ok else _MISSING
+            if raw is not _MISSING:
+                await self._call("unlock", lambda: _release(lock))
+                return Outcome(parse(raw), raw, shareable=True)
+        elif ok:
             # Another process is loading this key: wait a little for its value, until it lets
             # go of the lock (its load failed or went stale) or the wait is over.
             deadline = time.monotonic() + settings.lock_wait_s
@@ -257,13 +265,14 @@ class RedisCache:
             await self._call("unlock", lambda: _release(lock))
         return Outcome(value, raw, shareable=shareable)
 
-    def _raw(self, blob: bytes | None) -> Any:
+    def _raw(self, blob: bytes | None, *, count: bool = True) -> Any:
         if blob is None:
             return _MISSING
         try:
             return decode(blob)
         except CacheCodecError:
-            self.metrics.error("decode")
+            if count:  # the same bad value seen twice by one read is one error
+                self.metrics.error("decode")
             return _MISSING
 
     # -- invalidation ------------------------------------------------------------------------
