@@ -36,8 +36,7 @@ from fastapi import APIRouter
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bastion import BastionError, Database, NotFoundError
-from bastion.fastapi import live_hub_of
-from bastion.fastapi._dependencies import database_of
+from bastion.fastapi import get_database, live_hub_of
 from bastion.live import HubClosedError, LiveUnavailableError, SlowConsumerError, Subscription
 from conversations.auth import MAX_KEY_LENGTH, user_for_key
 from conversations.live_events import message_channel
@@ -74,7 +73,7 @@ _SOURCES_OF = MESSAGES.children_query("sources", order_by=MessageSource.position
 
 @router.websocket("/v1/conversations/{conversation_id}/stream")
 async def stream_messages(websocket: WebSocket, conversation_id: str) -> None:
-    database = database_of(websocket)
+    database = await get_database(websocket)
     offered = list(websocket.scope.get("subprotocols", []))
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
     key = _presented_key(websocket, offered)
