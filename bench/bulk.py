@@ -4,14 +4,19 @@ PostgreSQL: ``bastion.bulk_insert`` (COPY in batches, values through the column 
 asyncpg ``copy_records_to_table`` with the values prepared by hand. SQLite:
 ``bulk_insert`` (executemany in batches via aiosqlite) vs ``sqlite3.executemany`` in one
 transaction. Interleaved rounds; the table is emptied before each run. Returns result rows in
-``bench.run``'s shape.
+``bench.run``'s shape. Standalone: ``python -m bench.bulk --backend both --rounds 3`` makes
+its own databases and prints bastion ÷ baseline per round.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import sqlite3
+import statistics
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -149,3 +154,77 @@ def bench_bulk(backend: str, url: str, rounds: int) -> list[dict[str, Any]]:
                 }
             )
     return results
+
+
+async def _fresh_database(backend: str, workdir: str) -> str:
+    """A migrated database with 100 conversations to attach messages to; its URL."""
+    from bastion.migrations import upgrade
+    from conversations import MIGRATIONS
+    from conversations.models import Conversation
+    from conversations.users import create_user
+
+    if backend == "sqlite":
+        url = f"sqlite:///{workdir}/bulk.db"
+    else:
+        admin_url = os.environ.get(
+            "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+        )
+        name = f"bench_bulk_{uuid.uuid4().hex[:8]}"
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    async with Database(DatabaseSettings(DATABASE_URL=url)) as database:
+        await upgrade(database, MIGRATIONS)
+        await create_user(database, "bulk")
+        async with database.write() as session:
+            owner = await session.scalar(text("SELECT id FROM users"))
+            owner_id = owner if isinstance(owner, uuid.UUID) else uuid.UUID(str(owner))
+            session.add_all(Conversation(owner_id=owner_id, title=f"c{n}") for n in range(100))
+    return url
+
+
+async def _drop_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def main() -> None:
+    """``python -m bench.bulk [--backend sqlite|postgresql|both] [--rounds N]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=3)
+    options = parser.parse_args()
+    backends = ["sqlite", "postgresql"] if options.backend == "both" else [options.backend]
+    for backend in backends:
+        with tempfile.TemporaryDirectory() as workdir:
+            url = asyncio.run(_fresh_database(backend, workdir))
+            try:
+                results = bench_bulk(backend, url, options.rounds)
+            finally:
+                if backend == "postgresql":
+                    asyncio.run(_drop_database(url))
+        baseline = "copy" if backend == "postgresql" else "executemany"
+        ratios = [
+            ours["rps"] / theirs["rps"]
+            for ours in results
+            for theirs in results
+            if ours["variant"] == "bastion"
+            and theirs["variant"] == baseline
+            and ours["round"] == theirs["round"]
+        ]
+        print(
+            f"{backend}: bastion / {baseline} per round: "
+            + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+            + f" (median {statistics.median(ratios):.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,10 @@
 """Reusable pydantic field types for what a database can and must not hold.
 
 They reject — never rewrite — input: text is stored as sent (escaping is an output concern),
-so a value either passes unchanged or the request fails with 422.
+so a value either passes unchanged or the request fails with 422. The one exception is
+:data:`NormalizedText`, for names and keys that are compared for equality or searched: it
+stores the Unicode NFC form, so "é" typed as one character or as "e" plus an accent is the
+same name.
 
 >>> class NoteIn(BaseModel):
 ...     title: Annotated[SafeText, Field(min_length=1, max_length=200)]
@@ -14,20 +17,27 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
+import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, AwareDatetime
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator
 
 __all__ = [
     "HttpUrlText",
+    "IntId",
     "JSONObject",
+    "NormalizedText",
     "SafeText",
     "UTCTimestamp",
+    "UUIDText",
     "check_http_url",
+    "check_int_id",
     "check_json_object",
     "check_safe_text",
+    "check_uuid",
+    "normalize_text",
     "to_utc",
 ]
 
@@ -35,6 +45,8 @@ ALLOWED_CONTROL_CHARACTERS: Final = frozenset("\t\n\r")
 JSON_OBJECT_MAX_BYTES: Final = 16 * 1024
 JSON_OBJECT_MAX_DEPTH: Final = 8
 URL_MAX_LENGTH: Final = 2048
+INT_ID_MAX: Final = 2**63 - 1  # a signed 64-bit key: BIGINT on PostgreSQL, INTEGER on SQLite
+UUID_TEXT_MAX_LENGTH: Final = 36
 
 
 def check_safe_text(value: str) -> str:
@@ -57,6 +69,56 @@ def check_safe_text(value: str) -> str:
 
 SafeText = Annotated[str, AfterValidator(check_safe_text)]
 """A ``str`` that passes :func:`check_safe_text`; add ``Field(max_length=…)`` for a limit."""
+
+
+def normalize_text(value: str) -> str:
+    """``value`` in Unicode normal form NFC, if it passes :func:`check_safe_text`.
+
+    Raises:
+        ValueError: as :func:`check_safe_text`.
+    """
+    return unicodedata.normalize("NFC", check_safe_text(value))
+
+
+NormalizedText = Annotated[str, AfterValidator(normalize_text)]
+"""A :data:`SafeText` stored in NFC form; put ``Field(max_length=…)`` before it for a limit."""
+
+
+def check_uuid(value: str) -> uuid.UUID:
+    """The UUID ``value`` spells, in its 36-character or 32-hex-digit form.
+
+    Raises:
+        ValueError: anything else (braces, ``urn:uuid:``, a wrong length, non-hex digits).
+    """
+    if len(value) not in (32, UUID_TEXT_MAX_LENGTH) or not value.isascii():
+        raise ValueError("not a UUID")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValueError("not a UUID") from None
+
+
+def _uuid_from_text(value: Any) -> Any:
+    return check_uuid(value) if isinstance(value, str) else value
+
+
+UUIDText = Annotated[uuid.UUID, BeforeValidator(_uuid_from_text)]
+"""A ``UUID`` field that accepts only the canonical text forms (see :func:`check_uuid`)."""
+
+
+def check_int_id(value: int) -> int:
+    """Return ``value`` unchanged if it can be a row id: 1 to 2**63 - 1.
+
+    Raises:
+        ValueError: zero, negative, or beyond a 64-bit key.
+    """
+    if not 1 <= value <= INT_ID_MAX:
+        raise ValueError(f"an id is a whole number from 1 to {INT_ID_MAX}")
+    return value
+
+
+IntId = Annotated[int, AfterValidator(check_int_id)]
+"""An integer id that a BIGINT key can hold (a larger one is refused, not an overflow 500)."""
 
 
 def check_json_object(

@@ -415,11 +415,13 @@ class Repository(Generic[ModelT]):
         expected_version: int | None = None,
         increment: Mapping[str, int] | None = None,
         bump_version: bool = True,
+        returning: Sequence[str] | None = None,
     ) -> RowMapping:
         """Change the visible row ``id``: set ``changes``, add ``increment``; return it.
 
         ``updated_at``/``updated_by`` are stamped and ``version`` goes up by one (unless
         ``bump_version=False``, for bookkeeping such as a counter that is not an edit).
+        ``returning`` names the columns to return, when not all are wanted.
 
         Raises:
             NotFoundError: no such visible row.
@@ -439,6 +441,7 @@ class Repository(Generic[ModelT]):
             bump_version=bump_version,
             expected_version=expected_version,
             state="live",
+            returning=tuple(self._checked(returning)) if returning is not None else None,
         )
         if row is None:
             await self._raise_missing_or_stale(executor, id, scope, expected_version)
@@ -671,6 +674,7 @@ class Repository(Generic[ModelT]):
         bump_version: bool,
         expected_version: int | None,
         state: _RowState,
+        returning: tuple[str, ...] | None = None,
     ) -> RowMapping | None:
         if "deleted_at" in changes:
             self._require_soft_delete()
@@ -682,6 +686,7 @@ class Repository(Generic[ModelT]):
         checks_version = expected_version is not None and self._version is not None
         shape = (
             "update",
+            returning,
             state,
             frozenset(setting),
             frozenset(increment),
@@ -704,7 +709,8 @@ class Repository(Generic[ModelT]):
             if checks_version:
                 assert self._version is not None
                 statement = statement.where(self._version == bindparam("_expected_version"))
-            return statement.values(values).returning(*self.columns)
+            columns = self.columns if returning is None else [table.c[n] for n in returning]
+            return statement.values(values).returning(*columns)
 
         statement = self._cached(shape, build)
         params = self._params(scope, _id=id)

@@ -65,12 +65,17 @@ async def _add(
         scope=user_id,
         increment={"message_count": len(bodies)},
         bump_version=False,
+        returning=["id"],
     )
     rows = [
         {"conversation_id": cid, "role": b.role, "content": b.content, "metadata": b.metadata}
         for b in bodies
     ]
-    stored = await MESSAGES.create_many(connection, rows)
+    # One row: a plain INSERT … RETURNING, cheaper than the batched form.
+    if len(rows) == 1:
+        stored = [await MESSAGES.create(connection, rows[0])]
+    else:
+        stored = await MESSAGES.create_many(connection, rows)
     sources = [
         {"message_id": row["id"], "position": n, "url": s.url, "title": s.title}
         for row, body in zip(stored, bodies, strict=True)
