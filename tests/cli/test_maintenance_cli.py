@@ -85,6 +85,7 @@ def env(db_file: Path) -> dict[str, str]:
 
 @pytest.fixture
 def postgres(postgres_test_url: str) -> Iterator[str]:
+    asyncio.run(empty_postgres(postgres_test_url))  # the import needs an empty target
     yield postgres_test_url
     asyncio.run(empty_postgres(postgres_test_url))
 

@@ -22,6 +22,20 @@ def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+@pytest.fixture(autouse=True)
+def _postgres_starts_empty(request: pytest.FixtureRequest) -> None:
+    """Empty the session's PostgreSQL database before a test that uses it.
+
+    These tests compare whole databases, so a row another test left behind (in a table the
+    shared cleanup does not know, say) would fail them for nothing they did.
+    """
+    uses_postgres = {"postgres_url", "postgres_db"} & set(request.fixturenames) or (
+        "backend" in request.fixturenames and request.getfixturevalue("backend") == "postgresql"
+    )
+    if uses_postgres:
+        asyncio.run(empty_postgres(request.getfixturevalue("postgres_test_url")))
+
+
 @pytest.fixture
 def postgres_url(postgres_test_url: str) -> Iterator[str]:
     """The session's migrated PostgreSQL database, emptied after the test."""
