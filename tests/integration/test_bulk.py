@@ -214,3 +214,26 @@ async def test_columns_left_out_get_their_defaults_computed_per_row(
     saved = await stored(database)
     assert [metadata for _, metadata, _ in saved] == [{}, {}, {}]
     assert all(before <= created <= utcnow() for _, _, created in saved)
+
+
+async def test_best_effort_never_holds_more_connections_than_its_concurrency(
+    database: Database, conversation_id: uuid.UUID
+) -> None:
+    in_use: list[int] = []
+
+    def watch(_done: int, _total: int) -> None:
+        in_use.append(database.pool_status().checked_out)
+
+    result = await bulk_insert(
+        database,
+        MESSAGES,
+        message_rows(conversation_id, 2_000),
+        batch_size=50,
+        atomic=False,
+        concurrency=2,
+        on_progress=watch,
+    )
+
+    assert result.inserted == 2_000
+    assert len(in_use) == 40
+    assert max(in_use) <= 2
