@@ -28,47 +28,28 @@ block and never opens or commits a transaction of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any, Final, Generic, Literal, TypeVar, cast
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import (
-    Column,
-    ColumnElement,
     RowMapping,
-    Select,
-    Table,
     bindparam,
     delete,
-    func,
     insert,
-    inspect,
-    select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import selectinload
-from sqlalchemy.orm.interfaces import ORMOption
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.errors import NotFoundError, StaleVersionError, UniqueViolationError
-from bastion.repository._invalid import InvalidQueryError
-from bastion.repository.audit import audit_now, current_actor
-from bastion.repository.filters import Filter
-from bastion.repository.pagination import CursorCodec, CursorPage, Keyset, Page
-from bastion.repository.sorting import SortKey, parse_sort
+from bastion.repository._base import Executor, ModelT, RowState, row_id
+from bastion.repository._reads import RepositoryReads
+from bastion.repository.audit import audit_now
 from bastion.repository.upsert import excluded, upsert_statement
 
 __all__ = ["Executor", "Repository"]
 
-ModelT = TypeVar("ModelT")
-Executor = AsyncConnection | AsyncSession
-"""What a repository runs its statements on: a unit's connection or session."""
 
-_RowState = Literal["live", "deleted", "any"]
-_MAX_CACHED_SHAPES: Final = 1024
-_AUDIT_COLUMNS: Final = ("created_at", "updated_at", "created_by", "updated_by", "deleted_at")
-
-
-class Repository(Generic[ModelT]):
+class Repository(RepositoryReads[ModelT]):
     """Typed reads and writes of one mapped model; see the module docstring.
 
     Args:
@@ -84,285 +65,6 @@ class Repository(Generic[ModelT]):
     Raises:
         ValueError: a composite primary key, or a named column the table does not have.
     """
-
-    def __init__(
-        self,
-        model: type[ModelT],
-        *,
-        name: str | None = None,
-        scope: str | None = None,
-        filterable: Iterable[str] = (),
-        sortable: Iterable[str] = (),
-        hidden: Iterable[str] = (),
-        cursor_key: bytes | None = None,
-    ) -> None:
-        self.model = model
-        self.table = cast(Table, getattr(model, "__table__"))  # noqa: B009
-        keys = list(self.table.primary_key.columns)
-        if len(keys) != 1:
-            raise ValueError(f"{self.table.name}: a repository needs a one-column primary key")
-        self.name = name or self.table.name
-        self._pk: Column[Any] = keys[0]
-        self._scope = self._column(scope) if scope else None
-        self._deleted = self.table.c.get("deleted_at")
-        self._version = self.table.c.get("version")
-        self.filterable: frozenset[str] = frozenset(self._checked(filterable))
-        self.sortable: frozenset[str] = frozenset(self._checked(sortable))
-        hide = {*self._checked(hidden), *([scope] if scope else [])}
-        self.columns: list[Column[Any]] = [c for c in self.table.c if c.name not in hide]
-        """The columns of every returned row."""
-        self._protected = {self._pk.name, *([scope] if scope else []), "version", *_AUDIT_COLUMNS}
-        self._codec = CursorCodec(cursor_key)
-        self._statements: dict[Hashable, Any] = {}
-
-    def __repr__(self) -> str:
-        return f"<Repository {self.table.name}>"
-
-    # -- reads -----------------------------------------------------------------------------
-
-    async def get(
-        self, executor: Executor, id: Any, *, scope: Any = None, include_deleted: bool = False
-    ) -> RowMapping | None:
-        """The row with primary key ``id`` (in ``scope``), or ``None``."""
-        state: _RowState = "any" if include_deleted else "live"
-        statement = self._cached(
-            ("get", state),
-            lambda: select(*self.columns).where(self._pk == _id(self._pk), *self._where(state)),
-        )
-        result = await executor.execute(statement, self._params(scope, _id=id))
-        return result.mappings().first()
-
-    async def require(
-        self, executor: Executor, id: Any, *, scope: Any = None, include_deleted: bool = False
-    ) -> RowMapping:
-        """Like :meth:`get`.
-
-        Raises:
-            NotFoundError: no such row (or deleted, or in another scope).
-        """
-        row = await self.get(executor, id, scope=scope, include_deleted=include_deleted)
-        if row is None:
-            raise NotFoundError(f"{self.name} not found")
-        return row
-
-    async def values(
-        self, executor: Executor, id: Any, *columns: str, scope: Any = None
-    ) -> RowMapping | None:
-        """Only ``columns`` of the visible row ``id`` (``None``: no such row): for hot paths
-        that need a field or two, not the whole row.
-
-        Raises:
-            ValueError: a column the table does not have.
-        """
-        names = tuple(self._checked(columns))
-        statement = self._cached(
-            ("values", names),
-            lambda: select(*(self.table.c[name] for name in names)).where(
-                self._pk == _id(self._pk), *self._where("live")
-            ),
-        )
-        result = await executor.execute(statement, self._params(scope, _id=id))
-        return result.mappings().first()
-
-    async def get_many(
-        self, executor: Executor, ids: Sequence[Any], *, scope: Any = None
-    ) -> list[RowMapping]:
-        """The visible rows among ``ids``, in the order of ``ids`` (missing ones left out)."""
-        if not ids:
-            return []
-        statement = self._cached(
-            "get_many",
-            lambda: select(*self.columns).where(
-                self._pk.in_(bindparam("_ids", expanding=True, type_=self._pk.type)),
-                *self._where("live"),
-            ),
-        )
-        found = await executor.execute(statement, self._params(scope, _ids=list(ids)))
-        by_id = {row[self._pk.name]: row for row in found.mappings()}
-        return [by_id[id] for id in ids if id in by_id]
-
-    async def count(
-        self,
-        executor: Executor,
-        *,
-        filters: Sequence[Filter] = (),
-        scope: Any = None,
-        include_deleted: bool = False,
-    ) -> int:
-        """How many rows match ``filters`` (deleted ones only with ``include_deleted``).
-
-        Raises:
-            InvalidQueryError: a filter on a field that is not filterable.
-        """
-        state: _RowState = "any" if include_deleted else "live"
-        shape = self._filter_shape(filters)
-        statement = self._cached(
-            ("count", state, shape),
-            lambda: select(func.count()).select_from(self._filtered(filters, state).subquery()),
-        )
-        params = self._params(scope, **self._filter_params(filters))
-        return int(await executor.scalar(statement, params) or 0)
-
-    async def page(
-        self,
-        executor: Executor,
-        *,
-        filters: Sequence[Filter] = (),
-        sort: str | Sequence[str] | None = None,
-        limit: int = 20,
-        offset: int = 0,
-        scope: Any = None,
-        include_deleted: bool = False,
-    ) -> Page[RowMapping]:
-        """One page of matching rows in ``sort`` order, and the total that match.
-
-        The primary key breaks ties, so rows with equal sort keys still page in one order.
-
-        Raises:
-            InvalidQueryError: a field that is not filterable or sortable.
-            ValueError: ``limit`` not positive or ``offset`` negative.
-        """
-        if limit < 1 or offset < 0:
-            raise ValueError("limit must be positive and offset not negative")
-        state: _RowState = "any" if include_deleted else "live"
-        keys = self._sort_keys(sort)
-        shape = self._filter_shape(filters)
-
-        def build() -> Select[Any]:
-            ordering = [c.desc() if desc else c.asc() for c, desc in self._ordering(keys)]
-            return (
-                self._filtered(filters, state)
-                .order_by(*ordering)
-                .limit(bindparam("_limit"))
-                .offset(bindparam("_offset"))
-            )
-
-        statement = self._cached(("list", state, shape, keys), build)
-        total = await self.count(
-            executor, filters=filters, scope=scope, include_deleted=include_deleted
-        )
-        params = self._params(scope, _limit=limit, _offset=offset, **self._filter_params(filters))
-        rows = list((await executor.execute(statement, params)).mappings())
-        return Page(items=rows, total=total, limit=limit, offset=offset)
-
-    async def keyset(
-        self,
-        executor: Executor,
-        *,
-        filters: Sequence[Filter] = (),
-        sort: str | Sequence[str] | None = None,
-        limit: int = 20,
-        cursor: str | None = None,
-        scope: Any = None,
-        include_deleted: bool = False,
-    ) -> CursorPage[RowMapping]:
-        """The ``limit`` rows after ``cursor`` in ``sort`` order (then primary key).
-
-        Rows inserted while a client pages never make it skip or repeat a row. Sort fields
-        must be non-nullable columns.
-
-        Raises:
-            InvalidQueryError: a field that is not filterable or sortable, or a cursor not
-                made by this query's ordering.
-        """
-        state: _RowState = "any" if include_deleted else "live"
-        keys = self._sort_keys(sort)
-        shape = self._filter_shape(filters)
-        keyset = self._cached(
-            ("keyset", state, shape, keys),
-            lambda: Keyset(self._filtered(filters, state), self._ordering(keys), codec=self._codec),
-        )
-        params = self._params(scope, **self._filter_params(filters))
-        return cast(
-            CursorPage[RowMapping],
-            await keyset.page(executor, params, limit=limit, cursor=cursor),
-        )
-
-    def keyset_query(
-        self, sort: str | Sequence[str] | None = None, *where: ColumnElement[bool]
-    ) -> Keyset:
-        """A :class:`Keyset` over visible rows matching ``where`` (bindparams allowed).
-
-        For a hot route, build it once; pass :meth:`scope_params` plus your own parameters
-        to :meth:`Keyset.page`.
-        """
-        query = select(*self.columns).where(*self._where("live"), *where)
-        return Keyset(query, self._ordering(self._sort_keys(sort)), codec=self._codec)
-
-    def scope_params(self, scope: Any) -> dict[str, Any]:
-        """The parameters that bind ``scope`` into statements from :meth:`keyset_query`."""
-        return self._params(scope)
-
-    def children_query(self, relationship: str, *, order_by: Any = None) -> Select[Any]:
-        """A statement loading the rows of a one-to-many ``relationship`` of many parents.
-
-        The explicit eager load of Core reads: bind ``parent_ids`` (a list) and get every
-        child row, ordered by parent and then ``order_by``. Build it once.
-
-        Raises:
-            ValueError: not a relationship of the model, or one over several columns.
-        """
-        known = inspect(self.model).relationships
-        if relationship not in known:
-            raise ValueError(f"{self.table.name} has no relationship {relationship!r}")
-        pairs = known[relationship].local_remote_pairs or []
-        if len(pairs) != 1:
-            raise ValueError(f"{relationship} joins on several columns")
-        ((_, child_key),) = pairs
-        child_table = cast(Table, child_key.table)
-        parents = bindparam("parent_ids", expanding=True, type_=child_key.type)
-        ordering = [child_key] if order_by is None else [child_key, order_by]
-        return select(*child_table.c).where(child_key.in_(parents)).order_by(*ordering)
-
-    # -- ORM reads -------------------------------------------------------------------------
-
-    def eager(self, *relationships: str) -> list[ORMOption]:
-        """Loader options that load ``relationships`` up front (relationships are
-        ``lazy="raise"``, so anything not named here fails loudly when touched).
-
-        Raises:
-            ValueError: a name that is not a relationship of the model.
-        """
-        known = inspect(self.model).relationships
-        unknown = [name for name in relationships if name not in known]
-        if unknown:
-            raise ValueError(f"{self.table.name} has no relationship(s) {', '.join(unknown)}")
-        return [selectinload(getattr(self.model, name)) for name in relationships]
-
-    async def load(
-        self,
-        session: AsyncSession,
-        id: Any,
-        *,
-        scope: Any = None,
-        eager: Sequence[str] = (),
-        include_deleted: bool = False,
-    ) -> ModelT | None:
-        """The ORM object with primary key ``id``, with ``eager`` relationships loaded."""
-        loaded = await self.load_many(
-            session, [id], scope=scope, eager=eager, include_deleted=include_deleted
-        )
-        return loaded[0] if loaded else None
-
-    async def load_many(
-        self,
-        session: AsyncSession,
-        ids: Sequence[Any],
-        *,
-        scope: Any = None,
-        eager: Sequence[str] = (),
-        include_deleted: bool = False,
-    ) -> list[ModelT]:
-        """The ORM objects among ``ids`` in that order, ``eager`` relationships loaded."""
-        state: _RowState = "any" if include_deleted else "live"
-        statement = (
-            select(self.model)
-            .where(getattr(self.model, self._pk.key).in_(list(ids)), *self._where(state))
-            .options(*self.eager(*eager))
-        )
-        found = await session.scalars(statement, self._params(scope))
-        by_id = {getattr(item, self._pk.key): item for item in found}
-        return [by_id[id] for id in ids if id in by_id]
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -564,105 +266,6 @@ class Repository(Generic[ModelT]):
             raise UniqueViolationError(f"a {self.name} with that key already exists")
         return stored
 
-    # -- internals -------------------------------------------------------------------------
-
-    def _column(self, name: str) -> Column[Any]:
-        try:
-            return self.table.c[name]
-        except KeyError:
-            raise ValueError(f"{self.table.name} has no column {name!r}") from None
-
-    def _checked(self, names: Iterable[str]) -> list[str]:
-        return [self._column(name).name for name in names]
-
-    def _cached(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        statement = self._statements.get(key)
-        if statement is None:
-            statement = build()
-            # Keys are made of whitelisted names, so they are few; the cap is a safeguard.
-            if len(self._statements) < _MAX_CACHED_SHAPES:
-                self._statements[key] = statement
-        return statement
-
-    def _params(self, scope: Any, **params: Any) -> dict[str, Any]:
-        if self._scope is not None:
-            if scope is None:
-                raise TypeError(f"Repository of {self.table.name} needs scope=")
-            params["_scope"] = scope
-        return params
-
-    def _where(self, state: _RowState) -> list[ColumnElement[bool]]:
-        clauses: list[ColumnElement[bool]] = []
-        if self._scope is not None:
-            clauses.append(self._scope == bindparam("_scope", type_=self._scope.type))
-        if self._deleted is not None and state == "live":
-            clauses.append(self._deleted.is_(None))
-        elif self._deleted is not None and state == "deleted":
-            clauses.append(self._deleted.is_not(None))
-        return clauses
-
-    def _filter_shape(self, filters: Sequence[Filter]) -> Hashable:
-        for item in filters:
-            if item.field not in self.filterable:
-                choices = ", ".join(sorted(self.filterable)) or "nothing"
-                raise InvalidQueryError("filter", f"unknown filter field; filter by: {choices}")
-        return tuple(item.shape() for item in filters)
-
-    @staticmethod
-    def _filter_params(filters: Sequence[Filter]) -> dict[str, Any]:
-        params: dict[str, Any] = {}
-        for n, item in enumerate(filters):
-            params.update(item.params(f"_f{n}"))
-        return params
-
-    def _filtered(self, filters: Sequence[Filter], state: _RowState) -> Select[Any]:
-        clauses = [
-            item.clause(self.table.c[item.field], f"_f{n}") for n, item in enumerate(filters)
-        ]
-        return select(*self.columns).where(*self._where(state), *clauses)
-
-    def _sort_keys(self, sort: str | Sequence[str] | None) -> tuple[SortKey, ...]:
-        if sort is None:
-            return ()
-        return parse_sort(sort, self.sortable)
-
-    def _ordering(self, keys: tuple[SortKey, ...]) -> list[tuple[Column[Any], bool]]:
-        order = [(self.table.c[key.field], key.descending) for key in keys]
-        if all(column is not self._pk for column, _ in order):
-            order.append((self._pk, keys[0].descending if keys else False))
-        return order
-
-    def _stamped(self, values: Mapping[str, Any], scope: Any) -> dict[str, Any]:
-        row = dict(values)
-        self._checked(row)
-        if self._scope is not None:
-            if scope is None:
-                raise TypeError(f"Repository of {self.table.name} needs scope=")
-            row[self._scope.name] = scope
-        now, actor = audit_now(), current_actor()
-        for name, value in (
-            ("created_at", now),
-            ("updated_at", now),
-            ("created_by", actor),
-            ("updated_by", actor),
-        ):
-            if name in self.table.c:
-                row.setdefault(name, value)
-        return row
-
-    def _touch_values(self) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        if "updated_at" in self.table.c:
-            values["updated_at"] = audit_now()
-        if "updated_by" in self.table.c:
-            values["updated_by"] = current_actor()
-        return values
-
-    def _require_soft_delete(self) -> Column[Any]:
-        if self._deleted is None:
-            raise ValueError(f"{self.table.name} has no deleted_at column: deletes are not soft")
-        return self._deleted
-
     async def _update(
         self,
         executor: Executor,
@@ -673,7 +276,7 @@ class Repository(Generic[ModelT]):
         increment: Mapping[str, int],
         bump_version: bool,
         expected_version: int | None,
-        state: _RowState,
+        state: RowState,
         returning: tuple[str, ...] | None = None,
     ) -> RowMapping | None:
         if "deleted_at" in changes:
@@ -705,7 +308,7 @@ class Repository(Generic[ModelT]):
             if versioned:
                 assert self._version is not None
                 values[self._version] = self._version + 1
-            statement = update(table).where(self._pk == _id(self._pk), *self._where(state))
+            statement = update(table).where(self._pk == row_id(self._pk), *self._where(state))
             if checks_version:
                 assert self._version is not None
                 statement = statement.where(self._version == bindparam("_expected_version"))
@@ -730,10 +333,6 @@ class Repository(Generic[ModelT]):
         raise StaleVersionError(
             f"{self.name} is at version {version}, not {expected_version}; re-read it and retry"
         )
-
-
-def _id(column: Column[Any]) -> Any:
-    return bindparam("_id", type_=column.type)
 
 
 def _dialect_name(executor: Executor) -> str:
