@@ -20,9 +20,7 @@ from typer.testing import CliRunner
 from bastion import Database, DatabaseSettings
 from bastion.cli import app
 from bastion.maintenance import TableDigest, table_digests
-from tests.maintenance.conftest import empty_postgres
-from tests.maintenance.data import seed
-from tests.maintenance.test_integrity import corrupt_copy
+from tests.maintenance.data import corrupt_copy, empty_postgres, seed
 
 BIN = Path(sys.executable).parent
 COMMANDS = ("init", "integrity", "optimize", "stats", "cleanup", "reset", "export", "import")

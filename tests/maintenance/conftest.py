@@ -7,11 +7,10 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 
 from bastion import Database, DatabaseSettings
+from tests.maintenance.data import empty_postgres
 
 
 @pytest.fixture
@@ -41,21 +40,6 @@ def postgres_url(postgres_test_url: str) -> Iterator[str]:
     """The session's migrated PostgreSQL database, emptied after the test."""
     yield postgres_test_url
     asyncio.run(empty_postgres(postgres_test_url))
-
-
-async def empty_postgres(url: str) -> None:
-    """Empty every table but ``alembic_version`` (whatever tables later migrations add)."""
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    connection = await asyncpg.connect(dsn)
-    try:
-        tables = await connection.fetch(
-            "SELECT quote_ident(tablename) AS name FROM pg_tables "
-            "WHERE schemaname = current_schema() AND tablename <> 'alembic_version'"
-        )
-        names = ", ".join(row["name"] for row in tables)
-        await connection.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
-    finally:
-        await connection.close()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""A known data set, written the same way on any backend.
+"""A known data set, written the same way on any backend; ways to damage an SQLite file and
+to empty the shared PostgreSQL test database.
 
 ``seed`` writes fixed ids, times and documents covering every column type of the reference
 schema: UUIDs, aware timestamps, JSON, bytes, text with non-ASCII characters, big integers,
@@ -7,10 +8,15 @@ NULLs, and soft-deleted rows.
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import asyncpg
 from sqlalchemy import insert
+from sqlalchemy.engine import make_url
 
 from bastion import Database
 from conversations.models import (
@@ -125,3 +131,32 @@ async def seed(database: Database, *, now: datetime = NOW) -> None:
                 for index, key in enumerate(["k1", "B", "a", "\u00e9", "Z", "_"])
             ],
         )
+
+
+def corrupt_copy(source: Path, target: Path, table: str) -> None:
+    """Copy an SQLite file and overwrite the page header of ``table``'s root page."""
+    shutil.copyfile(source, target)
+    connection = sqlite3.connect(target)
+    page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+    (root_page,) = connection.execute(
+        "SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).fetchone()
+    connection.close()
+    with target.open("r+b") as file:
+        file.seek((root_page - 1) * page_size)
+        file.write(b"\xa5" * 12)
+
+
+async def empty_postgres(url: str) -> None:
+    """Empty every table but ``alembic_version`` (whatever tables later migrations add)."""
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        tables = await connection.fetch(
+            "SELECT quote_ident(tablename) AS name FROM pg_tables "
+            "WHERE schemaname = current_schema() AND tablename <> 'alembic_version'"
+        )
+        names = ", ".join(row["name"] for row in tables)
+        await connection.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    finally:
+        await connection.close()

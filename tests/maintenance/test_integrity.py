@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from sqlalchemy.engine import make_url
 
 from bastion import Database, DatabaseSettings
 from bastion.maintenance import IntegrityProblem, check_integrity
-from tests.maintenance.data import seed
+from tests.maintenance.data import corrupt_copy, seed
 
 
 async def test_a_sound_database_is_ok(database: Database) -> None:
@@ -67,20 +66,6 @@ async def test_an_orphan_row_written_with_triggers_off_is_reported_on_postgresql
         IntegrityProblem("orphan_rows", "api_keys", "1 row(s) refer to a missing users row"),
         IntegrityProblem("orphan_rows", "conversations", "1 row(s) refer to a missing users row"),
     ]
-
-
-def corrupt_copy(source: Path, target: Path, table: str) -> None:
-    """Copy an SQLite file and overwrite the page header of ``table``'s root page."""
-    shutil.copyfile(source, target)
-    connection = sqlite3.connect(target)
-    page_size = connection.execute("PRAGMA page_size").fetchone()[0]
-    (root_page,) = connection.execute(
-        "SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-    ).fetchone()
-    connection.close()
-    with target.open("r+b") as file:
-        file.seek((root_page - 1) * page_size)
-        file.write(b"\xa5" * 12)
 
 
 async def test_a_damaged_sqlite_file_is_reported_not_raised(
