@@ -59,7 +59,10 @@ page of messages."""
 async def load_conversation(
     connection: AsyncConnection, owner_id: uuid.UUID, conversation_id: uuid.UUID
 ) -> ConversationOut:
-    """The owner's conversation, from the cache or the database.
+    """The owner's conversation, from the cache or else read on ``connection``.
+
+    The route passes the read connection its authentication already holds, so a miss costs
+    no second checkout (and a request never waits for a second connection while holding one).
 
     Raises:
         NotFoundError: no such conversation for this owner (not cached: it is cheap to ask).

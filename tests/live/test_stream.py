@@ -1,7 +1,7 @@
 """``WS /v1/conversations/{id}/stream`` under real uvicorn workers.
 
-Messages are posted over HTTP; ``tests.live.hooked_app`` calls the after-commit hook the
-message route will call (see its docstring).
+Messages are posted over HTTP to the reference service, whose message routes announce each
+one after its transaction committed and before answering.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 class Worker:
-    """One uvicorn process serving ``tests.live.hooked_app``."""
+    """One uvicorn process serving the reference service (``conversations.app``)."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
@@ -29,7 +29,7 @@ class Worker:
 
     async def start(self) -> None:
         self._process = subprocess.Popen(  # noqa: ASYNC220 (a long-lived child)
-            [sys.executable, "-m", "uvicorn", "tests.live.hooked_app:create_app", "--factory",
+            [sys.executable, "-m", "uvicorn", "conversations.app:create_app", "--factory",
              "--port", str(self.port), "--log-level", "warning", "--ws", "websockets"],
             env=self._env,
         )  # fmt: skip

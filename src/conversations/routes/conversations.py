@@ -14,8 +14,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 
 from bastion import Eq, Filter, Range, SafeText, Search, StoredResponse, UTCTimestamp
-from bastion.fastapi import DatabaseDep, ReadConnection, WriteConnection
+from bastion.fastapi import (
+    DatabaseDep,
+    InvalidateAfterCommit,
+    ReadConnection,
+    WriteConnection,
+    cache_of,
+)
 from conversations.auth import CurrentReader, CurrentUser
+from conversations.cache_keys import conversation_changed, conversation_tags, load_conversation
 from conversations.routes._ids import parse_conversation_id
 from conversations.routes._repositories import CONVERSATIONS, ConversationSort
 from conversations.routes._writes import write_once
@@ -75,7 +82,9 @@ async def get_conversation(
     conversation_id: str, user_id: CurrentReader, connection: ReadConnection, response: Response
 ) -> ConversationOut:
     cid = parse_conversation_id(conversation_id)
-    return _out(await CONVERSATIONS.require(connection, cid, scope=user_id), response)
+    conversation = await load_conversation(connection, user_id, cid)  # cached per owner
+    response.headers["ETag"] = _etag(conversation)
+    return conversation
 
 
 @router.get("")
@@ -116,6 +125,7 @@ async def update_conversation(
     conversation_id: str,
     body: ConversationUpdate,
     user_id: CurrentUser,
+    stale: InvalidateAfterCommit,  # before the unit: its invalidation runs after COMMIT
     connection: WriteConnection,
     response: Response,
     if_match: Annotated[str | None, Header()] = None,
@@ -123,6 +133,7 @@ async def update_conversation(
     cid = parse_conversation_id(conversation_id)
     expected = _expected_version(if_match)
     changes = body.model_dump(exclude_unset=True)
+    stale.add(tags=conversation_tags(user_id, cid))
     row = await CONVERSATIONS.update(
         connection, cid, changes, scope=user_id, expected_version=expected
     )
@@ -131,9 +142,13 @@ async def update_conversation(
 
 @router.delete("/{conversation_id}", status_code=204)
 async def delete_conversation(
-    conversation_id: str, user_id: CurrentUser, connection: WriteConnection
+    conversation_id: str,
+    user_id: CurrentUser,
+    stale: InvalidateAfterCommit,  # before the unit: its invalidation runs after COMMIT
+    connection: WriteConnection,
 ) -> Response:
     cid = parse_conversation_id(conversation_id)
+    stale.add(tags=conversation_tags(user_id, cid))
     await CONVERSATIONS.soft_delete(connection, cid, scope=user_id)
     return Response(status_code=204)
 
@@ -149,4 +164,6 @@ async def restore_conversation(
         result = _out(await CONVERSATIONS.restore(connection, cid, scope=user_id))
         return StoredResponse.json(result, headers={"ETag": _etag(result)})
 
-    return await write_once(request, database, user_id, restore)
+    response = await write_once(request, database, user_id, restore)
+    await conversation_changed(cache_of(request), user_id, cid)
+    return response

@@ -22,6 +22,8 @@ from starlette.requests import Request
 from bastion import InvalidQueryError, NotFoundError, StoredResponse
 from bastion.fastapi import DatabaseDep, ReadConnection
 from conversations.auth import CurrentReader, CurrentUser
+from conversations.cache_keys import cache_message_page
+from conversations.live_events import message_created, messages_created
 from conversations.models import Message, MessageSource
 from conversations.routes._ids import parse_conversation_id
 from conversations.routes._repositories import CONVERSATIONS, MESSAGES, invalid_query
@@ -106,7 +108,10 @@ async def create_message(
         location = f"/v1/conversations/{cid}/messages/{message.id}"
         return StoredResponse.json(message, status_code=201, headers={"Location": location})
 
-    return await write_once(request, database, user_id, add_message)
+    response = await write_once(request, database, user_id, add_message)
+    # Committed: invalidate the conversation's cached reads, then tell its streams.
+    await message_created(request, user_id, response)
+    return response
 
 
 @router.post(
@@ -146,7 +151,9 @@ async def create_messages(
         answer = MessageBatchResult(created=len(stored), failed=len(refused), results=results)
         return StoredResponse.json(answer, status_code=207 if refused else 201)
 
-    return await write_once(request, database, user_id, add_messages)
+    response = await write_once(request, database, user_id, add_messages)
+    await messages_created(request, user_id, cid, response)
+    return response
 
 
 def _validate_each(
@@ -176,13 +183,33 @@ async def list_messages(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> MessagePage:
     cid = parse_conversation_id(conversation_id)
-    conversation = await CONVERSATIONS.values(connection, cid, "message_count", scope=user_id)
-    if conversation is None:
-        raise NotFoundError("conversation not found")
     try:
-        page = await _PAGES.page(connection, {"cid": cid}, limit=limit, cursor=cursor or None)
+        return await load_message_page(connection, user_id, cid, limit, cursor or None)
     except InvalidQueryError as exc:
         raise invalid_query(exc) from None
+
+
+@cache_message_page
+async def load_message_page(
+    connection: AsyncConnection,
+    owner_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    limit: int,
+    cursor: str | None,
+) -> MessagePage:
+    """A page of the owner's conversation's messages, cached per owner (with ``REDIS_URL``),
+    else read on ``connection``.
+
+    Raises:
+        NotFoundError: no such conversation for this owner.
+        InvalidQueryError: the cursor is not one this API made.
+    """
+    conversation = await CONVERSATIONS.values(
+        connection, conversation_id, "message_count", scope=owner_id
+    )
+    if conversation is None:
+        raise NotFoundError("conversation not found")
+    page = await _PAGES.page(connection, {"cid": conversation_id}, limit=limit, cursor=cursor)
     sources: dict[int, list[SourceOut]] = {row["id"]: [] for row in page.items}
     if sources:
         for source in await connection.execute(_SOURCES_OF, {"parent_ids": list(sources)}):
