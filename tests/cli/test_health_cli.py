@@ -134,5 +134,5 @@ def test_the_command_exits_promptly(migrated_env: dict[str, str], tmp_path: Path
     bastion = str(Path(sys.executable).parent / "bastion")
     result = run_and_time([bastion, "health", *MIGRATIONS], child_env(**migrated_env), tmp_path)
 
-    assert_exited_cleanly(result, "bastion health")  # < 2 s in all, < 1 s after the output
+    assert_exited_cleanly(result, "bastion health")  # < 1 s after the output
     assert result.stdout.startswith("healthy")
