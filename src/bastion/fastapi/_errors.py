@@ -41,6 +41,7 @@ from bastion.errors import (
 from bastion.idempotency import IdempotencyKeyReusedError
 from bastion.jobs import JobConflictError
 from bastion.maintenance.errors import ConfirmationError, MaintenanceError
+from bastion.repository import InvalidQueryError
 
 __all__ = ["HTTP_STATUS_BY_ERROR", "RETRY_AFTER_S", "error_response", "install_error_handlers"]
 
@@ -108,6 +109,14 @@ async def _bastion_error_handler(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _invalid_query_handler(_request: Request, exc: Exception) -> Response:
+    # A repository refused a sort, filter or cursor: the client's input, answered like any
+    # other invalid request (the message never quotes the refused value).
+    assert isinstance(exc, InvalidQueryError)
+    detail = [{"loc": ["query", exc.parameter], "msg": exc.message, "type": "value_error"}]
+    return JSONResponse({"detail": detail, "code": "validation_error"}, 422)
+
+
 async def _validation_error_handler(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     fields = [_describe_field_error(error) for error in exc.errors()]
@@ -153,4 +162,5 @@ def install_error_handlers(app: FastAPI) -> None:
     """Give every error the same JSON shape: Bastion errors, invalid requests, HTTP errors."""
     app.add_exception_handler(BastionError, _bastion_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    app.add_exception_handler(InvalidQueryError, _invalid_query_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)

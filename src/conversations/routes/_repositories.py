@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from typing import Final, Literal, get_args
 
-from fastapi.exceptions import RequestValidationError
-
-from bastion import InvalidQueryError, Repository
+from bastion import Repository
 from conversations.models import Conversation, Message
 
-__all__ = ["CONVERSATIONS", "MESSAGES", "ConversationSort", "invalid_query"]
+__all__ = ["CONVERSATIONS", "MESSAGES", "ConversationSort"]
 
 ConversationSort = Literal[
     "created_at", "-created_at", "updated_at", "-updated_at", "title", "-title"
@@ -28,10 +26,3 @@ CONVERSATIONS: Final = Repository(
     sortable={key.removeprefix("-") for key in get_args(ConversationSort)},
 )
 MESSAGES: Final = Repository(Message, name="message")
-
-
-def invalid_query(error: InvalidQueryError) -> RequestValidationError:
-    """The 422 for a sort, filter or cursor the repository refused."""
-    return RequestValidationError(
-        [{"loc": ("query", error.parameter), "msg": error.message, "type": "value_error"}]
-    )

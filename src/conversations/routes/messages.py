@@ -19,14 +19,14 @@ from sqlalchemy import Table, bindparam, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 
-from bastion import InvalidQueryError, NotFoundError, StoredResponse
+from bastion import NotFoundError, StoredResponse
 from bastion.fastapi import DatabaseDep, ReadConnection
 from conversations.auth import CurrentReader, CurrentUser
 from conversations.cache_keys import cache_message_page
 from conversations.live_events import message_created, messages_created
 from conversations.models import Message, MessageSource
 from conversations.routes._ids import parse_conversation_id
-from conversations.routes._repositories import CONVERSATIONS, MESSAGES, invalid_query
+from conversations.routes._repositories import CONVERSATIONS, MESSAGES
 from conversations.routes._writes import write_once
 from conversations.schemas import (
     BatchItemResult,
@@ -183,10 +183,7 @@ async def list_messages(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> MessagePage:
     cid = parse_conversation_id(conversation_id)
-    try:
-        return await load_message_page(connection, user_id, cid, limit, cursor or None)
-    except InvalidQueryError as exc:
-        raise invalid_query(exc) from None
+    return await load_message_page(connection, user_id, cid, limit, cursor or None)
 
 
 @cache_message_page
