@@ -19,6 +19,8 @@
     │   └── CheckViolationError         a CHECK constraint failed (422)
     ├── NotFoundError               the thing asked for does not exist (or is not yours) (404)
     ├── StaleVersionError           optimistic lock: someone changed it first (412)
+    ├── ConfirmationRequiredError   a destructive operation (restore, reset) was asked for
+    │                               without its explicit confirmation (400)
     └── QueryError                  any other database error: a bug, not the caller's (500)
         └── ReadOnlyViolationError      a read unit tried to write (500)
 
@@ -40,6 +42,7 @@ __all__ = [
     "CircuitOpenError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
+    "ConfirmationRequiredError",
     "DatabaseStateError",
     "DatabaseUnavailableError",
     "ForeignKeyViolationError",
@@ -197,6 +200,13 @@ class NotFoundError(BastionError):
     """The requested row does not exist, or the caller may not know that it exists."""
 
     code = "not_found"
+
+
+class ConfirmationRequiredError(BastionError):
+    """A destructive operation (a restore, a reset) was asked for without its explicit
+    confirmation; nothing was changed. The message says what confirms it."""
+
+    code = "confirmation_required"
 
 
 class StaleVersionError(BastionError):

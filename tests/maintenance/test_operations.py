@@ -8,9 +8,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, insert, select, table
 
-from bastion import Database
+from bastion import ConfirmationRequiredError, Database
 from bastion.maintenance import (
-    ConfirmationError,
     UnknownTableError,
     collect_stats,
     database_name,
@@ -79,7 +78,7 @@ async def test_reset_refuses_without_the_database_name(database: Database) -> No
     before = await table_digests(database)
 
     for confirm in (None, "", "yes", "other.db"):
-        with pytest.raises(ConfirmationError, match="confirm with the database name"):
+        with pytest.raises(ConfirmationRequiredError, match="confirm with the database name"):
             await reset_database(database, confirm=confirm)
 
     assert await table_digests(database) == before

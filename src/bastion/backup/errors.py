@@ -19,7 +19,8 @@ directory.
 
 from __future__ import annotations
 
-from bastion.errors import BastionError, NotFoundError
+# Re-exported: a restore without ``confirm`` equal to the backup id raises it.
+from bastion.errors import BastionError, ConfirmationRequiredError, NotFoundError
 
 __all__ = [
     "BackupIntegrityError",
@@ -60,12 +61,6 @@ class RestoreInProgressError(BastionError):
 
     code = "restore_in_progress"
     retryable = False
-
-
-class ConfirmationRequiredError(BastionError):
-    """A restore replaces the live database: it needs ``confirm`` equal to the backup id."""
-
-    code = "confirmation_required"
 
 
 class BackupToolError(BastionError):

@@ -52,7 +52,8 @@ def with_database(database_url: str | None, operation: Callable[[Database], Awai
     A table name the database does not have, or a missing confirmation, is bad usage: exit 2.
     """
     # Imported when a command runs, so `bastion --help` and other commands start faster.
-    from bastion.maintenance.errors import ConfirmationError, UnknownTableError
+    from bastion.errors import ConfirmationRequiredError
+    from bastion.maintenance.errors import UnknownTableError
 
     overrides: dict[str, Any] = {} if database_url is None else {"DATABASE_URL": database_url}
     settings = load_settings(**overrides)
@@ -63,7 +64,7 @@ def with_database(database_url: str | None, operation: Callable[[Database], Awai
 
     try:
         return asyncio.run(run())
-    except (UnknownTableError, ConfirmationError) as exc:
+    except (UnknownTableError, ConfirmationRequiredError) as exc:
         fail(f"usage error: {exc.message}", EXIT_CONFIGURATION)
 
 

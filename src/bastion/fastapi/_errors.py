@@ -18,16 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from bastion.backup.errors import (
-    BackupIntegrityError,
-    BackupStoreError,
-    ConfirmationRequiredError,
-    RestoreInProgressError,
-)
+from bastion.backup.errors import BackupIntegrityError, BackupStoreError, RestoreInProgressError
 from bastion.errors import (
     BastionError,
     CircuitOpenError,
     CommitOutcomeUnknownError,
+    ConfirmationRequiredError,
     DatabaseStateError,
     DatabaseUnavailableError,
     IntegrityViolationError,
@@ -40,7 +36,7 @@ from bastion.errors import (
 )
 from bastion.idempotency import IdempotencyKeyReusedError
 from bastion.jobs import JobConflictError
-from bastion.maintenance.errors import ConfirmationError, MaintenanceError
+from bastion.maintenance.errors import MaintenanceError
 from bastion.repository import InvalidQueryError
 
 __all__ = ["HTTP_STATUS_BY_ERROR", "RETRY_AFTER_S", "error_response", "install_error_handlers"]
@@ -57,7 +53,6 @@ HTTP_STATUS_BY_ERROR: Final[Mapping[type[BastionError], int]] = {
     JobConflictError: 409,
     RestoreInProgressError: 409,
     ConfirmationRequiredError: 400,
-    ConfirmationError: 400,
     BackupIntegrityError: 422,
     MaintenanceError: 422,
     BackupStoreError: 503,

@@ -8,7 +8,6 @@ API are thin shells over these functions.
 from bastion.maintenance.cleanup import purge_soft_deleted
 from bastion.maintenance.digest import TableDigest, table_digests
 from bastion.maintenance.errors import (
-    ConfirmationError,
     ImportFileError,
     ImportTargetError,
     MaintenanceError,
@@ -24,7 +23,6 @@ from bastion.maintenance.reset import database_name, reset_database
 from bastion.maintenance.stats import DatabaseStats, IndexStats, TableStats, collect_stats
 
 __all__ = [
-    "ConfirmationError",
     "DatabaseStats",
     "ExportManifest",
     "ExportedTable",

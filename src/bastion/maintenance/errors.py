@@ -5,7 +5,6 @@
     BastionError
     └── MaintenanceError            a maintenance operation refused or could not run
         ├── UnknownTableError       a table name that the database does not have
-        ├── ConfirmationError       a destructive operation without its confirmation
         ├── ImportFileError         an export directory or file is malformed: nothing written
         └── ImportTargetError       the target cannot take the import (not empty, other
                                     schema revision, content differs after import)
@@ -16,7 +15,6 @@ from __future__ import annotations
 from bastion.errors import BastionError
 
 __all__ = [
-    "ConfirmationError",
     "ImportFileError",
     "ImportTargetError",
     "MaintenanceError",
@@ -34,12 +32,6 @@ class UnknownTableError(MaintenanceError):
     """A table was named that the database does not have."""
 
     code = "unknown_table"
-
-
-class ConfirmationError(MaintenanceError):
-    """A destructive operation was asked for without its explicit confirmation."""
-
-    code = "confirmation_required"
 
 
 class ImportFileError(MaintenanceError):

@@ -15,7 +15,7 @@ from sqlalchemy import Table, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.database import Database
-from bastion.maintenance.errors import ConfirmationError
+from bastion.errors import ConfirmationRequiredError
 from bastion.maintenance.tables import reflect_tables, user_tables
 
 __all__ = ["database_name", "reset_database"]
@@ -32,12 +32,13 @@ async def reset_database(database: Database, *, confirm: str | None) -> dict[str
     """Delete all rows of every user table (children first); returns rows deleted per table.
 
     Raises:
-        ConfirmationError: ``confirm`` is not the database's name (see :func:`database_name`).
+        ConfirmationRequiredError: ``confirm`` is not the database's name (see
+            :func:`database_name`).
         BastionError: a translated driver error; nothing was deleted.
     """
     expected = database_name(database)
     if not expected or confirm != expected:
-        raise ConfirmationError(
+        raise ConfirmationRequiredError(
             f"reset deletes every row: confirm with the database name {expected!r}"
         )
     async with database.write_connection() as connection:
