@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean migrate bench soak
+.PHONY: demo test lint format clean migrate bench soak soak-backup
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Bastion needs Python 3.11+"'
@@ -37,6 +37,11 @@ bench: $(STAMP)
 soak: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.soak
+
+## soak-backup: S24, 5 minutes of writes with a backup + verify + integrity check every 30 s
+##              (SOAK_BACKUP_BACKEND=postgresql for PostgreSQL; SOAK_BACKUP_SECONDS shortens it)
+soak-backup: $(STAMP)
+	$(BIN)/python -m bench.soak_backup
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench
