@@ -57,7 +57,7 @@ async def server_connections(database: str) -> int:
 
 def checked_out(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=10) as reply:
-        return int(json.load(reply)["database"]["pool"]["checked_out"])
+        return int(json.load(reply)["components"]["pool"]["details"]["checked_out"])
 
 
 def main() -> None:
