@@ -57,6 +57,8 @@ class AuditLog:
 
     def __init__(self, *, keep: int = 1000) -> None:
         self._recent: deque[AuditRecord] = deque(maxlen=keep)
+        # Apart, so a flood of unauthenticated calls cannot push real actions out of memory.
+        self._refusals: deque[AuditRecord] = deque(maxlen=keep)
 
     def record(
         self,
@@ -81,7 +83,30 @@ class AuditLog:
         logger.info(json.dumps(entry.to_dict(), sort_keys=True))
         return entry
 
+    def record_refusal(self, *, actor: str, action: str, detail: str | None = None) -> AuditRecord:
+        """Write the record of a call refused before it was authenticated (401/403).
+
+        Logged like every record, but kept in memory apart from :attr:`recent`.
+        """
+        context = current_request()
+        entry = AuditRecord(
+            actor=actor,
+            action=action,
+            target=None,
+            outcome="refused",
+            detail=detail,
+            request_id=context.request_id if context is not None else None,
+        )
+        self._refusals.append(entry)
+        logger.info(json.dumps(entry.to_dict(), sort_keys=True))
+        return entry
+
     @property
     def recent(self) -> list[AuditRecord]:
-        """The records kept in memory, oldest first."""
+        """The records of authenticated actions kept in memory, oldest first."""
         return list(self._recent)
+
+    @property
+    def refusals(self) -> list[AuditRecord]:
+        """The records of refused, unauthenticated calls kept in memory, oldest first."""
+        return list(self._refusals)

@@ -219,7 +219,8 @@ async def test_every_admin_action_and_refusal_is_audited_without_secrets(
         await client.post("/admin/database/backups/20990101T000000Z-00000000/verify", headers=AUTH)
         await client.get("/admin/database/integrity", headers=AUTH)
         await client.post("/admin/database/backup", headers={"Authorization": "Bearer wrong"})
-        records = (await client.get("/admin/database/audit", headers=AUTH)).json()["records"]
+        audit = (await client.get("/admin/database/audit", headers=AUTH)).json()
+    records, refusals = audit["records"], audit["refusals"]
 
     outcomes = [(record["action"], record["outcome"]) for record in records]
     assert ("backup.create", "requested") in outcomes
@@ -227,15 +228,37 @@ async def test_every_admin_action_and_refusal_is_audited_without_secrets(
     assert ("backup.create", "succeeded") in outcomes
     assert ("backup.verify", "failed") in outcomes
     assert ("integrity", "succeeded") in outcomes
-    assert ("POST /admin/database/backup", "refused") in outcomes
-    refused = next(record for record in records if record["outcome"] == "refused")
-    assert refused["actor"].startswith("anonymous@")
-    assert all(record["actor"] for record in records)
+    assert [(r["action"], r["outcome"]) for r in refusals] == [
+        ("POST /admin/database/backup", "refused")
+    ]
+    assert refusals[0]["actor"].startswith("anonymous@")
+    assert all(record["actor"].startswith("admin@") for record in records)
     audit_lines = [r.getMessage() for r in caplog.records if r.name == "bastion.audit"]
-    assert len(audit_lines) == len(records)
+    assert len(audit_lines) == len(records) + len(refusals)
     for secret in (ADMIN_TOKEN, SIGNING_KEY):
         assert secret not in caplog.text
-        assert all(secret not in str(record) for record in records)
+        assert secret not in str(audit)
+
+
+async def test_the_token_is_checked_before_the_body_is_even_parsed(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A malformed body must not reveal an admin route: 404 when the API is off, 401 without
+    a token — never the 422 that parsing the body first would give."""
+    off = FastAPI(lifespan=database_lifespan(make_settings(database_url)))
+    install_error_handlers(off)
+    off.include_router(create_admin_router(backups=BackupSettings(BACKUP_DIR=tmp_path)))
+    on = admin_app(database_url, tmp_path / "backups")
+    bodies = [b"{not json", b'{"backup_id": 1, "unknown": true}', b"\xff\xfe"]
+    async with serve(off) as client:
+        answers_off = [
+            await client.post("/admin/database/restore", content=body, headers=AUTH)
+            for body in bodies
+        ]
+    async with serve(on) as client:
+        answers_on = [await client.post("/admin/database/restore", content=body) for body in bodies]
+    assert [answer.status_code for answer in answers_off] == [404, 404, 404]
+    assert [answer.status_code for answer in answers_on] == [401, 401, 401]
 
 
 async def test_integrity_and_optimize_answer_on_a_healthy_database(

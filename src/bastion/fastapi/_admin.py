@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
+from fastapi.routing import APIRoute
 from starlette.requests import Request
+from starlette.responses import Response
 
 import bastion
 from bastion.backup import BackupSettings
 from bastion.database import Database
 from bastion.fastapi._admin_limits import DEFAULT_ADMIN_RATE
 from bastion.fastapi._admin_operations import AdminOperations, add_operation_routes, client_actor
-from bastion.fastapi._dependencies import get_database
+from bastion.fastapi._dependencies import database_of, get_database
 from bastion.inspection import inspect_database
 from bastion.migrations import current_revisions
 
@@ -84,21 +86,34 @@ def create_admin_router(
     """
     operations = AdminOperations(backups, rate=rate)
 
-    async def admin_only(
-        request: Request, database: Annotated[Database, Depends(get_database)]
-    ) -> None:
+    async def admin_only(request: Request) -> None:
         try:
-            await require_admin(request, database)
+            await require_admin(request, database_of(request))
         except HTTPException as exc:
             if exc.status_code in (401, 403):
-                operations.audit.record(
+                operations.audit.record_refusal(
                     actor=client_actor(request, authenticated=False),
                     action=f"{request.method} {request.url.path}",
-                    target=None,
-                    outcome="refused",
                     detail=str(exc.status_code),
                 )
             raise
+
+    class AdminFirstRoute(APIRoute):
+        """Checks the admin token before anything else of the request is looked at.
+
+        A route dependency would run only after FastAPI parsed the body, so a malformed body
+        would get a 422 — telling an unauthenticated caller that the route exists even when
+        the admin API is off.
+        """
+
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def admin_first(request: Request) -> Response:
+                await admin_only(request)
+                return await handler(request)
+
+            return admin_first
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -108,7 +123,7 @@ def create_admin_router(
         await operations.jobs.aclose()
 
     router = APIRouter(
-        prefix=prefix, tags=["admin"], dependencies=[Depends(admin_only)], lifespan=lifespan
+        prefix=prefix, tags=["admin"], route_class=AdminFirstRoute, lifespan=lifespan
     )
 
     @router.get("/info")

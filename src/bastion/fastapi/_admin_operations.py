@@ -330,8 +330,12 @@ def add_operation_routes(router: APIRouter, operations: AdminOperations) -> None
 
     @router.get("/audit")
     async def audit() -> dict[str, Any]:
-        """The latest audit records this worker kept, oldest first."""
-        return {"records": [record.to_dict() for record in ops.audit.recent]}
+        """The latest audit records this worker kept, oldest first: authenticated actions,
+        and apart from them, refused unauthenticated calls."""
+        return {
+            "records": [record.to_dict() for record in ops.audit.recent],
+            "refusals": [record.to_dict() for record in ops.audit.refusals],
+        }
 
 
 def client_actor(request: Request, *, authenticated: bool = True) -> str:
