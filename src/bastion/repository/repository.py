@@ -129,7 +129,8 @@ class Repository(RepositoryReads[ModelT]):
             NotFoundError: no such visible row.
             StaleVersionError: ``expected_version`` is given and the row is at another.
             ValueError: a change to the key, scope, version or audit columns, or to a
-                column the table does not have.
+                column the table does not have; ``expected_version`` on a table without
+                a ``version`` column.
         """
         protected = (set(changes) | set(increment or {})) & self._protected
         if protected:
@@ -163,6 +164,7 @@ class Repository(RepositoryReads[ModelT]):
         Raises:
             NotFoundError: no such visible row (deleting twice is a 404 the second time).
             StaleVersionError: ``expected_version`` given and the row is at another.
+            ValueError: ``expected_version`` on a table without a ``version`` column.
         """
         row = await self._update(
             executor,
@@ -234,7 +236,9 @@ class Repository(RepositoryReads[ModelT]):
 
         One statement (``INSERT … ON CONFLICT DO UPDATE``), so concurrent upserts of one key
         cannot both insert. The clashing row keeps its ``created_*`` values; ``updated_*``
-        are stamped and ``version`` goes up.
+        are stamped and ``version`` goes up. A clashing row that was soft-deleted is revived
+        (``deleted_at`` set to NULL): the upsert returns it as live, so every later read
+        must see it too.
 
         Raises:
             UniqueViolationError: the clashing row belongs to another scope (409).
@@ -251,6 +255,10 @@ class Repository(RepositoryReads[ModelT]):
         self._checked(changing)
         set_: dict[str, Any] = {name: excluded(name) for name in changing}
         set_.update(self._touch_values())
+        if self._deleted is not None:
+            # Revive a soft-deleted clash: otherwise the row comes back looking live while
+            # every later read hides it.
+            set_["deleted_at"] = None
         if self._version is not None:
             set_["version"] = self._version + 1
         statement = upsert_statement(
@@ -281,12 +289,17 @@ class Repository(RepositoryReads[ModelT]):
     ) -> RowMapping | None:
         if "deleted_at" in changes:
             self._require_soft_delete()
+        if expected_version is not None and self._version is None:
+            # A precondition that cannot be checked must not be skipped silently.
+            raise ValueError(
+                f"{self.table.name} has no version column: expected_version cannot be checked"
+            )
         touch = self._touch_values()
         setting = {**changes, **touch}
         self._checked(setting)
         self._checked(increment)
         versioned = bump_version and self._version is not None
-        checks_version = expected_version is not None and self._version is not None
+        checks_version = expected_version is not None
         shape = (
             "update",
             returning,
