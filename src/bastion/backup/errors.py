@@ -46,7 +46,8 @@ class BackupIntegrityError(BastionError):
             (the archive's SHA-256 or size), ``"decrypt"`` (wrong key, or a truncated or
             altered ciphertext), ``"decompress"`` (corrupt stream, or larger than the manifest
             says: a decompression bomb), ``"integrity"`` (the restored copy's integrity
-            check), ``"contents"`` (row counts or content hashes differ from the manifest).
+            check), ``"contents"`` (row counts or content hashes differ from the manifest),
+            ``"schema"`` (a restore from another migration revision, not allowed).
     """
 
     code = "backup_integrity"

@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 
-from bastion.backup.engines import BackupEngine, create_engine
+from bastion.backup.engines import BackupEngine, alembic_revisions, create_engine
 from bastion.backup.errors import (
     BackupIntegrityError,
     BackupNotFoundError,
@@ -224,9 +224,14 @@ class BackupService:
         *,
         confirm: str | None = None,
         dry_run: bool = False,
+        allow_schema_change: bool = False,
         progress: ProgressCallback | None = None,
     ) -> RestoreReport:
         """Replace the live database's contents with backup ``backup_id``.
+
+        A backup taken at another migration revision than the live database's is refused
+        unless ``allow_schema_change``: the running code expects the live schema, and on
+        PostgreSQL ``pg_restore --clean`` leaves tables the backup does not know in place.
 
         A dry run only reads the (authenticated) manifest and reports what would be restored,
         and where. A real restore checks the archive fully first, then makes a safety backup,
@@ -235,7 +240,8 @@ class BackupService:
         Raises:
             ConfirmationRequiredError: not a dry run and ``confirm != backup_id``.
             RestoreInProgressError: another restore of this database is running.
-            BackupNotFoundError, BackupIntegrityError: as for :meth:`verify`; nothing changed.
+            BackupNotFoundError, BackupIntegrityError: as for :meth:`verify`, or
+                ``reason="schema"``: another migration revision; nothing changed.
             BackupToolError: pg_restore failed; the live database was rolled back.
         """
         started = time.perf_counter()
@@ -260,6 +266,8 @@ class BackupService:
             raise ConfirmationRequiredError(
                 f"restoring replaces the live database: confirm with the backup id {manifest.id}"
             )
+        if not allow_schema_change:
+            await self._require_same_schema(manifest)
         async with self.engine.lock("restore") as taken:
             if not taken:
                 raise RestoreInProgressError("another restore of this database is running")
@@ -287,6 +295,18 @@ class BackupService:
                 "duration_s": round(time.perf_counter() - started, 3),
             }
         )
+
+    async def _require_same_schema(self, manifest: BackupManifest) -> None:
+        async with self.database.read_connection() as connection:
+            live = await alembic_revisions(connection)
+        if tuple(sorted(manifest.alembic_revisions)) != tuple(sorted(live)):
+            raise BackupIntegrityError(
+                f"backup {manifest.id} is at schema revision "
+                f"{', '.join(manifest.alembic_revisions) or '(none)'}, the database at "
+                f"{', '.join(live) or '(none)'}: migrate the database to the backup's revision "
+                "first, or allow the schema change explicitly",
+                reason="schema",
+            )
 
     async def prune(self, *, dry_run: bool = False) -> PruneReport:
         """Delete the backups ``BACKUP_RETENTION`` does not keep (manifest first).

@@ -224,6 +224,13 @@ def restore(
         bool,
         typer.Option("--dry-run", help="Show what would be restored, and where; change nothing."),
     ] = False,
+    allow_schema_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-schema-change",
+            help="Restore even though the backup is at another migration revision.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Replace the live database with a backup (after a full check and a safety backup)."""
@@ -238,7 +245,11 @@ def restore(
         report = _run(
             database_url,
             lambda service, progress: service.restore(
-                backup_id, confirm=confirmation, dry_run=dry_run, progress=progress
+                backup_id,
+                confirm=confirmation,
+                dry_run=dry_run,
+                allow_schema_change=allow_schema_change,
+                progress=progress,
             ),
             quiet=as_json or dry_run,
         )

@@ -55,6 +55,10 @@ class RestoreRequest(BaseModel):
         description="The backup id again: restoring replaces the live database.",
     )
     dry_run: bool = False
+    allow_schema_change: bool = Field(
+        default=False,
+        description="Restore even though the backup is at another migration revision.",
+    )
 
 
 class OptimizeRequest(BaseModel):
@@ -276,7 +280,10 @@ def add_operation_routes(router: APIRouter, operations: AdminOperations) -> None
 
             async def work(progress: ProgressCallback) -> Mapping[str, Any]:
                 restored = await service.restore(
-                    body.backup_id, confirm=body.confirm, progress=progress
+                    body.backup_id,
+                    confirm=body.confirm,
+                    allow_schema_change=body.allow_schema_change,
+                    progress=progress,
                 )
                 return restored.to_dict()
 
