@@ -11,7 +11,9 @@ Two modes:
 Values go through the columns' SQLAlchemy types first (JSON is serialised, ``UTCDateTime``
 checks and converts), exactly as a normal INSERT would bind them; a column a row leaves out
 gets its Python-side default computed for that row (an audit timestamp is the instant the
-row's batch is prepared, not the instant the import started).
+row's batch is prepared, not the instant the import started). The columns written are the
+first row's (plus those defaults): a later row naming a column the first row does not is
+refused, never silently cut down.
 
 >>> result = await bulk_insert(db, Message.__table__, rows, batch_size=5_000)  # doctest: +SKIP
 >>> result.inserted, result.failed
@@ -86,9 +88,10 @@ async def bulk_insert(
 
     Raises:
         ValueError: ``batch_size`` or ``concurrency`` is not positive; the first row names a
-            column the table does not have; or (atomic mode) a row lacks a column or holds a
-            value its column cannot take — the message gives the row's index; nothing is
-            written.
+            column the table does not have; or (atomic mode) a row lacks a column, names
+            one the first row does not, or holds a value its column cannot take — the
+            message gives the row's index; nothing is written. In best-effort mode such a
+            row is a ``FailedRow`` with code ``"invalid_row"``.
         IntegrityViolationError: atomic mode, and a row broke a constraint (nothing written).
         BastionError: any other database failure. In best-effort mode the batches committed
             before it stay committed.
@@ -164,6 +167,9 @@ class _Plan:
             raise ValueError(f"{table.name} has no column(s) {', '.join(unknown)}")
         self.table = table
         self.dialect = dialect
+        # The first row's key set: a row with the same set is on the fast path; any other
+        # row is checked for columns outside the plan, which would otherwise be dropped.
+        self.expected = frozenset(first)
         # Columns with a Python-side default: computed for each row that leaves them out.
         self.defaults: dict[str, Callable[[], Any]] = {
             column.name: _default_of(column) for column in table.c if _has_python_default(column)
@@ -172,6 +178,7 @@ class _Plan:
             name: make for name, make in self.defaults.items() if name not in first
         }
         columns = [*first, *self.absent_from_first]
+        self.planned = frozenset(columns)
         self.sql: str | None = None
         if dialect.name != "postgresql":
             # Compiled for the driver's positional style; executed without SQLAlchemy's
@@ -191,8 +198,11 @@ class _Plan:
         """``row`` as a driver-ready tuple.
 
         Raises:
-            _RowError: a missing column or a value its column refuses (which one, not what).
+            _RowError: a missing column, a column outside the plan, or a value its column
+                refuses (which one, not what).
         """
+        if row.keys() != self.expected:
+            self._refuse_unplanned(row)
         if self.absent_from_first:
             row = self._filled(row, self.absent_from_first)
         try:
@@ -204,6 +214,18 @@ class _Plan:
                 return self._tuple(row)
             except Exception:
                 raise self._explain(row) from None
+
+    def _refuse_unplanned(self, row: Row) -> None:
+        unplanned = [name for name in row if name not in self.planned]
+        if not unplanned:
+            return
+        unknown = [name for name in unplanned if name not in self.table.c]
+        if unknown:
+            raise _RowError(f"{self.table.name} has no column(s) {', '.join(unknown)}")
+        raise _RowError(
+            f"column(s) {', '.join(unplanned)} not named by the first row; every row must "
+            "name the first row's columns (it may leave out those with defaults)"
+        )
 
     def _tuple(self, row: Row) -> Record:
         return tuple(
@@ -234,6 +256,10 @@ class _Plan:
         """The batch encoded column by column: the fast path, for rows that all encode."""
         # map() over itemgetter and the converters keeps the per-value work in C as far as
         # the converters allow; row by row, Python's per-value overhead dominates.
+        expected = self.expected
+        for row in batch:
+            if row.keys() != expected:
+                raise _RowError("rows differ in their columns")  # the slow path says how
         if self.absent_from_first:
             batch = [self._filled(row, self.absent_from_first) for row in batch]
         columns = [

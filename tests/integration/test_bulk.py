@@ -237,3 +237,38 @@ async def test_best_effort_never_holds_more_connections_than_its_concurrency(
     assert result.inserted == 2_000
     assert len(in_use) == 40
     assert max(in_use) <= 2
+
+
+async def test_an_atomic_bulk_insert_refuses_a_row_naming_a_column_the_first_row_does_not(
+    database: Database, conversation_id: uuid.UUID
+) -> None:
+    rows = message_rows(conversation_id, 1_500)
+    rows[700]["id"] = 10_000  # a real column, but not in the first row: it would be dropped
+
+    with pytest.raises(ValueError, match=r"row 700: column\(s\) id not named by the first row"):
+        await bulk_insert(database, MESSAGES, rows, batch_size=500)
+
+    assert await stored(database) == []
+
+
+async def test_best_effort_reports_rows_naming_columns_outside_the_plan(
+    database: Database, conversation_id: uuid.UUID
+) -> None:
+    rows = message_rows(conversation_id, 10)
+    rows[3]["id"] = 10_000
+    rows[5]["colour"] = "red"
+    del rows[7]["metadata"]  # leaving out a column with a default is still fine
+
+    result = await bulk_insert(database, MESSAGES, rows, atomic=False, batch_size=4)
+
+    assert result.inserted == 8
+    assert [(row.index, row.code) for row in result.failed] == [
+        (3, "invalid_row"),
+        (5, "invalid_row"),
+    ]
+    assert "id" in result.failed[0].message
+    assert "colour" in result.failed[1].message
+    # Batches run concurrently, so the stored order is not the input order.
+    assert sorted(content for content, _, _ in await stored(database)) == [
+        f"message {n}" for n in range(10) if n not in (3, 5)
+    ]
