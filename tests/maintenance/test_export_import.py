@@ -268,3 +268,19 @@ async def test_progress_covers_every_row_of_every_phase(
     assert started[("checking", "messages")] == started[("importing", "messages")] == 4
     assert advanced == {key: rows for key, rows in started.items() if rows}
     assert [phase for phase, _, _ in progress.events if "+" not in phase][:1] == ["checking"]
+
+
+async def test_replace_is_refused_for_an_export_of_only_some_tables(
+    database: Database, tmp_path: Path
+) -> None:
+    await seed(database)
+    await export_database(database, tmp_path / "export", tables=["users"])
+    before = await table_digests(database)
+
+    with pytest.raises(ImportTargetError, match="the export does not hold") as refused:
+        await import_database(database, tmp_path / "export", replace=True)
+
+    named = refused.value.message.split("does not hold ")[1].split(":")[0].split(", ")
+    assert "users" not in named  # only the tables the export lacks
+    assert {"conversations", "messages", "message_sources"} <= set(named)
+    assert await table_digests(database) == before

@@ -1,9 +1,10 @@
 """Import an export directory into a database: all of it, or nothing.
 
 The target is an empty database migrated to the export's schema revision (``bastion db
-upgrade``); ``replace=True`` empties it first (children before parents). Any backend can read
-any backend's export: values are decoded by the *target's* reflected column types, so a SQLite
-database moves to PostgreSQL with one export and one import.
+upgrade``); ``replace=True`` empties it first (children before parents), and is refused for an
+export of only some tables (it would empty the others too, with nothing to put back). Any
+backend can read any backend's export: values are decoded by the *target's* reflected column
+types, so a SQLite database moves to PostgreSQL with one export and one import.
 
 Order of work, so that bad input loses nothing:
 
@@ -82,8 +83,10 @@ async def import_database(
     Raises:
         ImportFileError: the manifest or a file is malformed, names an unknown table or
             column, has a line over ``max_line_bytes``, or differs from the manifest.
-        ImportTargetError: the target is not empty (and not ``replace``), is at another
-            schema revision, or its content after the import differs from the export's.
+        ImportTargetError: the target is not empty (and not ``replace``); ``replace`` and
+            the export lacks some of the target's tables (they are named; nothing is
+            deleted); the target is at another schema revision; or its content after the
+            import differs from the export's.
         BastionError: a translated driver error (the transaction is rolled back).
     """
     progress = progress or NoProgress()
@@ -91,7 +94,9 @@ async def import_database(
     async with database.read_connection() as connection:
         metadata = await reflect_tables(connection)
         target_revision = await schema_revision(connection, metadata)
-        if not replace:  # early, to fail before reading the files; checked again below
+        if replace:
+            _require_every_table(manifest, metadata)
+        else:  # early, to fail before reading the files; checked again below
             await _require_empty(connection, user_tables(metadata))
     tables = _check_tables(manifest, metadata, directory)
     if manifest.schema_revision and target_revision != manifest.schema_revision:
@@ -169,6 +174,24 @@ def _check_tables(manifest: ExportManifest, metadata: MetaData, directory: Path)
         raise ImportFileError(f"files not listed in {MANIFEST_NAME}: {', '.join(strays)}")
     wanted = set(names)
     return [table for table in user_tables(metadata) if table.name in wanted]
+
+
+def _require_every_table(manifest: ExportManifest, metadata: MetaData) -> None:
+    """Refuse ``replace`` unless the export holds every user table of the target.
+
+    Replacing empties every table, so a partial export would lose the rows of the tables it
+    does not hold.
+
+    Raises:
+        ImportTargetError: the target tables the export does not hold, by name.
+    """
+    held = {table.name for table in manifest.tables}
+    missing = [table.name for table in user_tables(metadata) if table.name not in held]
+    if missing:
+        raise ImportTargetError(
+            f"replace empties every table, but the export does not hold {', '.join(missing)}: "
+            "import a full export, or empty the target yourself and import without replace"
+        )
 
 
 def _entry(manifest: ExportManifest, name: str) -> Any:
