@@ -29,6 +29,7 @@ from conversations.routes.stream import (
     CLOSE_SLOW_CONSUMER,
     CLOSE_UNAUTHORIZED,
 )
+from conversations.schemas import MAX_BATCH_MESSAGES
 from conversations.users import create_user
 from tests.live.workers import Worker, running
 
@@ -264,3 +265,28 @@ async def test_a_client_that_stops_reading_is_disconnected_with_the_slow_consume
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == CLOSE_SLOW_CONSUMER
     assert received < events
+
+
+async def test_a_batch_of_1000_reaches_a_live_stream_whole_in_order_without_4429(
+    sqlite_redis_service: Service,
+) -> None:
+    # LIVE_QUEUE_SIZE is 32 here: the batch must not be 1,000 events for the stream's queue.
+    service = sqlite_redis_service
+    here, there = service.workers
+    conversation = await service.conversation(service.alice)
+    contents = [{"role": "user", "content": f"batch {n}"} for n in range(MAX_BATCH_MESSAGES)]
+    async with await _stream(here, conversation, headers=service.headers(service.alice)) as socket:
+        async with httpx.AsyncClient(base_url=there.http, timeout=60) as client:
+            batch = await client.post(
+                f"/v1/conversations/{conversation}/messages:batch",
+                json={"messages": contents},
+                headers=service.headers(service.alice),
+            )
+        assert batch.status_code == 201, batch.text
+        posted = [result["message"]["id"] for result in batch.json()["results"]]
+        async with asyncio.timeout(60):
+            received = [json.loads(await socket.recv()) for _ in range(MAX_BATCH_MESSAGES)]
+    assert [message["id"] for message in received] == posted
+    assert [message["content"] for message in received] == [
+        f"batch {n}" for n in range(MAX_BATCH_MESSAGES)
+    ]

@@ -74,3 +74,41 @@ async def test_streams_are_told_to_reconnect_while_redis_is_down_and_work_after(
                 finally:
                     await socket.close()
     assert received["id"] == posted.json()["id"]
+
+
+async def test_a_message_that_cannot_be_published_closes_the_stream_with_1013(
+    sqlite_template: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    path = tmp_path / "publish.db"
+    shutil.copyfile(sqlite_template, path)
+    url = f"sqlite:///{path}"
+    async with Database(DatabaseSettings(DATABASE_URL=url)) as database:
+        key = await create_user(database, "erin")
+    headers = {"Authorization": f"Bearer {key}"}
+    env = {"DATABASE_URL": url, "REDIS_URL": redis_server.url, "CACHE_PREFIX": "publish:"}
+    async with (
+        running(1, env) as (worker,),
+        httpx.AsyncClient(base_url=worker.http, timeout=30) as client,
+    ):
+        created = await client.post("/v1/conversations", json={"title": "t"}, headers=headers)
+        cid = created.json()["id"]
+        stream_url = f"{worker.ws}/v1/conversations/{cid}/stream"
+        async with connect(stream_url, additional_headers=headers, open_timeout=20) as socket:
+            # Frozen, Redis keeps the pub/sub connection open: only the publish fails.
+            redis_server.pause()
+            try:
+                posted = await client.post(
+                    f"/v1/conversations/{cid}/messages",
+                    json={"role": "user", "content": "stored, not announced"},
+                    headers=headers,
+                )
+            finally:
+                redis_server.resume()
+            async with asyncio.timeout(20):
+                with pytest.raises(ConnectionClosed) as closed:
+                    await socket.recv()
+        missed = await client.get(f"/v1/conversations/{cid}/messages", headers=headers)
+    assert posted.status_code == 201  # the message is stored whatever the hub
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == CLOSE_TRY_LATER
+    assert [m["id"] for m in missed.json()["items"]] == [posted.json()["id"]]  # caught up

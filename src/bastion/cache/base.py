@@ -48,6 +48,15 @@ class Cache(Protocol):
         """Drop every key stored with one of ``tags`` (and loads of them under way)."""
         ...
 
+    async def clear(self) -> bool:
+        """Drop every value of this cache (its whole prefix), e.g. after a database restore.
+
+        Loads under way when it is called will not store their values afterwards. Returns
+        ``True`` once cleared; ``False`` (and logs a warning) when the cache cannot be reached:
+        it is then cleared as soon as it answers again. Never raises for the cache being down.
+        """
+        ...
+
     async def health(self) -> ComponentHealth:
         """The ``cache`` component of a health report (never raises)."""
         ...
@@ -81,6 +90,9 @@ class NullCache:
 
     async def invalidate_tags(self, *tags: str) -> None:
         return None
+
+    async def clear(self) -> bool:
+        return True
 
     async def health(self) -> ComponentHealth:
         return ComponentHealth("cache", HealthStatus.HEALTHY, None, {"enabled": False})

@@ -24,7 +24,7 @@ import functools
 import inspect
 import string
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, ParamSpec, TypeVar, get_type_hints
+from typing import Any, Final, ParamSpec, TypeVar, get_type_hints
 from urllib.parse import quote
 
 from pydantic import TypeAdapter
@@ -58,11 +58,20 @@ def cache_key(template: str, **values: Any) -> str:
     >>> cache_key("conversation:{owner_id}:{conversation_id}", owner_id="u1", conversation_id="a:b")
     'conversation:u1:a%3Ab'
 
+    ``None`` is encoded as ``!none``, apart from the string ``"None"``.
+
     Raises:
         KeyError: a name of the template is missing from ``values``.
     """
-    return template.format_map({name: quote(str(values[name]), safe="") for name in
-                                _fields(template)})  # fmt: skip
+    return template.format_map({name: _encode(values[name]) for name in _fields(template)})
+
+
+# ``!`` is never left as it is by quote(safe=""): no argument's encoding can look like None's.
+_NONE: Final = "!none"
+
+
+def _encode(value: Any) -> str:
+    return _NONE if value is None else quote(str(value), safe="")
 
 
 def cached(

@@ -64,16 +64,17 @@ _GENERATION_TTL_MS: Final = 3_600_000  # must outlive the slowest load (see _STO
 _LOCK_POLL_S: Final = 0.002
 _LOCK_POLL_MAX_S: Final = 0.02
 
-# KEYS: value, key generation, tag generations…, tag sets…
-# ARGV: blob, ttl ms, tag count, expected key generation, expected tag generations…
+# KEYS: value, key generation, tag generations…, cache epoch, tag sets…
+# ARGV: blob, ttl ms, tag count, expected key generation, expected tag generations…, epoch
+# The epoch is the cache-wide generation clear() bumps.
 _STORE: Final = """
 local n = tonumber(ARGV[3])
-for i = 0, n do
+for i = 0, n + 1 do
   if (redis.call('GET', KEYS[2 + i]) or '0') ~= ARGV[4 + i] then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 for i = 1, n do
-  local set = KEYS[2 + n + i]
+  local set = KEYS[3 + n + i]
   redis.call('SADD', set, KEYS[1])
   if redis.call('PTTL', set) < tonumber(ARGV[2]) then redis.call('PEXPIRE', set, ARGV[2]) end
 end
@@ -139,6 +140,7 @@ class RedisCache:
         self._pending_keys: set[str] = set()
         self._pending_tags: set[str] = set()
         self._flush_all = False
+        self._epoch_key = f"{settings.prefix}epoch"
 
     def __repr__(self) -> str:
         return f"<RedisCache {self.settings.display_url} {self._breaker.state.value}>"
@@ -167,7 +169,11 @@ class RedisCache:
     ) -> T:
         """See :meth:`bastion.cache.Cache.get_or_load`. Raises what ``load`` raises."""
         value_key = self._value_key(key)
-        generation_keys = [self._generation_key(key), *map(self._tag_generation_key, tags)]
+        generation_keys = [
+            self._generation_key(key),
+            *map(self._tag_generation_key, tags),
+            self._epoch_key,
+        ]
         ok, found = await self._call("get", lambda: self.client.mget([value_key, *generation_keys]))
         if not ok:
             self.metrics.bypass()
@@ -305,6 +311,41 @@ class RedisCache:
             args=[len(keys), len(tags), _GENERATION_TTL_MS],
         )
 
+    async def clear(self) -> bool:
+        """See :meth:`bastion.cache.Cache.clear`: ``SCAN`` + ``UNLINK`` of the prefix.
+
+        Never raises for Redis being down: returns ``False``, logs one warning, and the prefix
+        is flushed before the next command once Redis answers.
+        """
+        self._flights.forget()
+        ok, _ = await self._call("clear", self._clear_all)
+        if ok:
+            return True
+        self._pending_keys.clear()
+        self._pending_tags.clear()
+        self._flush_all = True
+        logger.warning("cache: Redis unreachable; the cache will be cleared when it answers")
+        return False
+
+    async def _clear_all(self) -> None:
+        # The epoch first: from here on, no load that read the old one can store its value.
+        await self.client.incr(self._epoch_key)
+        epoch = self._epoch_key.encode()
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.settings.prefix) + "*"
+        batch: list[bytes] = []
+        async for name in self.client.scan_iter(match=pattern, count=1000):
+            if name == epoch:
+                continue
+            batch.append(name)
+            if len(batch) >= 1000:
+                await self.client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await self.client.unlink(*batch)
+        self._pending_keys.clear()
+        self._pending_tags.clear()
+        self._flush_all = False
+
     def _remember(self, keys: Sequence[str], tags: Sequence[str]) -> None:
         self._pending_keys.update(keys)
         self._pending_tags.update(tags)
@@ -317,16 +358,7 @@ class RedisCache:
 
     async def _apply_pending(self) -> None:
         if self._flush_all:
-            pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.settings.prefix) + "*"
-            batch: list[bytes] = []
-            async for name in self.client.scan_iter(match=pattern, count=1000):
-                batch.append(name)
-                if len(batch) >= 1000:
-                    await self.client.unlink(*batch)
-                    batch.clear()
-            if batch:
-                await self.client.unlink(*batch)
-            self._flush_all = False
+            await self._clear_all()
         if self._pending_keys or self._pending_tags:
             keys, tags = list(self._pending_keys), list(self._pending_tags)
             await self._run_invalidate(keys, tags)

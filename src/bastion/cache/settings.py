@@ -10,6 +10,7 @@ Without ``REDIS_URL`` the cache is off: :func:`~bastion.cache.create_cache` retu
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -136,16 +137,24 @@ class CacheSettings(BaseSettings):
 
     @property
     def display_url(self) -> str | None:
-        """The URL with its password masked, safe for logs and health details."""
+        """Scheme, host, port and database of the URL, safe for logs and health details.
+
+        Never the user, the password or the query string (which may carry ``password=``).
+        """
         if self.redis_url is None:
             return None
         parts = urlsplit(self.redis_url.get_secret_value())
-        if parts.password is None:
-            return urlunsplit(parts)
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:  # a malformed port: not worth echoing
+            port = ""
         host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+        if ":" in host:  # IPv6
+            host = f"[{host}]"
+        if parts.scheme == "unix":  # the path is the socket; the database is in the query
+            return f"unix://{parts.path}"
+        database = parts.path if re.fullmatch(r"/\d*", parts.path or "/") else ""
+        return urlunsplit((parts.scheme, f"{host}{port}", database, "", ""))
 
 
 def load_cache_settings(**overrides: Any) -> CacheSettings:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final, Protocol
 
-from bastion.live.subscription import Fanout, HubClosedError, Subscription
+from bastion.live.subscription import Fanout, HubClosedError, LiveUnavailableError, Subscription
 
 __all__ = ["DEFAULT_QUEUE_SIZE", "Hub", "LocalHub"]
 
@@ -39,6 +39,14 @@ class Hub(Protocol):
         """
         ...
 
+    def interrupt(self, channel: str) -> None:
+        """End this process's subscriptions of ``channel`` with :class:`LiveUnavailableError`.
+
+        For a publisher whose events could not all be sent: those subscribers missed some and
+        must catch up (a stream client reconnects and reads from its cursor).
+        """
+        ...
+
     async def close(self) -> None:
         """End every subscription (:class:`HubClosedError`) and release connections."""
         ...
@@ -66,6 +74,9 @@ class LocalHub:
         if self._closed:
             raise HubClosedError("the live-update hub is closed")
         return self._fanout.add(channel)
+
+    def interrupt(self, channel: str) -> None:
+        self._fanout.end_channel(channel, LiveUnavailableError("live updates interrupted"))
 
     async def close(self) -> None:
         self._closed = True

@@ -114,6 +114,10 @@ class PostgresHub:
         self._connection = None
         self._fanout.end_all(LiveUnavailableError("live updates interrupted"))
 
+    def interrupt(self, channel: str) -> None:
+        """See :meth:`bastion.live.Hub.interrupt`."""
+        self._fanout.end_channel(channel, LiveUnavailableError("live updates interrupted"))
+
     async def close(self) -> None:
         """See :meth:`bastion.live.Hub.close`."""
         self._closed = True

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import Final
+from typing import Any, Final
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -87,7 +87,8 @@ class RedisHub:
         """See :meth:`bastion.live.Hub.subscribe`."""
         if self._closed:
             raise HubClosedError("the live-update hub is closed")
-        if self._listener is None:
+        if self._listener is None or self._listener.done():
+            # A listener that ended (it never should: see _listen) is started again.
             self._listener = asyncio.create_task(self._listen(), name="bastion-live-redis")
         if not self._connected.is_set():
             with contextlib.suppress(TimeoutError):
@@ -110,8 +111,7 @@ class RedisHub:
                     message = await pubsub.get_message(timeout=_POLL_S)
                     if message is None or message.get("type") != "pmessage":
                         continue
-                    channel = message["channel"].decode()[start:]
-                    self._fanout.deliver(channel, message["data"].decode())
+                    self._received(message, start)
             except _ERRORS as exc:
                 # Once per outage, not once per reconnection attempt.
                 log = logger.warning if self._connected.is_set() else logger.debug
@@ -124,6 +124,22 @@ class RedisHub:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RECONNECT_MAX_S)
+
+    def _received(self, message: dict[str, Any], start: int) -> None:
+        # One bad message (not UTF-8, not bytes…) is skipped: it must not stop the listener,
+        # and with it every stream of the process.
+        try:
+            channel = message["channel"].decode()[start:]
+            payload = message["data"].decode()
+        except (AttributeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            logger.warning("live: skipped a Redis message that is not ours (%s)",
+                           type(exc).__name__)  # fmt: skip
+            return
+        self._fanout.deliver(channel, payload)
+
+    def interrupt(self, channel: str) -> None:
+        """See :meth:`bastion.live.Hub.interrupt`."""
+        self._fanout.end_channel(channel, LiveUnavailableError("live updates interrupted"))
 
     async def close(self) -> None:
         """See :meth:`bastion.live.Hub.close`."""

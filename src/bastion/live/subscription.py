@@ -153,6 +153,10 @@ class Fanout:
         for subscription in list(self._channels.get(channel, ())):
             subscription.deliver(payload)
 
+    def end_channel(self, channel: str, error: LiveError) -> None:
+        for subscription in list(self._channels.get(channel, ())):
+            subscription.end(error)
+
     def end_all(self, error: LiveError) -> None:
         for subscribers in list(self._channels.values()):
             for subscription in list(subscribers):

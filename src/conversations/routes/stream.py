@@ -10,7 +10,7 @@ The socket is accepted, then refused with a close code when the request cannot b
 ====  ===============================================================
 4401  no API key, or an unknown or revoked one
 4404  no such conversation for this user (another user's reads the same)
-4429  the client read too slowly: more than ``LIVE_QUEUE_SIZE`` messages behind
+4429  the client read too slowly: over ``LIVE_QUEUE_SIZE`` events behind
 1012  the server is restarting
 1013  live updates are unavailable now (hub or database down): reconnect later
 ====  ===============================================================
@@ -146,16 +146,22 @@ async def _pump(
     while True:
         payload = await subscription.get()
         event = json.loads(payload)
-        message_id = int(event["id"])
-        if message_id in recent:
-            continue  # published twice (a retried hook): sent once
-        recent.append(message_id)
-        if event.get("ref"):
-            loaded = await _load_message(database, cid, message_id)
-            if loaded is None:
-                continue
-            payload = loaded
-        await websocket.send_text(payload)
+        # A batch's messages arrive as one list (see conversations.live_events).
+        for message in event if isinstance(event, list) else [event]:
+            message_id = int(message["id"])
+            if message_id in recent:
+                continue  # published twice (a retried hook): sent once
+            recent.append(message_id)
+            if message.get("ref"):
+                loaded = await _load_message(database, cid, message_id)
+                if loaded is None:
+                    continue
+                text = loaded
+            elif message is event:
+                text = payload  # as published: no need to encode it again
+            else:
+                text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+            await websocket.send_text(text)
 
 
 async def _load_message(database: Database, cid: uuid.UUID, message_id: int) -> str | None:

@@ -1,0 +1,108 @@
+"""Review findings (issue 8 follow-up): bad messages on Redis, failed publishes, big batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from bastion.cache import CacheSettings
+from bastion.live import DEFAULT_QUEUE_SIZE, LiveUnavailableError, LocalHub, PostgresHub, RedisHub
+from conversations.live_events import message_channel, publish_messages
+from conversations.schemas import MAX_BATCH_MESSAGES
+from tests.cache.redis_server import RedisServer
+
+
+async def _get(subscription: object) -> str:
+    async with asyncio.timeout(10):
+        return await subscription.get()  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_a_message_that_is_not_utf8_is_skipped_and_the_listener_goes_on(
+    cache_settings: CacheSettings,
+) -> None:
+    url = cache_settings.redis_url.get_secret_value()  # type: ignore[union-attr]
+    hub = RedisHub(url, prefix=cache_settings.prefix)
+    raw = aioredis.Redis.from_url(url)
+    try:
+        subscription = await hub.subscribe("c")
+        await raw.publish(f"{cache_settings.prefix}live:c", b"\xff\xfe not utf-8")
+        await raw.publish(f"{cache_settings.prefix}live:\xff", b"x")  # a bad channel name too
+        await hub.publish("c", "after")
+        assert await _get(subscription) == "after"
+        assert not subscription.ended.is_set()
+    finally:
+        await raw.aclose()
+        await hub.close()
+
+
+async def test_a_listener_that_ended_is_started_again_by_the_next_subscribe(
+    cache_settings: CacheSettings,
+) -> None:
+    hub = RedisHub(cache_settings.redis_url.get_secret_value(),  # type: ignore[union-attr]
+                   prefix=cache_settings.prefix)  # fmt: skip
+    try:
+        first = await hub.subscribe("c")
+        listener = hub._listener
+        assert listener is not None
+        listener.cancel()  # however it ended
+        with pytest.raises(LiveUnavailableError):
+            await _get(first)
+        second = await hub.subscribe("c")
+        await hub.publish("c", "again")
+        assert await _get(second) == "again"
+    finally:
+        await hub.close()
+
+
+async def test_a_failed_publish_tells_this_channels_streams_to_reconnect(
+    redis_server: RedisServer,
+) -> None:
+    hub = RedisHub(redis_server.url, prefix="pf:", timeout_s=0.3)
+    cid, other = uuid.uuid4(), uuid.uuid4()
+    messages = [json.dumps({"id": n, "content": f"m{n}"}) for n in range(5)]
+    try:
+        subscription = await hub.subscribe(message_channel(cid))
+        bystander = await hub.subscribe(message_channel(other))
+        assert await publish_messages(hub, cid, messages[:2]) is True
+        assert [json.loads(await _get(subscription))] == [[json.loads(m) for m in messages[:2]]]
+        redis_server.pause()  # the pub/sub connection stays up: only the publish fails
+        try:
+            published = await publish_messages(hub, cid, messages[2:])
+        finally:
+            redis_server.resume()
+        with pytest.raises(LiveUnavailableError):
+            await _get(subscription)  # the stream closes with 1013 and catches up by cursor
+        assert not bystander.ended.is_set()  # other conversations are not affected
+    finally:
+        await hub.close()
+    assert published is False
+
+
+@pytest.mark.parametrize("limit", [PostgresHub.max_payload_bytes, RedisHub.max_payload_bytes])
+async def test_a_full_batch_fits_the_default_queue_of_a_reader_that_has_not_read_yet(
+    limit: int,
+) -> None:
+    hub = LocalHub()  # DEFAULT_QUEUE_SIZE, every event delivered before the reader reads one
+    hub.max_payload_bytes = limit
+    cid = uuid.uuid4()
+    subscription = await hub.subscribe(message_channel(cid))
+    # The worst case: every message just under the inline size, or just over (a reference).
+    inline = limit // 16
+    messages = []
+    for n in range(MAX_BATCH_MESSAGES):
+        padding = "x" * (inline - 40 if n % 2 else inline + 10)
+        messages.append(json.dumps({"id": n, "content": padding}))
+    assert await publish_messages(hub, cid, messages) is True
+    assert not subscription.ended.is_set()
+    assert subscription.pending <= DEFAULT_QUEUE_SIZE // 2  # room for other writers too
+    received: list[dict[str, object]] = []
+    while len(received) < MAX_BATCH_MESSAGES:
+        received += json.loads(await _get(subscription))
+    assert [message["id"] for message in received] == list(range(MAX_BATCH_MESSAGES))
+    assert all(message.get("ref") for message in received[::2])  # over the size: references
+    assert all("content" in message for message in received[1::2])
+    assert max(len(json.dumps(m)) for m in received) <= limit
