@@ -3,7 +3,9 @@
 The signing key authenticates manifests (and, through the archive's SHA-256 inside them, the
 archives): only backups this service made are ever restored. When ``BACKUP_SIGNING_KEY`` is
 not set, a random key is generated once into a 0600 file beside ``BACKUP_DIR`` — outside it,
-so whoever can write backups there cannot also read the key that vouches for them.
+so whoever can write backups there cannot also read the key that vouches for them. The file
+appears complete or not at all (written and synced under a temporary name, then linked into
+place), so workers starting together agree on one key and never read a partial file.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyrage  # type: ignore[import-untyped]
@@ -35,27 +39,14 @@ def load_signing_key(settings: BackupSettings) -> bytes:
     if settings.signing_key is not None:
         return settings.signing_key.get_secret_value().encode()
     path = settings.signing_key_file
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # O_EXCL: two workers starting together agree on one key, the first one's.
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot create the backup signing key file {path} ({exc.strerror}); "
-            "set BACKUP_SIGNING_KEY"
-        ) from None
-    else:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(secrets.token_hex(_KEY_BYTES) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        logger.warning(
-            "generated a backup signing key in %s; keep it (and back it up apart from the "
-            "backups), or set BACKUP_SIGNING_KEY",
-            path,
-        )
+    if not path.exists():
+        try:
+            _create_key_file(path)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot create the backup signing key file {path} ({exc.strerror}); "
+                "set BACKUP_SIGNING_KEY"
+            ) from None
     try:
         key = path.read_text().strip()
     except OSError as exc:
@@ -65,6 +56,47 @@ def load_signing_key(settings: BackupSettings) -> bytes:
     if len(key) < 32:
         raise ConfigurationError(f"the backup signing key file {path} holds a key too short")
     return key.encode()
+
+
+def _create_key_file(path: Path) -> None:
+    """Put a new random key at ``path`` unless another worker got there first.
+
+    The key is written and synced under a temporary name in the same directory, then
+    hard-linked into place: ``link`` fails if ``path`` exists, so exactly one worker's complete
+    file wins and the others read it (never a half-written one, as with create-then-write).
+
+    Raises:
+        OSError: the directory or the file cannot be made.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_hex(_KEY_BYTES) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return  # lost the race: the winner's key is complete and is the one to use
+    finally:
+        os.unlink(temporary)
+    _sync_directory(path.parent)
+    logger.warning(
+        "generated a backup signing key in %s; keep it (and back it up apart from the "
+        "backups), or set BACKUP_SIGNING_KEY",
+        path,
+    )
+
+
+def _sync_directory(directory: Path) -> None:
+    # The new name must survive a crash too, or a restart would generate another key and
+    # distrust every backup signed with this one.
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @dataclass(frozen=True, slots=True)
