@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import uuid
+from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
+from websockets.asyncio.client import connect
 
+from bastion import Database, DatabaseSettings
 from bastion.cache import CacheSettings
 from bastion.live import DEFAULT_QUEUE_SIZE, LiveUnavailableError, LocalHub, PostgresHub, RedisHub
 from conversations.live_events import message_channel, publish_messages
 from conversations.schemas import MAX_BATCH_MESSAGES
+from conversations.users import create_user
 from tests.cache.redis_server import RedisServer
+from tests.live.workers import running
 
 
 async def _get(subscription: object) -> str:
@@ -106,3 +113,34 @@ async def test_a_full_batch_fits_the_default_queue_of_a_reader_that_has_not_read
     assert all(message.get("ref") for message in received[::2])  # over the size: references
     assert all("content" in message for message in received[1::2])
     assert max(len(json.dumps(m)) for m in received) <= limit
+
+
+async def test_a_batch_of_1000_reaches_a_stream_of_a_single_process_service_without_4429(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    # One worker without Redis: the local hub hands every event of the batch to the stream's
+    # queue before the stream can send one, so this is the worst case of LIVE_QUEUE_SIZE
+    # (left at its default here).
+    path = tmp_path / "batch.db"
+    shutil.copyfile(sqlite_template, path)
+    url = f"sqlite:///{path}"
+    async with Database(DatabaseSettings(DATABASE_URL=url)) as database:
+        key = await create_user(database, "fay")
+    headers = {"Authorization": f"Bearer {key}"}
+    contents = [{"role": "user", "content": f"b{n}"} for n in range(MAX_BATCH_MESSAGES)]
+    async with (
+        running(1, {"DATABASE_URL": url}) as (worker,),
+        httpx.AsyncClient(base_url=worker.http, timeout=60, headers=headers) as client,
+    ):
+        created = await client.post("/v1/conversations", json={"title": "t"})
+        cid = created.json()["id"]
+        stream_url = f"{worker.ws}/v1/conversations/{cid}/stream"
+        async with connect(stream_url, additional_headers=headers, max_size=None) as socket:
+            batch = await client.post(
+                f"/v1/conversations/{cid}/messages:batch", json={"messages": contents}
+            )
+            assert batch.status_code == 201, batch.text
+            async with asyncio.timeout(60):
+                received = [json.loads(await socket.recv()) for _ in contents]
+    assert [m["id"] for m in received] == [r["message"]["id"] for r in batch.json()["results"]]
+    assert [m["content"] for m in received] == [c["content"] for c in contents]
