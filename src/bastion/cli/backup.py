@@ -32,6 +32,7 @@ from bastion.backup import (
     ProgressCallback,
     load_backup_settings,
 )
+from bastion.cli._cache import clear_service_cache
 from bastion.cli._run import EXIT_CONFIGURATION, EXIT_FAILURE, fail
 from bastion.database import Database
 from bastion.settings import load_settings
@@ -257,6 +258,8 @@ def restore(
         fail(f"error: {exc.message}", EXIT_CONFIGURATION)
     except BackupIntegrityError as exc:
         fail(f"restore refused ({exc.reason}): {exc.message}", EXIT_FAILURE)
+    if not dry_run:
+        clear_service_cache()  # the service must not serve reads cached from the old data
     if as_json:
         _echo_json(report.to_dict())
         return

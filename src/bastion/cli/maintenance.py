@@ -204,6 +204,7 @@ def reset(
     as_json: JsonOption = False,
 ) -> None:
     """Delete ALL data (every row of every table; the schema stays). Needs --yes and the name."""
+    from bastion.cli._cache import clear_service_cache
     from bastion.maintenance import database_name, reset_database
 
     if not yes:
@@ -218,6 +219,7 @@ def reset(
         return await reset_database(database, confirm=name)
 
     counts = with_database(database_url, run)
+    clear_service_cache()
     if as_json:
         print_json({"rows": counts})
         return

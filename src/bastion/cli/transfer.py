@@ -80,6 +80,7 @@ def import_(
     as_json: JsonOption = False,
 ) -> None:
     """Import an export into an empty database at the same schema revision: all or nothing."""
+    from bastion.cli._cache import clear_service_cache
     from bastion.maintenance import import_database
 
     with TableProgress() as progress:
@@ -87,6 +88,7 @@ def import_(
             database_url,
             lambda db: import_database(db, directory, replace=replace, progress=progress),
         )
+    clear_service_cache()
     if as_json:
         print_json(result.to_dict())
         return

@@ -285,7 +285,10 @@ def add_operation_routes(router: APIRouter, operations: AdminOperations) -> None
                     allow_schema_change=body.allow_schema_change,
                     progress=progress,
                 )
-                return restored.to_dict()
+                # Reads cached from the replaced data must not be served any more.
+                cache = getattr(request.app.state, "cache", None)
+                cleared = await cache.clear() if cache is not None else None
+                return {**restored.to_dict(), "cache_cleared": cleared}
 
             return ops.submit(
                 request, "backup.restore", work, target=body.backup_id, exclusive="restore"
