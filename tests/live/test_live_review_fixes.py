@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy.engine import make_url
 from websockets.asyncio.client import connect
 
 from bastion import Database, DatabaseSettings
@@ -144,3 +145,23 @@ async def test_a_batch_of_1000_reaches_a_stream_of_a_single_process_service_with
                 received = [json.loads(await socket.recv()) for _ in contents]
     assert [m["id"] for m in received] == [r["message"]["id"] for r in batch.json()["results"]]
     assert [m["content"] for m in received] == [c["content"] for c in contents]
+
+
+@pytest.mark.postgres
+async def test_a_full_size_batch_event_of_json_fits_a_postgres_notification(
+    postgres_test_url: str,
+) -> None:
+    # A packed batch event is close to max_payload_bytes and full of quotes (and escapes):
+    # the hub's envelope must not grow it past PostgreSQL's 8,000 bytes.
+    hub = PostgresHub(make_url(postgres_test_url), pg_channel=f"t{uuid.uuid4().hex[:12]}")
+    cid = uuid.uuid4()
+    messages = [json.dumps({"id": n, "content": '"é\\' * 40}) for n in range(40)]
+    try:
+        subscription = await hub.subscribe(message_channel(cid))
+        assert await publish_messages(hub, cid, messages) is True
+        received: list[dict[str, object]] = []
+        while len(received) < len(messages):
+            received += json.loads(await _get(subscription))
+    finally:
+        await hub.close()
+    assert received == [json.loads(m) for m in messages]

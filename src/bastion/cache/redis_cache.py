@@ -16,6 +16,9 @@ are kept (bounded; past the bound the whole prefix is flushed instead) and appli
 next command once Redis answers. (Other processes that can still reach Redis meanwhile may
 serve the value such a write changed until then, or until its TTL: keep TTLs short.)
 
+:meth:`RedisCache.clear` (after a database restore, import or reset) bumps a cache-wide
+epoch that every store checks, then drops the prefix (``SCAN`` + ``UNLINK``, 1,000 keys at a time).
+
 Cancellation: redis-py (≥ 4.5.4, CVE-2023-28858/28859) disconnects a connection whose command
 was cancelled before its reply was read, so a pooled connection never hands one caller the
 reply meant for another; ``tests/cache/test_cancellation.py`` holds it to that.
