@@ -45,8 +45,11 @@ DURATION_S = 2 if QUICK else 5
 WARMUP_S = 1 if QUICK else 2
 THREADS = 2
 CONNECTIONS = 64
+BASTION_APP = "conversations.app:create_app"
 VARIANTS = {
-    "bastion": "conversations.app:create_app",
+    "bastion": BASTION_APP,
+    # The same service with its Redis cache on (REDIS_URL): reads served from the cache.
+    "bastion_cached": BASTION_APP,
     "raw": "bench.apps.raw:app",
     "naive": "bench.apps.naive:app",
     "sync": "bench.apps.sync:app",
@@ -59,6 +62,9 @@ MESSAGE_BODY = json.dumps(
         "sources": [{"url": "https://example.com/source", "title": "Source"}],
     }
 )
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+CACHED_SCENARIOS = {"get_conversation", "list_messages"}
+"""Where the cached variant runs: reads. Its writes would only add an invalidation."""
 SCENARIOS = {
     "get_conversation": {"BENCH_SUFFIX": "", "BENCH_METHOD": "GET"},
     "list_messages": {"BENCH_SUFFIX": "/messages?limit=20", "BENCH_METHOD": "GET"},
@@ -97,8 +103,10 @@ class Server:
         target = VARIANTS[variant]
         command = [sys.executable, "-m", "uvicorn", target, "--port", str(self.port)]
         command += ["--log-level", "warning", "--no-access-log", "--loop", "uvloop"]
-        if variant == "bastion":
+        if target == BASTION_APP:
             command.append("--factory")
+        if variant == "bastion_cached":
+            env = {**env, "REDIS_URL": REDIS_URL, "CACHE_PREFIX": f"bench-{self.port}"}
         self.log = (workdir / f"{variant}.log").open("w")
         self.process = subprocess.Popen(
             command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
@@ -226,6 +234,8 @@ def bench_backend(
             order = list(servers)
             for rnd in range(ROUNDS):
                 for variant in order:
+                    if variant == "bastion_cached" and scenario not in CACHED_SCENARIOS:
+                        continue
                     raw = run_wrk(
                         servers[variant].port, {**wrk_env, **scenario_env}, DURATION_S, CONNECTIONS
                     )
@@ -265,16 +275,21 @@ def ratios(results: list[Result]) -> dict[str, float]:
     for backend, scenario in sorted({(r.backend, r.scenario) for r in results}):
         if scenario == "concurrency_1000":
             continue
-        for baseline in ("raw", "naive", "sync", "copy", "executemany"):
+        for subject, baseline in [
+            *(("bastion", base) for base in ("raw", "naive", "sync", "copy", "executemany")),
+            ("bastion_cached", "bastion"),
+        ]:
+            if (backend, scenario, subject, 0) not in by_key:
+                continue
             per_round = [
-                by_key[(backend, scenario, "bastion", rnd)].rps
+                by_key[(backend, scenario, subject, rnd)].rps
                 / by_key[(backend, scenario, baseline, rnd)].rps
                 for rnd in range(ROUNDS)
                 if (backend, scenario, baseline, rnd) in by_key
                 and by_key[(backend, scenario, baseline, rnd)].rps > 0
             ]
             if per_round:
-                key = f"{backend}.{scenario}.bastion_vs_{baseline}"
+                key = f"{backend}.{scenario}.{subject}_vs_{baseline}"
                 out[key] = round(statistics.median(per_round), 3)
     return out
 
