@@ -74,7 +74,9 @@ def import_(
     replace: Annotated[
         bool,
         typer.Option(
-            "--replace", help="Delete every row of the target first (in the same transaction)."
+            "--replace",
+            help="Delete every row of the target first, in the same transaction (needs an export "
+            "of every table).",
         ),
     ] = False,
     as_json: JsonOption = False,
