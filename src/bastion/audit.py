@@ -70,17 +70,8 @@ class AuditLog:
         detail: str | None = None,
     ) -> AuditRecord:
         """Write one record (tagged with the current request's id) and return it."""
-        context = current_request()
-        entry = AuditRecord(
-            actor=actor,
-            action=action,
-            target=target,
-            outcome=outcome,
-            detail=detail,
-            request_id=context.request_id if context is not None else None,
-        )
+        entry = _write(actor, action, target, outcome, detail)
         self._recent.append(entry)
-        logger.info(json.dumps(entry.to_dict(), sort_keys=True))
         return entry
 
     def record_refusal(self, *, actor: str, action: str, detail: str | None = None) -> AuditRecord:
@@ -88,17 +79,8 @@ class AuditLog:
 
         Logged like every record, but kept in memory apart from :attr:`recent`.
         """
-        context = current_request()
-        entry = AuditRecord(
-            actor=actor,
-            action=action,
-            target=None,
-            outcome="refused",
-            detail=detail,
-            request_id=context.request_id if context is not None else None,
-        )
+        entry = _write(actor, action, None, "refused", detail)
         self._refusals.append(entry)
-        logger.info(json.dumps(entry.to_dict(), sort_keys=True))
         return entry
 
     @property
@@ -110,3 +92,20 @@ class AuditLog:
     def refusals(self) -> list[AuditRecord]:
         """The records of refused, unauthenticated calls kept in memory, oldest first."""
         return list(self._refusals)
+
+
+def _write(
+    actor: str, action: str, target: str | None, outcome: str, detail: str | None
+) -> AuditRecord:
+    """A record tagged with the current request's id, logged as one JSON line."""
+    context = current_request()
+    entry = AuditRecord(
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=outcome,
+        detail=detail,
+        request_id=context.request_id if context is not None else None,
+    )
+    logger.info(json.dumps(entry.to_dict(), sort_keys=True))
+    return entry

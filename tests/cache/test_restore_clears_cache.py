@@ -4,13 +4,10 @@ clears the service's Redis prefix)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import redis
 
@@ -19,20 +16,8 @@ from bastion.backup import BackupSettings
 from bastion.cache import CacheSettings
 from bastion.cli import main
 from conversations.app import create_app
+from tests.api.test_admin_operations import ADMIN_TOKEN, AUTH, SIGNING_KEY, finished
 from tests.conftest import Users, make_settings, serve
-
-ADMIN_TOKEN = "admin-" + "0123456789abcdef" * 2
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-SIGNING_KEY = "signing-" + "fedcba9876543210" * 3
-
-
-async def finished(client: httpx.AsyncClient, job: dict[str, Any]) -> dict[str, Any]:
-    for _ in range(600):
-        state = (await client.get(f"/admin/database/jobs/{job['id']}", headers=AUTH)).json()
-        if state["state"] in ("succeeded", "failed"):
-            return dict(state)
-        await asyncio.sleep(0.05)
-    raise AssertionError("job did not finish")
 
 
 async def test_a_restore_over_the_admin_api_clears_the_cache(

@@ -128,25 +128,20 @@ class AdminOperations:
         self.audit.record(actor=actor, action=action, target=target, outcome="requested")
         try:
             result = await operation()
-        except HTTPException as exc:
+        except BaseException as exc:
+            outcome, detail = _failure(exc)
             self.audit.record(
-                actor=actor, action=action, target=target, outcome="refused",
-                detail=str(exc.status_code),
-            )  # fmt: skip
-            raise
-        except BastionError as exc:
-            self.audit.record(
-                actor=actor, action=action, target=target, outcome="failed", detail=exc.code
+                actor=actor, action=action, target=target, outcome=outcome, detail=detail
             )
             raise
-        except Exception:
-            self.audit.record(
-                actor=actor, action=action, target=target, outcome="failed", detail="internal"
-            )
-            raise
-        outcome = "accepted" if isinstance(result, Job) else "succeeded"
-        detail = result.id if isinstance(result, Job) else None
-        self.audit.record(actor=actor, action=action, target=target, outcome=outcome, detail=detail)
+        accepted = isinstance(result, Job)
+        self.audit.record(
+            actor=actor,
+            action=action,
+            target=target,
+            outcome="accepted" if accepted else "succeeded",
+            detail=result.id if accepted else None,
+        )
         return result
 
     def submit(
@@ -171,14 +166,10 @@ class AdminOperations:
 
             try:
                 result = await work(staged)
-            except BastionError as exc:
+            except BaseException as exc:
+                outcome, detail = _failure(exc)
                 self.audit.record(
-                    actor=actor, action=kind, target=target, outcome="failed", detail=exc.code
-                )
-                raise
-            except BaseException:
-                self.audit.record(
-                    actor=actor, action=kind, target=target, outcome="failed", detail="internal"
+                    actor=actor, action=kind, target=target, outcome=outcome, detail=detail
                 )
                 raise
             self.audit.record(actor=actor, action=kind, target=target, outcome="succeeded")
@@ -346,6 +337,15 @@ def add_operation_routes(router: APIRouter, operations: AdminOperations) -> None
             "records": [record.to_dict() for record in ops.audit.recent],
             "refusals": [record.to_dict() for record in ops.audit.refusals],
         }
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """The audit outcome and detail of an operation that raised ``exc``."""
+    if isinstance(exc, HTTPException):
+        return "refused", str(exc.status_code)  # refused before it ran (429, 400…)
+    if isinstance(exc, BastionError):
+        return "failed", exc.code
+    return "failed", "internal"  # the message may carry anything: never audited
 
 
 def client_actor(request: Request, *, authenticated: bool = True) -> str:
