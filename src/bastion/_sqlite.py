@@ -24,6 +24,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.util import await_
 
+from bastion._sqlite_inline import InlineReads, inline_driver_class
+
 __all__ = ["UNIT_OPTION", "install_sqlite_listeners", "sqlite_connect_args"]
 
 # Execution option naming the kind of unit a connection serves.
@@ -60,6 +62,8 @@ class _ClosingConnection(sqlite3.Connection):
         self._cursors: weakref.WeakSet[sqlite3.Cursor] = weakref.WeakSet()
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        if not args and "factory" not in kwargs:
+            kwargs["factory"] = _Cursor
         cursor = super().cursor(*args, **kwargs)
         self._cursors.add(cursor)
         return cursor
@@ -74,11 +78,19 @@ class _ClosingConnection(sqlite3.Connection):
     def executescript(self, *args: Any) -> sqlite3.Cursor:
         return self.cursor().executescript(*args)  # type: ignore[no-any-return]
 
-    def close(self) -> None:
+    def close_cursors(self) -> None:
+        """Close every live cursor: ends the read snapshot of any unfinished SELECT."""
         for cursor in list(self._cursors):
-            with suppress(sqlite3.Error):  # closing the connection matters more
+            with suppress(sqlite3.Error):  # releasing the file matters more
                 cursor.close()
+
+    def close(self) -> None:
+        self.close_cursors()
         super().close()
+
+
+class _Cursor(sqlite3.Cursor):
+    """A cursor that can carry attributes (:class:`InlineReads` notes its statement on it)."""
 
 
 class _StopOnce:
@@ -101,31 +113,32 @@ class _StopOnce:
         return self._bastion_stopping[0]
 
 
-def _make_stop_idempotent(dbapi_connection: Any, _record: Any) -> None:
-    """Give a new aiosqlite connection the ``stop()`` of :class:`_StopOnce`.
+def _adopt_driver_connection(*mixins: type) -> Any:
+    """A ``connect`` listener giving each new aiosqlite connection ``mixins`` in front of its class.
 
     aiosqlite builds its connection objects itself, so the object switches to a subclass of its
-    own class (which only adds that method). aiosqlite < 0.22 has no ``stop()``, and SQLAlchemy
-    never force-stops its connections.
+    own class that only adds the mixins' methods: :class:`_StopOnce` everywhere, and
+    :class:`InlineReads` on the read pool. aiosqlite < 0.22 has no ``stop()``; SQLAlchemy never
+    force-stops its connections there, so the class is left alone.
     """
-    driver_connection = dbapi_connection.driver_connection
-    driver_class: type = type(driver_connection)
-    if not hasattr(driver_class, "stop") or issubclass(driver_class, _StopOnce):
-        return
-    stop_once_class = _STOP_ONCE_CLASSES.get(driver_class)
-    if stop_once_class is None:
-        # Built from the driver's class: aiosqlite is an optional dependency, not imported here.
-        stop_once_class = type(f"StopOnce{driver_class.__name__}", (_StopOnce, driver_class), {})
-        _STOP_ONCE_CLASSES[driver_class] = stop_once_class
-    driver_connection.__class__ = stop_once_class
 
+    def adopt(dbapi_connection: Any, _record: Any) -> None:
+        driver_connection = dbapi_connection.driver_connection
+        driver_class: type = type(driver_connection)
+        if not hasattr(driver_class, "stop") or issubclass(driver_class, _StopOnce):
+            return
+        driver_connection.__class__ = inline_driver_class(driver_class, *mixins)
 
-_STOP_ONCE_CLASSES: dict[type, type] = {}
+    return adopt
 
 
 def sqlite_connect_args() -> dict[str, Any]:
-    """The driver arguments of Bastion's SQLite engines (see :class:`_ClosingConnection`)."""
-    return {"factory": _ClosingConnection}
+    """The driver arguments of Bastion's SQLite engines (see :class:`_ClosingConnection`).
+
+    ``check_same_thread=False``: the read pool's calls run on the event loop as well as on
+    aiosqlite's thread, one at a time (see :mod:`bastion._sqlite_inline`).
+    """
+    return {"factory": _ClosingConnection, "check_same_thread": False}
 
 
 def install_sqlite_listeners(
@@ -138,19 +151,25 @@ def install_sqlite_listeners(
 ) -> None:
     """Configure every new connection of ``engine`` and take over its BEGIN statements.
 
-    ``query_only`` makes SQLite itself refuse any write on the engine's connections.
+    ``query_only`` makes SQLite itself refuse any write on the engine's connections, and lets
+    their calls run on the event loop (:class:`InlineReads`) unless ``memory``.
     ``statement_timeout_s`` (> 0) interrupts a statement that runs longer: it fails with
     ``SQLITE_INTERRUPT``, which Bastion reports as a statement timeout.
     """
 
     # insert=True: ahead of the dialect's own "connect" listeners, whose awaits on the driver
     # a cancellation can already interrupt (SQLAlchemy then terminates the connection).
-    event.listen(engine, "connect", _make_stop_idempotent, insert=True)
+    inline = query_only and not memory
+    mixins = (_StopOnce, InlineReads) if inline else (_StopOnce,)
+    event.listen(engine, "connect", _adopt_driver_connection(*mixins), insert=True)
 
     @event.listens_for(engine, "connect")
     def _configure_connection(dbapi_connection: Any, record: Any) -> None:
-        if statement_timeout_s > 0:
+        deadline = (
             _install_deadline(dbapi_connection, record)
+            if statement_timeout_s > 0 or inline
+            else None
+        )
         # None: the driver never emits BEGIN/COMMIT on its own; see the module docstring.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -158,11 +177,32 @@ def install_sqlite_listeners(
             if not memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            # An inline read must fail at once rather than wait on the loop; see InlineReads.
+            cursor.execute(f"PRAGMA busy_timeout={0 if inline else int(busy_timeout_ms)}")
             if query_only:
                 cursor.execute("PRAGMA query_only=ON")
         finally:
             cursor.close()
+        if inline:
+            driver_connection = dbapi_connection.driver_connection
+            driver_connection._bastion_busy_timeout_ms = busy_timeout_ms
+            driver_connection._bastion_deadline = deadline  # last: from here calls may go inline
+
+    @event.listens_for(engine, "reset")
+    def _release_snapshots(dbapi_connection: Any, _record: Any, state: Any) -> None:
+        # A unit that stopped reading a streamed result half-way (cancelled between two fetches,
+        # or it simply broke off) leaves its statement pending, and with it a read snapshot that
+        # blocks checkpoints; the ROLLBACK that follows cannot end it. Close such cursors before
+        # the connection goes back to the pool. (Outside the event loop's greenlet, SQLAlchemy
+        # is discarding the connection anyway.)
+        driver_connection = dbapi_connection.driver_connection
+        sqlite_connection = getattr(driver_connection, "_connection", None)
+        if (
+            state.asyncio_safe
+            and isinstance(sqlite_connection, _ClosingConnection)
+            and sqlite_connection._cursors
+        ):
+            await_(driver_connection._execute(sqlite_connection.close_cursors))
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
@@ -180,8 +220,11 @@ def install_sqlite_listeners(
                 deadline[0] = time.monotonic() + statement_timeout_s
 
 
-def _install_deadline(dbapi_connection: Any, record: Any) -> None:
-    """Abort any statement on this connection that runs past the deadline set before it."""
+def _install_deadline(dbapi_connection: Any, record: Any) -> list[float]:
+    """Abort any statement on this connection that runs past the deadline set before it.
+
+    Returns the deadline cell (a one-item list of ``time.monotonic()`` seconds).
+    """
     # One mutable cell per connection: set in the event loop before each statement, read by
     # SQLite's progress handler in aiosqlite's thread while the statement runs.
     deadline = [float("inf")]
@@ -193,3 +236,4 @@ def _install_deadline(dbapi_connection: Any, record: Any) -> None:
     # In aiosqlite's thread (an in-memory connection may only be touched there); this runs
     # inside SQLAlchemy's greenlet, hence await_.
     await_(dbapi_connection.driver_connection.set_progress_handler(past_deadline, _PROGRESS_STEPS))
+    return deadline

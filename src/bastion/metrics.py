@@ -31,6 +31,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bastion._sqlite_inline import FALLBACKS
 from bastion._translate import translate_error
 from bastion.fingerprint import fingerprint
 from bastion.request_context import current_request
@@ -227,6 +228,15 @@ class _DatabaseCollector(Collector):
             "bastion_breaker_opened", "Times the circuit breaker opened.",
             value=breaker.opened_count,
         )  # fmt: skip
+        if database.settings.backend == "sqlite":
+            fallbacks = CounterMetricFamily(
+                "bastion_sqlite_inline_fallbacks",
+                "SQLite reads moved from the event loop to a thread (this process), by reason.",
+                labels=["reason"],
+            )
+            for reason, count in FALLBACKS.items():
+                fallbacks.add_metric([reason], count)
+            yield fallbacks
         try:
             pool = database.pool_status()
         except Exception:

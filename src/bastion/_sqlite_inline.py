@@ -1,0 +1,161 @@
+"""Reads on SQLite run on the event loop itself, and move to a thread only when they would block.
+
+aiosqlite runs every call on its connection's own thread. A point read is then about ten thread
+hops (cursor, execute, fetch, close, rollback…; each a queue put, a thread wake-up and a
+``call_soon_threadsafe`` back), and the hops, not SQLite, are where the time goes: profiled
+under ``wrk``, the reference service spent 1.7 ms of CPU per point read against 0.3 ms for the
+same two queries made with ``sqlite3`` directly on the loop (``bench/results``).
+
+On Bastion's read pool the connections are ``PRAGMA query_only``, so a call there can block the
+loop in only two ways, and both are caught:
+
+* **It runs long.** While a call runs on the loop, the connection's progress handler also
+  stops it at :data:`INLINE_BUDGET_S`; the call then runs again on the thread, which is safe
+  because nothing on this connection can write (a SELECT interrupted leaves no trace, and an
+  open read transaction stays open). Its SQL is remembered, and later runs of it go straight
+  to the thread.
+* **It waits for a lock.** Read connections carry ``busy_timeout=0``; a read that would wait
+  (WAL recovery, a restore holding the file) fails at once with ``SQLITE_BUSY`` and runs again
+  on the thread with the configured timeout.
+
+Calls that cannot be run again from scratch (``fetchone``/``fetchmany`` of a streamed result)
+always go to the thread, as does every call while an earlier one is still on the thread (a
+cancelled unit's), so the connection's calls stay in order.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+__all__ = ["FALLBACKS", "INLINE_BUDGET_S", "SLOW_STATEMENTS", "InlineReads", "inline_driver_class"]
+
+INLINE_BUDGET_S: Final = 0.002
+"""How long a call may hold the event loop before it is stopped and sent to the thread."""
+
+_MAX_SLOW_STATEMENTS: Final = 1024
+_INLINE_CALLS: Final = frozenset(
+    {"cursor", "execute", "fetchall", "close", "close_cursors", "commit", "rollback"}
+)
+
+
+class _SlowStatements:
+    """The SQL texts that overran the inline budget, oldest forgotten first (a bounded set)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._texts: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, sql: object) -> bool:
+        return sql in self._texts
+
+    def add(self, sql: str) -> None:
+        with self._lock:
+            self._texts[sql] = None
+            if len(self._texts) > self._capacity:
+                del self._texts[next(iter(self._texts))]
+
+
+SLOW_STATEMENTS: Final = _SlowStatements(_MAX_SLOW_STATEMENTS)
+
+FALLBACKS: Final[dict[str, int]] = {"budget": 0, "busy": 0, "known_slow": 0}
+"""Reads sent to the thread, by reason, in this process (``bastion_sqlite_inline_fallbacks``)."""
+
+
+class InlineReads:
+    """Mixed into aiosqlite's connection class on the read pool: see the module docstring.
+
+    The engine's ``connect`` listener sets the three ``_bastion_*`` attributes; until then (and
+    on any connection without them) every call goes to the thread as aiosqlite does it.
+    """
+
+    _bastion_deadline: list[float] | None = None
+    """The statement deadline cell the progress handler reads (``inf``: no deadline)."""
+    _bastion_busy_timeout_ms: int = 0
+    _bastion_queued: int = 0
+    _bastion_done: int = 0
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        deadline = self._bastion_deadline
+        name = getattr(fn, "__name__", "")
+        if (
+            deadline is None
+            or kwargs
+            or name not in _INLINE_CALLS
+            or self._bastion_queued != self._bastion_done
+            or not self._running  # type: ignore[attr-defined]
+            or self._connection is None  # type: ignore[attr-defined]
+        ):
+            return await self._on_thread(fn, *args, **kwargs)
+        owner = getattr(fn, "__self__", None)
+        if name == "execute":
+            if args and args[0] in SLOW_STATEMENTS:
+                FALLBACKS["known_slow"] += 1
+                return await self._on_thread(fn, *args)
+            if isinstance(owner, sqlite3.Cursor):
+                owner.bastion_statement = args  # type: ignore[attr-defined]
+            again: Callable[[], Any] = lambda: fn(*args)  # noqa: E731
+        elif name == "fetchall":
+            statement = getattr(owner, "bastion_statement", None)
+            if statement is None or statement[0] in SLOW_STATEMENTS:
+                return await self._on_thread(fn)
+            again = lambda: (owner.execute(*statement), fn())[1]  # type: ignore[union-attr]  # noqa: E731
+        else:
+            again = lambda: fn(*args)  # noqa: E731
+        statement_deadline = deadline[0]
+        deadline[0] = min(statement_deadline, time.monotonic() + INLINE_BUDGET_S)
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            if code == sqlite3.SQLITE_INTERRUPT and time.monotonic() < statement_deadline:
+                FALLBACKS["budget"] += 1
+                sql = getattr(owner, "bastion_statement", (None,))[0]
+                if isinstance(sql, str):
+                    SLOW_STATEMENTS.add(sql)
+            elif code == sqlite3.SQLITE_BUSY:
+                FALLBACKS["busy"] += 1
+            else:
+                raise
+        finally:
+            deadline[0] = statement_deadline
+        return await self._on_thread(self._waiting_for_locks, again)
+
+    def _waiting_for_locks(self, call: Callable[[], Any]) -> Any:
+        """Run ``call`` (on the thread) with the busy timeout the settings ask for."""
+        connection: sqlite3.Connection = self._connection  # type: ignore[attr-defined]
+        connection.execute(f"PRAGMA busy_timeout={int(self._bastion_busy_timeout_ms)}")
+        try:
+            return call()
+        finally:
+            connection.execute("PRAGMA busy_timeout=0")
+
+    async def _on_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """aiosqlite's own path: run ``fn`` on the connection's thread."""
+
+        def counted() -> Any:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._bastion_done += 1  # only the thread writes this
+
+        self._bastion_queued += 1  # only the event loop writes this
+        return await super()._execute(counted)  # type: ignore[misc]
+
+
+def inline_driver_class(driver_class: type, *mixins: type) -> type:
+    """A subclass of aiosqlite's connection class with ``mixins`` in front (cached per set)."""
+    key = (driver_class, mixins)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        names = "".join(mixin.__name__.strip("_") for mixin in mixins)
+        cls = type(f"{names}{driver_class.__name__}", (*mixins, driver_class), {})
+        _CLASSES[key] = cls
+    return cls
+
+
+_CLASSES: dict[tuple[type, tuple[type, ...]], type] = {}

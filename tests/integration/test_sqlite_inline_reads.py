@@ -1,0 +1,128 @@
+"""SQLite reads run on the event loop, and move to aiosqlite's thread when they would block it.
+
+See :mod:`bastion._sqlite_inline`. Each test checks where a call ran by the connection's count
+of calls sent to the thread, and that the loop kept turning (a ticker task) while a slow read
+ran. (The lock fallback is not tested: on a WAL database a reader is kept out only by crash
+recovery or another connection in exclusive locking mode, which other open connections
+prevent; the fallback is there for those.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bastion import Database, StatementTimeoutError
+from bastion._sqlite_inline import FALLBACKS, SLOW_STATEMENTS
+from tests.conftest import make_settings
+
+# A read that takes far longer than the 2 ms inline budget (about 0.1-0.5 s here).
+SLOW_SUM = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows}) "
+    "SELECT sum(i) FROM n"
+)
+# Its first row comes at once, the rest take long: the fetch, not the execute, overruns.
+MANY_ROWS = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows}) "
+    "SELECT i FROM n"
+)
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[Database]:
+    db = Database(make_settings(f"sqlite:///{tmp_path / 'inline.db'}"))
+    await db.start()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+async def _thread_calls(connection: AsyncConnection) -> int:
+    raw = await connection.get_raw_connection()
+    return int(raw.driver_connection._bastion_queued)
+
+
+class Ticker:
+    """Counts how often the event loop got to run it while something else was awaited."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Ticker:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *_exc: Any) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0.002)
+            self.ticks += 1
+
+
+async def test_a_point_read_makes_no_thread_hop(database: Database) -> None:
+    async with database.read_connection() as connection:
+        await connection.execute(text("SELECT 1"))  # the connection is set up by now
+        before = await _thread_calls(connection)
+        for _ in range(5):
+            assert await connection.scalar(text("SELECT count(*) FROM sqlite_master")) == 0
+        assert await _thread_calls(connection) == before
+
+
+async def test_a_read_over_budget_finishes_on_the_thread(database: Database) -> None:
+    sql = SLOW_SUM.format(rows=2_000_000)
+    async with database.read_connection() as connection, Ticker() as ticker:
+        await connection.execute(text("SELECT 1"))
+        before = await _thread_calls(connection)
+        budget_fallbacks = FALLBACKS["budget"]
+        total = await connection.scalar(text(sql))
+        assert total == 2_000_000 * 2_000_001 // 2
+        assert await _thread_calls(connection) > before
+        assert FALLBACKS["budget"] == budget_fallbacks + 1
+        assert sql in SLOW_STATEMENTS
+    # The read took well over 100 ms; run inline, it would have held the loop all along.
+    assert ticker.ticks >= 5
+
+    known_slow = FALLBACKS["known_slow"]
+    async with database.read_connection() as connection:
+        assert await connection.scalar(text(sql)) == total
+    # Known slow: straight to the thread, without another try on the loop.
+    assert FALLBACKS["known_slow"] == known_slow + 1
+    assert FALLBACKS["budget"] == budget_fallbacks + 1
+
+
+async def test_a_fetch_over_budget_returns_every_row_once(database: Database) -> None:
+    rows = 1_000_000
+    async with database.read_connection() as connection:
+        result = await connection.execute(text(MANY_ROWS.format(rows=rows)))
+        values = result.scalars().all()
+    assert len(values) == rows
+    assert sum(values) == rows * (rows + 1) // 2
+
+
+async def test_the_fallbacks_are_exported_as_metrics(database: Database) -> None:
+    exported = database.metrics.registry.get_sample_value(
+        "bastion_sqlite_inline_fallbacks_total", {"reason": "budget"}
+    )
+    assert exported == FALLBACKS["budget"]
+
+
+async def test_the_statement_timeout_still_stops_an_inline_read(tmp_path: Path) -> None:
+    settings = make_settings(f"sqlite:///{tmp_path / 'timeout.db'}", DB_STATEMENT_TIMEOUT=0.05)
+    async with Database(settings) as database:
+        with pytest.raises(StatementTimeoutError):
+            async with database.read_connection() as connection:
+                await connection.scalar(text(SLOW_SUM.format(rows=50_000_000)))
+        async with database.read_connection() as connection:  # the pool is still usable
+            assert await connection.scalar(text("SELECT 1")) == 1
