@@ -61,6 +61,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         # formatting ("YYYY-MM-DD HH:MM:SS.ffffff"), in one C-level isoformat call: bulk
         # inserts bind one of these per row.
         def process(value: datetime | None) -> str | None:
+            if value is not None and value.tzinfo is UTC:  # the usual case, checked cheaply
+                return value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
             converted = self.process_bind_param(value, dialect)
             if converted is None:
                 return None
