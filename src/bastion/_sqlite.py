@@ -21,10 +21,11 @@ from contextlib import suppress
 from typing import Any, Final
 
 from sqlalchemy import event
+from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_connection
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.util import await_
 
-from bastion._sqlite_inline import InlineReads, inline_driver_class
+from bastion._sqlite_inline import InlineAdaptedConnection, InlineReads, inline_driver_class
 
 __all__ = ["UNIT_OPTION", "install_sqlite_listeners", "sqlite_connect_args"]
 
@@ -128,6 +129,8 @@ def _adopt_driver_connection(*mixins: type) -> Any:
         if not hasattr(driver_class, "stop") or issubclass(driver_class, _StopOnce):
             return
         driver_connection.__class__ = inline_driver_class(driver_class, *mixins)
+        if InlineReads in mixins and type(dbapi_connection) is AsyncAdapt_aiosqlite_connection:
+            dbapi_connection.__class__ = InlineAdaptedConnection
 
     return adopt
 
