@@ -112,11 +112,13 @@ def cached(
 
         @functools.wraps(function)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            chosen = cache() if callable(cache) else cache
+            target = chosen if chosen is not None else _current[0]
+            if isinstance(target, NullCache):  # no cache: no key to build, straight to the source
+                return await function(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = bound.arguments
-            chosen = cache() if callable(cache) else cache
-            target = chosen if chosen is not None else _current[0]
             return await target.get_or_load(
                 cache_key(key, **arguments),
                 lambda: function(*args, **kwargs),
