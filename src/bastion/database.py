@@ -63,6 +63,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from bastion._checkout import checked_out
 from bastion._engines import Engines, create_engines
 from bastion._sqlite import (
     READ_UNIT,
@@ -403,7 +404,7 @@ class Database:
         async with self._unit():
             assert self._read_engine is not None
             waited_from = time.perf_counter()
-            async with self._read_engine.connect() as connection:
+            async with checked_out(self._read_engine) as connection:
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 try:
                     yield connection
@@ -449,7 +450,7 @@ class Database:
         async with self._unit():
             assert self._engines is not None
             waited_from = time.perf_counter()
-            async with self._engines.primary.connect() as connection:
+            async with checked_out(self._engines.primary) as connection:
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 await connection.begin()
                 yield connection

