@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.util import await_
 
 from bastion._sqlite_inline import InlineAdaptedConnection, InlineReads, inline_driver_class
+from bastion._sqlite_inline_writes import InlineWrites
 
 __all__ = ["UNIT_OPTION", "install_sqlite_listeners", "sqlite_connect_args"]
 
@@ -162,8 +163,16 @@ def install_sqlite_listeners(
 
     # insert=True: ahead of the dialect's own "connect" listeners, whose awaits on the driver
     # a cancellation can already interrupt (SQLAlchemy then terminates the connection).
+    # Reads run on the event loop (query_only pool), and so do a write transaction's statements
+    # once known fast; see bastion._sqlite_inline and bastion._sqlite_inline_writes. Not for an
+    # in-memory database, whose one connection serves both kinds of unit.
     inline = query_only and not memory
-    mixins = (_StopOnce, InlineReads) if inline else (_StopOnce,)
+    inline_writes = not query_only and not memory
+    mixins: tuple[type, ...] = (_StopOnce,)
+    if inline:
+        mixins = (_StopOnce, InlineReads)
+    elif inline_writes:
+        mixins = (_StopOnce, InlineWrites)
     event.listen(engine, "connect", _adopt_driver_connection(*mixins), insert=True)
 
     @event.listens_for(engine, "connect")
@@ -171,7 +180,7 @@ def install_sqlite_listeners(
         deadline = (
             _install_deadline(dbapi_connection, record)
             if statement_timeout_s > 0 or inline
-            else None
+            else [float("inf")]
         )
         # None: the driver never emits BEGIN/COMMIT on its own; see the module docstring.
         dbapi_connection.isolation_level = None
@@ -186,7 +195,7 @@ def install_sqlite_listeners(
                 cursor.execute("PRAGMA query_only=ON")
         finally:
             cursor.close()
-        if inline:
+        if inline or inline_writes:
             driver_connection = dbapi_connection.driver_connection
             driver_connection._bastion_busy_timeout_ms = busy_timeout_ms
             driver_connection._bastion_deadline = deadline  # last: from here calls may go inline

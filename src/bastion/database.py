@@ -38,7 +38,7 @@ import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -70,6 +70,7 @@ from bastion._sqlite import (
     SNAPSHOT_UNIT,
     UNIT_OPTION,
 )
+from bastion._sqlite_writer import WriterQueue
 from bastion._translate import translate_error
 from bastion.breaker import BreakerSnapshot, CircuitBreaker
 from bastion.connection_leaks import LeakDetector
@@ -180,6 +181,12 @@ class Database:
             reset_timeout_s=settings.breaker_reset_timeout_s,
         )
         self._retry_count = 0
+        # SQLite's write units queue here, not in SQLite's busy handler: see _sqlite_writer.
+        self._writers = (
+            WriterQueue(settings.sqlite_busy_timeout_ms / 1000)
+            if settings.backend == "sqlite" and not settings.is_memory
+            else None
+        )
         self.metrics = QueryMetrics(self)
         """Statement counts and latencies, errors, transactions; ``metrics.registry`` for
         Prometheus."""
@@ -429,7 +436,7 @@ class Database:
             CommitOutcomeUnknownError: the connection was lost during COMMIT.
             DatabaseUnavailableError, TransactionConflictError, …: translated driver errors.
         """
-        async with self._unit():
+        async with self._unit(), self._write_turn():
             assert self._write_sessions is not None
             async with self._write_sessions() as session:
                 yield session
@@ -447,7 +454,7 @@ class Database:
         Raises:
             The same as :meth:`write`.
         """
-        async with self._unit():
+        async with self._unit(), self._write_turn():
             assert self._engines is not None
             waited_from = time.perf_counter()
             async with checked_out(self._engines.primary) as connection:
@@ -521,6 +528,10 @@ class Database:
             state.attempt_number,
             sleep,
         )
+
+    def _write_turn(self) -> AbstractAsyncContextManager[None]:
+        """This process's turn to write (SQLite files), or nothing to wait for."""
+        return self._writers.turn() if self._writers is not None else nullcontext()
 
     @asynccontextmanager
     async def _unit(self) -> AsyncIterator[None]:

@@ -1,0 +1,101 @@
+"""Statements inside an SQLite write transaction run on the event loop once they are known fast.
+
+A write unit's statements hop to aiosqlite's thread and back three or four times each, like
+reads did (:mod:`bastion._sqlite_inline`). Writes cannot use the reads' guard — a write stopped
+half-way inside a transaction rolls the whole transaction back, so it cannot simply run again
+on the thread — so they are admitted by their record instead:
+
+* Only inside a transaction that holds the write lock (``BEGIN IMMEDIATE`` has returned), so
+  no statement can wait for a lock. ``BEGIN``, ``COMMIT`` (which syncs the file) and
+  ``ROLLBACK`` stay on the thread.
+* A statement's first runs go to the thread, timed there; once a run took under half the
+  inline budget, later runs of the same SQL run on the loop.
+* An inline run that takes longer than the budget sends that SQL back to the thread for good.
+  So a statement can hold the loop past the budget at most once, and only if it was fast
+  before.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from bastion._sqlite_inline import FALLBACKS, INLINE_BUDGET_S, SLOW_STATEMENTS, InlineReads
+
+__all__ = ["FAST_WRITES", "InlineWrites"]
+
+_MAX_FAST_STATEMENTS: Final = 1024
+_INLINE_IN_TRANSACTION: Final = frozenset({"cursor", "execute", "fetchall", "close"})
+_INLINE_ANY_TIME: Final = frozenset({"close_cursors"})
+
+
+class _FastStatements:
+    """SQL texts that ran within half the budget on the thread (a bounded set)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._texts: dict[str, None] = {}
+        self._lock = threading.Lock()  # added to from aiosqlite's threads
+
+    def __contains__(self, sql: object) -> bool:
+        return sql in self._texts
+
+    def add(self, sql: str) -> None:
+        with self._lock:
+            self._texts[sql] = None
+            if len(self._texts) > self._capacity:
+                del self._texts[next(iter(self._texts))]
+
+    def discard(self, sql: str) -> None:
+        with self._lock:
+            self._texts.pop(sql, None)
+
+
+FAST_WRITES: Final = _FastStatements(_MAX_FAST_STATEMENTS)
+
+
+class InlineWrites(InlineReads):
+    """Mixed into aiosqlite's connection class on the write pool: see the module docstring."""
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        name = getattr(fn, "__name__", "")
+        connection: sqlite3.Connection | None = self._connection  # type: ignore[attr-defined]
+        if kwargs or not self.bastion_ready() or connection is None:
+            return await self._on_thread(fn, *args, **kwargs)
+        if name in _INLINE_ANY_TIME:
+            return fn(*args)
+        if name not in _INLINE_IN_TRANSACTION or not connection.in_transaction:
+            return await self._on_thread(fn, *args)
+        owner = getattr(fn, "__self__", None)
+        if name == "execute":
+            sql = args[0] if args else None
+            if isinstance(owner, sqlite3.Cursor):
+                owner.bastion_statement = args  # type: ignore[attr-defined]
+            if sql not in FAST_WRITES or sql in SLOW_STATEMENTS:
+                return await self._on_thread(_timed, fn, args, sql)
+        elif name == "fetchall":
+            sql = getattr(owner, "bastion_statement", (None,))[0]
+            if sql not in FAST_WRITES:
+                return await self._on_thread(fn)
+        else:
+            return fn(*args)
+        started = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            if time.monotonic() - started > INLINE_BUDGET_S and isinstance(sql, str):
+                FAST_WRITES.discard(sql)
+                SLOW_STATEMENTS.add(sql)
+                FALLBACKS["budget"] += 1
+
+
+def _timed(fn: Callable[..., Any], args: tuple[Any, ...], sql: object) -> Any:
+    """Run ``fn(*args)`` (on the thread) and admit ``sql`` to the loop if it ran fast."""
+    started = time.monotonic()
+    result = fn(*args)
+    if isinstance(sql, str) and time.monotonic() - started < INLINE_BUDGET_S / 2:
+        FAST_WRITES.add(sql)
+    return result

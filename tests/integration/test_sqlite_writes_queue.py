@@ -1,0 +1,107 @@
+"""SQLite write units: queued in the process (bastion._sqlite_writer), statements inline once
+known fast (bastion._sqlite_inline_writes)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bastion import Database, TransactionConflictError
+from bastion._sqlite_inline import SLOW_STATEMENTS
+from bastion._sqlite_inline_writes import FAST_WRITES
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[Database]:
+    settings = make_settings(f"sqlite:///{tmp_path / 'writes.db'}", DB_SQLITE_BUSY_TIMEOUT=300)
+    async with Database(settings) as db:
+        async with db.write_connection() as connection:
+            await connection.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INT)"))
+            await connection.execute(text("INSERT INTO counter VALUES (1, 0)"))
+        yield db
+
+
+async def _thread_calls(connection: AsyncConnection) -> int:
+    raw = await connection.get_raw_connection()
+    return int(raw.driver_connection._bastion_queued)
+
+
+async def test_queued_write_units_all_commit_and_wait_without_a_connection(
+    database: Database,
+) -> None:
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with database.write_connection() as connection:
+            await connection.execute(text("UPDATE counter SET n = n + 1"))
+            inside.set()
+            await release.wait()
+
+    async def increment() -> None:
+        async with database.write_connection() as connection:
+            await connection.execute(text("UPDATE counter SET n = n + 1"))
+
+    first = asyncio.create_task(holder())
+    await inside.wait()
+    others = [asyncio.create_task(increment()) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    # The 20 waiting units queue in the process; only the holder has a connection.
+    assert database.pool_status().checked_out == 1
+    release.set()
+    await asyncio.gather(first, *others)
+    async with database.read_connection() as connection:
+        assert await connection.scalar(text("SELECT n FROM counter")) == 21
+
+
+async def test_a_write_unit_inside_another_fails_after_the_busy_timeout_instead_of_hanging(
+    database: Database,
+) -> None:
+    async with database.write_connection():
+        with pytest.raises(TransactionConflictError, match="DB_SQLITE_BUSY_TIMEOUT"):
+            async with database.write_connection():
+                pass
+
+
+async def test_a_known_fast_write_statement_runs_without_a_thread_hop(database: Database) -> None:
+    update = "UPDATE counter SET n = n + :step WHERE id = 1"
+    async with database.write_connection() as connection:
+        await connection.execute(text(update), {"step": 1})  # first run: on the thread, timed
+    async with database.write_connection() as connection:
+        before = await _thread_calls(connection)
+        for _ in range(5):
+            await connection.execute(text(update), {"step": 1})
+        assert await _thread_calls(connection) == before  # BEGIN was before; COMMIT is after
+    async with database.read_connection() as connection:
+        assert await connection.scalar(text("SELECT n FROM counter")) == 6
+
+
+async def test_a_write_that_overruns_the_budget_goes_back_to_the_thread(
+    database: Database,
+) -> None:
+    # Cheap with a small bound, slow (a large recursive count) with a big one: the same SQL.
+    sql = (
+        "UPDATE counter SET n = (WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 "
+        "FROM c WHERE i < :rows) SELECT count(*) FROM c) WHERE id = 1"
+    )
+    for rows in (10, 10):  # admitted after a fast run on the thread
+        async with database.write_connection() as connection:
+            await connection.execute(text(sql), {"rows": rows})
+    compiled = sql.replace(":rows", "?")
+    assert compiled in FAST_WRITES
+    async with database.write_connection() as connection:
+        await connection.execute(text(sql), {"rows": 2_000_000})  # inline, over the budget
+    assert compiled not in FAST_WRITES
+    assert compiled in SLOW_STATEMENTS
+    async with database.write_connection() as connection:
+        before = await _thread_calls(connection)
+        await connection.execute(text(sql), {"rows": 10})
+        assert await _thread_calls(connection) > before  # on the thread again
+    async with database.read_connection() as connection:
+        assert await connection.scalar(text("SELECT n FROM counter")) == 10
