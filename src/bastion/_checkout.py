@@ -27,6 +27,11 @@ __all__ = ["checked_out"]
 async def checked_out(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection of ``engine`` for the block; see the module docstring.
 
+    Only for SQLite: on PostgreSQL, where a unit's statements suspend on the network while it
+    holds its connection, the direct close measured slower (A/B, 64 concurrent point reads:
+    364 to 422 req/s against 466 to 741 with SQLAlchemy's own exit), so PostgreSQL units keep
+    ``async with engine.connect()``.
+
     Raises:
         Whatever checking out or closing the connection raises (SQLAlchemy's errors).
     """

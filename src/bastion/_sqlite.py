@@ -180,7 +180,7 @@ def install_sqlite_listeners(
         deadline = (
             _install_deadline(dbapi_connection, record)
             if statement_timeout_s > 0 or inline
-            else [float("inf")]
+            else [float("inf"), float("inf")]
         )
         # None: the driver never emits BEGIN/COMMIT on its own; see the module docstring.
         dbapi_connection.isolation_level = None
@@ -235,15 +235,18 @@ def install_sqlite_listeners(
 def _install_deadline(dbapi_connection: Any, record: Any) -> list[float]:
     """Abort any statement on this connection that runs past the deadline set before it.
 
-    Returns the deadline cell (a one-item list of ``time.monotonic()`` seconds).
+    Returns the deadline cell: ``[statement deadline in time.monotonic() seconds, inline
+    budget's end in time.thread_time() seconds]``. The second is set only while a call runs on
+    the event loop (:mod:`bastion._sqlite_inline`); it counts CPU time, so a statement the
+    operating system merely preempted is not taken for a slow one.
     """
     # One mutable cell per connection: set in the event loop before each statement, read by
     # SQLite's progress handler in aiosqlite's thread while the statement runs.
-    deadline = [float("inf")]
+    deadline = [float("inf"), float("inf")]
     record.info[_DEADLINE] = deadline
 
     def past_deadline() -> bool:
-        return time.monotonic() > deadline[0]
+        return time.monotonic() > deadline[0] or time.thread_time() > deadline[1]
 
     # In aiosqlite's thread (an in-memory connection may only be touched there); this runs
     # inside SQLAlchemy's greenlet, hence await_.

@@ -10,10 +10,11 @@ On Bastion's read pool the connections are ``PRAGMA query_only``, so a call ther
 loop in only two ways, and both are caught:
 
 * **It runs long.** While a call runs on the loop, the connection's progress handler also
-  stops it at :data:`INLINE_BUDGET_S`; the call then runs again on the thread, which is safe
-  because nothing on this connection can write (a SELECT interrupted leaves no trace, and an
-  open read transaction stays open). Its SQL is remembered, and later runs of it go straight
-  to the thread.
+  stops it once it has used :data:`INLINE_BUDGET_S` of CPU time (CPU, not wall-clock time: a
+  statement the operating system merely preempted is not slow); the call then runs again on
+  the thread, which is safe because nothing on this connection can write (a SELECT
+  interrupted leaves no trace, and an open read transaction stays open). Its SQL is
+  remembered, and later runs of it go straight to the thread, until one of those is fast.
 * **It waits for a lock.** Read connections carry ``busy_timeout=0``; a read that would wait
   (WAL recovery, a restore holding the file) fails at once with ``SQLITE_BUSY`` and runs again
   on the thread with the configured timeout.
@@ -56,6 +57,7 @@ __all__ = [
 INLINE_BUDGET_S: Final = 0.002
 """How long a call may hold the event loop before it is stopped and sent to the thread."""
 
+_NO_BUDGET: Final = float("inf")
 _MAX_SLOW_STATEMENTS: Final = 1024
 _INLINE_CALLS: Final = frozenset(
     {"cursor", "execute", "fetchall", "close", "close_cursors", "commit", "rollback"}
@@ -78,6 +80,10 @@ class _SlowStatements:
             self._texts[sql] = None
             if len(self._texts) > self._capacity:
                 del self._texts[next(iter(self._texts))]
+
+    def discard(self, sql: str) -> None:
+        with self._lock:
+            self._texts.pop(sql, None)
 
 
 SLOW_STATEMENTS: Final = _SlowStatements(_MAX_SLOW_STATEMENTS)
@@ -115,7 +121,7 @@ class InlineReads:
     def bastion_read(self, cursor: sqlite3.Cursor, sql: str, parameters: Any) -> list[Any] | None:
         """Run ``sql`` on ``cursor`` here, within the budget, and fetch its rows (``None``: none).
 
-        Call only when :meth:`bastion_ready` and ``sql`` is not in :data:`SLOW_STATEMENTS`.
+        Call only when :meth:`bastion_ready`.
 
         Raises:
             MustWait: the statement overran the budget or met a lock; run it on the thread.
@@ -124,7 +130,7 @@ class InlineReads:
         deadline = self._bastion_deadline
         assert deadline is not None
         statement_deadline = deadline[0]
-        deadline[0] = min(statement_deadline, time.monotonic() + INLINE_BUDGET_S)
+        deadline[1] = time.thread_time() + INLINE_BUDGET_S
         try:
             cursor.execute(sql, () if parameters is None else parameters)
             return cursor.fetchall() if cursor.description else None
@@ -139,20 +145,31 @@ class InlineReads:
                 raise MustWait from None
             raise
         finally:
-            deadline[0] = statement_deadline
+            deadline[1] = _NO_BUDGET
 
     async def bastion_read_soon(
         self, cursor: sqlite3.Cursor, sql: str, parameters: Any
     ) -> list[Any] | None:
-        """:meth:`bastion_read` here, or on the thread (no budget, waiting for locks as set)."""
-        try:
-            return self.bastion_read(cursor, sql, parameters)
-        except MustWait:
-            pass
+        """:meth:`bastion_read` here, or on the thread (no budget, waiting for locks as set).
+
+        A statement in :data:`SLOW_STATEMENTS` goes straight to the thread; if it runs fast
+        there, it leaves the set.
+        """
+        if sql in SLOW_STATEMENTS:
+            FALLBACKS["known_slow"] += 1
+        else:
+            try:
+                return self.bastion_read(cursor, sql, parameters)
+            except MustWait:
+                pass
 
         def read() -> list[Any] | None:
+            started = time.thread_time()
             cursor.execute(sql, () if parameters is None else parameters)
-            return cursor.fetchall() if cursor.description else None
+            rows = cursor.fetchall() if cursor.description else None
+            if time.thread_time() - started < INLINE_BUDGET_S / 2:
+                SLOW_STATEMENTS.discard(sql)  # fast this time: let it try the loop again
+            return rows
 
         return await self._on_thread(self._waiting_for_locks, read)  # type: ignore[no-any-return]
 
@@ -178,7 +195,7 @@ class InlineReads:
         else:
             again = lambda: fn(*args)  # noqa: E731
         statement_deadline = deadline[0]
-        deadline[0] = min(statement_deadline, time.monotonic() + INLINE_BUDGET_S)
+        deadline[1] = time.thread_time() + INLINE_BUDGET_S
         try:
             return fn(*args)
         except sqlite3.OperationalError as exc:
@@ -193,7 +210,7 @@ class InlineReads:
             else:
                 raise
         finally:
-            deadline[0] = statement_deadline
+            deadline[1] = _NO_BUDGET
         return await self._on_thread(self._waiting_for_locks, again)
 
     def _waiting_for_locks(self, call: Callable[[], Any]) -> Any:
@@ -243,7 +260,7 @@ class InlineCursor(AsyncAdapt_aiosqlite_cursor):
 
     def execute(self, operation: Any, parameters: Any = None) -> Any:
         driver = self._connection
-        if not driver.bastion_ready() or operation in SLOW_STATEMENTS:
+        if not driver.bastion_ready():
             return super().execute(operation, parameters)
         cursor: sqlite3.Cursor = self._cursor._cursor  # type: ignore[attr-defined]
         try:

@@ -8,9 +8,10 @@ on the thread — so they are admitted by their record instead:
 * Only inside a transaction that holds the write lock (``BEGIN IMMEDIATE`` has returned), so
   no statement can wait for a lock. ``BEGIN``, ``COMMIT`` (which syncs the file) and
   ``ROLLBACK`` stay on the thread.
-* A statement's first runs go to the thread, timed there; once a run took under half the
-  inline budget, later runs of the same SQL run on the loop.
-* An inline run that takes longer than the budget sends that SQL back to the thread for good.
+* A statement's first runs go to the thread, timed there (CPU time); once a run took under
+  half the inline budget, later runs of the same SQL run on the loop.
+* An inline run that uses more CPU time than the budget sends that SQL back to the thread for
+  good.
   So a statement can hold the loop past the budget at most once, and only if it was fast
   before.
 """
@@ -82,11 +83,11 @@ class InlineWrites(InlineReads):
                 return await self._on_thread(fn)
         else:
             return fn(*args)
-        started = time.monotonic()
+        started = time.thread_time()
         try:
             return fn(*args)
         finally:
-            if time.monotonic() - started > INLINE_BUDGET_S and isinstance(sql, str):
+            if time.thread_time() - started > INLINE_BUDGET_S and isinstance(sql, str):
                 FAST_WRITES.discard(sql)
                 SLOW_STATEMENTS.add(sql)
                 FALLBACKS["budget"] += 1
@@ -94,8 +95,8 @@ class InlineWrites(InlineReads):
 
 def _timed(fn: Callable[..., Any], args: tuple[Any, ...], sql: object) -> Any:
     """Run ``fn(*args)`` (on the thread) and admit ``sql`` to the loop if it ran fast."""
-    started = time.monotonic()
+    started = time.thread_time()
     result = fn(*args)
-    if isinstance(sql, str) and time.monotonic() - started < INLINE_BUDGET_S / 2:
+    if isinstance(sql, str) and time.thread_time() - started < INLINE_BUDGET_S / 2:
         FAST_WRITES.add(sql)
     return result

@@ -411,7 +411,7 @@ class Database:
         async with self._unit():
             assert self._read_engine is not None
             waited_from = time.perf_counter()
-            async with checked_out(self._read_engine) as connection:
+            async with self._checkout(self._read_engine) as connection:
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 try:
                     yield connection
@@ -457,7 +457,7 @@ class Database:
         async with self._unit(), self._write_turn():
             assert self._engines is not None
             waited_from = time.perf_counter()
-            async with checked_out(self._engines.primary) as connection:
+            async with self._checkout(self._engines.primary) as connection:
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 await connection.begin()
                 yield connection
@@ -528,6 +528,10 @@ class Database:
             state.attempt_number,
             sleep,
         )
+
+    def _checkout(self, engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection of ``engine`` for a unit (see :mod:`bastion._checkout` for SQLite's)."""
+        return checked_out(engine) if self.settings.backend == "sqlite" else engine.connect()
 
     def _write_turn(self) -> AbstractAsyncContextManager[None]:
         """This process's turn to write (SQLite files), or nothing to wait for."""

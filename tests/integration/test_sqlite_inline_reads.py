@@ -126,3 +126,22 @@ async def test_the_statement_timeout_still_stops_an_inline_read(tmp_path: Path) 
                 await connection.scalar(text(SLOW_SUM.format(rows=50_000_000)))
         async with database.read_connection() as connection:  # the pool is still usable
             assert await connection.scalar(text("SELECT 1")) == 1
+
+
+async def test_a_statement_slow_once_returns_to_the_loop_after_a_fast_run(
+    database: Database,
+) -> None:
+    # The same SQL, slow or fast by its parameter.
+    sql = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :rows) "
+        "SELECT count(*) FROM n"
+    )
+    compiled = sql.replace(":rows", "?")
+    async with database.read_connection() as connection:
+        assert await connection.scalar(text(sql), {"rows": 2_000_000}) == 2_000_000
+        assert compiled in SLOW_STATEMENTS
+        assert await connection.scalar(text(sql), {"rows": 10}) == 10  # on the thread, fast
+        assert compiled not in SLOW_STATEMENTS
+        before = await _thread_calls(connection)
+        assert await connection.scalar(text(sql), {"rows": 10}) == 10
+        assert await _thread_calls(connection) == before  # back on the loop
