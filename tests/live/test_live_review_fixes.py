@@ -165,3 +165,31 @@ async def test_a_full_size_batch_event_of_json_fits_a_postgres_notification(
     finally:
         await hub.close()
     assert received == [json.loads(m) for m in messages]
+
+
+@pytest.mark.postgres
+async def test_publishers_cancelled_mid_notify_leave_the_connection_usable(
+    postgres_test_url: str,
+) -> None:
+    # A request cancelled during its NOTIFY (its client gone) must not leave the hub's one
+    # connection mid-statement for the next publisher. (S1 in CI met the neighbouring case,
+    # asyncpg's "another operation is in progress" after a server restart, as a 500 for a
+    # committed write; that one is now a LiveUnavailableError and a reconnect, and S1 covers it.)
+    hub = PostgresHub(make_url(postgres_test_url), pg_channel=f"t{uuid.uuid4().hex[:12]}")
+    try:
+        subscription = await hub.subscribe("ch")
+        for turns in range(6):  # cancel after 0..5 loop turns: before, during, after the send
+            publishing = asyncio.create_task(hub.publish("ch", f"cancelled-{turns}"))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            await hub.publish("ch", f"after-{turns}")  # must not raise
+        received = []
+        while len(received) < 6 or not received[-1].startswith("after-5"):
+            received.append(await _get(subscription))
+    finally:
+        await hub.close()
+    assert [event for event in received if event.startswith("after-")] == [
+        f"after-{turns}" for turns in range(6)
+    ]

@@ -32,7 +32,13 @@ __all__ = ["PostgresHub"]
 
 logger = logging.getLogger("bastion.live")
 
-_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 _NOTIFY: Final = "SELECT pg_notify($1, $2)"
 
 
@@ -74,12 +80,28 @@ class PostgresHub:
         # The channel as JSON, a newline, the payload as it is: escaping the payload (JSON in
         # JSON) could grow it by half and past PostgreSQL's 8,000 bytes.
         envelope = json.dumps(channel) + "\n" + payload
+        # In a task of its own: a publisher cancelled mid-NOTIFY (its client hung up) must not
+        # leave the shared connection half-way through a statement, where the next publisher
+        # would meet asyncpg's "another operation is in progress".
+        notifying = asyncio.ensure_future(self._notify(envelope))
+        notifying.add_done_callback(_retrieve_error)
         try:
-            connection = await self._connect()
-            async with self._lock:
-                await connection.execute(_NOTIFY, self._pg_channel, envelope)
+            await asyncio.shield(notifying)
         except _ERRORS as exc:
             raise LiveUnavailableError("cannot publish: PostgreSQL is unreachable") from exc
+
+    async def _notify(self, envelope: str) -> None:
+        connection = await self._connect()
+        async with self._lock:
+            try:
+                await connection.execute(
+                    _NOTIFY, self._pg_channel, envelope, timeout=self._timeout_s
+                )
+            except (asyncpg.InternalClientError, TimeoutError):
+                # The connection's protocol state is unknown: drop it (subscriptions end with
+                # LiveUnavailableError and clients catch up); the next use reconnects.
+                connection.terminate()
+                raise
 
     async def subscribe(self, channel: str) -> Subscription:
         """See :meth:`bastion.live.Hub.subscribe`."""
@@ -134,3 +156,9 @@ class PostgresHub:
             except (*_ERRORS, asyncio.CancelledError):
                 connection.terminate()
                 raise
+
+
+def _retrieve_error(task: asyncio.Future[None]) -> None:
+    """Mark a publish task's error as seen: its publisher may have been cancelled meanwhile."""
+    if not task.cancelled():
+        task.exception()
