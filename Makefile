@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 ## bench: the reference service beside raw-driver, naive and sync baselines (wrk, ~8 min;
-##        BENCH_QUICK=1 for a 2-minute smoke run). Writes bench/results/latest.{json,md}.
+##        BENCH_QUICK=1 for a ~3-minute smoke run). Writes bench/results/latest.{json,md}.
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.run
