@@ -36,7 +36,7 @@ from typing import Any
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI, Request
 from sqlalchemy import bindparam, select
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from bastion import Database, load_settings
 from conversations.models import ApiKey, Conversation
@@ -58,30 +58,37 @@ def _queries() -> tuple[Any, Any]:
     return user, conversation
 
 
+QUERIES: tuple[Any, Any] = _queries()
+
+
 def _key_hash(request: Request) -> str:
     return hashlib.sha256(request.headers["authorization"][7:].encode()).hexdigest()
 
 
+async def _point_read(
+    connection: AsyncConnection, request: Request, conversation_id: uuid.UUID
+) -> ConversationOut:
+    """The API-key check and the conversation read, as the reference route makes them."""
+    user_query, conversation_query = QUERIES
+    owner = await connection.scalar(user_query, {"key_hash": _key_hash(request)})
+    found = await connection.execute(conversation_query, {"cid": conversation_id, "owner": owner})
+    return ConversationOut.model_validate(found.mappings().one())
+
+
 def sqlalchemy_app() -> FastAPI:
     engine = create_async_engine(load_settings().url, pool_size=8)
-    user_query, conversation_query = _queries()
     app = FastAPI()
 
     @app.get("/v1/conversations/{conversation_id}")
     async def get(conversation_id: uuid.UUID, request: Request) -> ConversationOut:
         async with engine.connect() as connection:
-            owner = await connection.scalar(user_query, {"key_hash": _key_hash(request)})
-            found = await connection.execute(
-                conversation_query, {"cid": conversation_id, "owner": owner}
-            )
-            return ConversationOut.model_validate(found.mappings().one())
+            return await _point_read(connection, request, conversation_id)
 
     return app
 
 
 def bastion_unit_app() -> FastAPI:
     database = Database(load_settings())
-    user_query, conversation_query = _queries()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -93,11 +100,7 @@ def bastion_unit_app() -> FastAPI:
     @app.get("/v1/conversations/{conversation_id}")
     async def get(conversation_id: uuid.UUID, request: Request) -> ConversationOut:
         async with database.read_connection() as connection:
-            owner = await connection.scalar(user_query, {"key_hash": _key_hash(request)})
-            found = await connection.execute(
-                conversation_query, {"cid": conversation_id, "owner": owner}
-            )
-            return ConversationOut.model_validate(found.mappings().one())
+            return await _point_read(connection, request, conversation_id)
 
     return app
 

@@ -5,11 +5,11 @@ waits for that task (SQLAlchemy 2.1, so that a cancellation cannot cut a close s
 task first runs on the event loop's next turn, which under load is tens of milliseconds away,
 and all that time the connection stays checked out: measured with the reference service on a
 16-connection pool under 64 concurrent point reads, pool waits averaged 45 ms and reached
-seconds. :func:`checked_out` closes the connection directly when the block ends normally. For
-Bastion's read units that close does not even suspend (SQLite's read pool rolls back on the
-loop; a PostgreSQL read has no transaction to end); if a close that does suspend is cancelled,
-SQLAlchemy discards the connection instead of pooling it. When the block raises (a
-cancellation included), the close is shielded as SQLAlchemy's own exit does it.
+seconds. :func:`checked_out` closes the connection directly when the block ends normally. On
+SQLite's read pool that close does not even suspend (the rollback runs on the loop); if a
+close that does suspend is cancelled, SQLAlchemy discards the connection instead of pooling
+it. When the block raises (a cancellation included), the close is shielded as SQLAlchemy's
+own exit does it.
 """
 
 from __future__ import annotations

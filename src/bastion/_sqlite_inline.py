@@ -51,6 +51,7 @@ __all__ = [
     "SLOW_STATEMENTS",
     "InlineAdaptedConnection",
     "InlineReads",
+    "StatementSet",
     "inline_driver_class",
 ]
 
@@ -64,8 +65,8 @@ _INLINE_CALLS: Final = frozenset(
 )
 
 
-class _SlowStatements:
-    """The SQL texts that overran the inline budget, oldest forgotten first (a bounded set)."""
+class StatementSet:
+    """A bounded set of SQL texts, oldest forgotten first; added to from aiosqlite's threads."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
@@ -86,10 +87,12 @@ class _SlowStatements:
             self._texts.pop(sql, None)
 
 
-SLOW_STATEMENTS: Final = _SlowStatements(_MAX_SLOW_STATEMENTS)
+SLOW_STATEMENTS: Final = StatementSet(_MAX_SLOW_STATEMENTS)
+"""SQL texts that overran the inline budget: they run on the thread until a run is fast."""
 
 FALLBACKS: Final[dict[str, int]] = {"budget": 0, "busy": 0, "known_slow": 0}
-"""Reads sent to the thread, by reason, in this process (``bastion_sqlite_inline_fallbacks``)."""
+"""Statements sent to the thread, by reason, in this process
+(``bastion_sqlite_inline_fallbacks``)."""
 
 
 class MustWait(Exception):  # noqa: N818 - a signal, not an error

@@ -19,12 +19,17 @@ on the thread — so they are admitted by their record instead:
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from bastion._sqlite_inline import FALLBACKS, INLINE_BUDGET_S, SLOW_STATEMENTS, InlineReads
+from bastion._sqlite_inline import (
+    FALLBACKS,
+    INLINE_BUDGET_S,
+    SLOW_STATEMENTS,
+    InlineReads,
+    StatementSet,
+)
 
 __all__ = ["FAST_WRITES", "InlineWrites"]
 
@@ -33,29 +38,8 @@ _INLINE_IN_TRANSACTION: Final = frozenset({"cursor", "execute", "fetchall", "clo
 _INLINE_ANY_TIME: Final = frozenset({"close_cursors"})
 
 
-class _FastStatements:
-    """SQL texts that ran within half the budget on the thread (a bounded set)."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._texts: dict[str, None] = {}
-        self._lock = threading.Lock()  # added to from aiosqlite's threads
-
-    def __contains__(self, sql: object) -> bool:
-        return sql in self._texts
-
-    def add(self, sql: str) -> None:
-        with self._lock:
-            self._texts[sql] = None
-            if len(self._texts) > self._capacity:
-                del self._texts[next(iter(self._texts))]
-
-    def discard(self, sql: str) -> None:
-        with self._lock:
-            self._texts.pop(sql, None)
-
-
-FAST_WRITES: Final = _FastStatements(_MAX_FAST_STATEMENTS)
+FAST_WRITES: Final = StatementSet(_MAX_FAST_STATEMENTS)
+"""SQL texts that ran within half the budget on the thread: they may run on the loop."""
 
 
 class InlineWrites(InlineReads):

@@ -231,7 +231,8 @@ class _DatabaseCollector(Collector):
         if database.settings.backend == "sqlite":
             fallbacks = CounterMetricFamily(
                 "bastion_sqlite_inline_fallbacks",
-                "SQLite reads moved from the event loop to a thread (this process), by reason.",
+                "SQLite statements moved from the event loop to a thread (this process), "
+                "by reason.",
                 labels=["reason"],
             )
             for reason, count in FALLBACKS.items():

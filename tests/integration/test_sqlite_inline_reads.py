@@ -1,10 +1,10 @@
 """SQLite reads run on the event loop, and move to aiosqlite's thread when they would block it.
 
 See :mod:`bastion._sqlite_inline`. Each test checks where a call ran by the connection's count
-of calls sent to the thread, and that the loop kept turning (a ticker task) while a slow read
-ran. (The lock fallback is not tested: on a WAL database a reader is kept out only by crash
-recovery or another connection in exclusive locking mode, which other open connections
-prevent; the fallback is there for those.)
+of calls sent to the thread, and that the loop kept turning (a ticker task counting its turns)
+while a slow read ran. (The lock fallback is not tested: on a WAL database a reader is kept out
+only by crash recovery or another connection in exclusive locking mode, which other open
+connections prevent; the fallback is there for those.)
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion import Database, StatementTimeoutError
 from bastion._sqlite_inline import FALLBACKS, SLOW_STATEMENTS
 from tests.conftest import make_settings
+from tests.integration.sqlite_calls import thread_calls
 
 # A read that takes far longer than the 2 ms inline budget (about 0.1-0.5 s here).
 SLOW_SUM = (
@@ -44,13 +44,9 @@ async def database(tmp_path: Path) -> AsyncIterator[Database]:
         await db.close()
 
 
-async def _thread_calls(connection: AsyncConnection) -> int:
-    raw = await connection.get_raw_connection()
-    return int(raw.driver_connection._bastion_queued)
-
-
 class Ticker:
-    """Counts how often the event loop got to run it while something else was awaited."""
+    """Counts the event loop's turns (it yields with ``sleep(0)``, no timer): a call that held
+    the loop from start to end lets it count none while it runs."""
 
     def __init__(self) -> None:
         self.ticks = 0
@@ -67,32 +63,33 @@ class Ticker:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0)
             self.ticks += 1
 
 
 async def test_a_point_read_makes_no_thread_hop(database: Database) -> None:
     async with database.read_connection() as connection:
         await connection.execute(text("SELECT 1"))  # the connection is set up by now
-        before = await _thread_calls(connection)
+        before = await thread_calls(connection)
         for _ in range(5):
             assert await connection.scalar(text("SELECT count(*) FROM sqlite_master")) == 0
-        assert await _thread_calls(connection) == before
+        assert await thread_calls(connection) == before
 
 
 async def test_a_read_over_budget_finishes_on_the_thread(database: Database) -> None:
     sql = SLOW_SUM.format(rows=2_000_000)
     async with database.read_connection() as connection, Ticker() as ticker:
         await connection.execute(text("SELECT 1"))
-        before = await _thread_calls(connection)
+        before = await thread_calls(connection)
         budget_fallbacks = FALLBACKS["budget"]
+        turns = ticker.ticks
         total = await connection.scalar(text(sql))
+        # Run inline to the end, the read would have held the loop all along: no turn between.
+        assert ticker.ticks > turns
         assert total == 2_000_000 * 2_000_001 // 2
-        assert await _thread_calls(connection) > before
+        assert await thread_calls(connection) > before
         assert FALLBACKS["budget"] == budget_fallbacks + 1
         assert sql in SLOW_STATEMENTS
-    # The read took well over 100 ms; run inline, it would have held the loop all along.
-    assert ticker.ticks >= 5
 
     known_slow = FALLBACKS["known_slow"]
     async with database.read_connection() as connection:
@@ -142,6 +139,6 @@ async def test_a_statement_slow_once_returns_to_the_loop_after_a_fast_run(
         assert compiled in SLOW_STATEMENTS
         assert await connection.scalar(text(sql), {"rows": 10}) == 10  # on the thread, fast
         assert compiled not in SLOW_STATEMENTS
-        before = await _thread_calls(connection)
+        before = await thread_calls(connection)
         assert await connection.scalar(text(sql), {"rows": 10}) == 10
-        assert await _thread_calls(connection) == before  # back on the loop
+        assert await thread_calls(connection) == before  # back on the loop

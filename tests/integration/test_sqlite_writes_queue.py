@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion import Database, TransactionConflictError
 from bastion._sqlite_inline import SLOW_STATEMENTS
 from bastion._sqlite_inline_writes import FAST_WRITES
 from tests.conftest import make_settings
+from tests.integration.sqlite_calls import thread_calls
 
 
 @pytest.fixture
@@ -25,11 +25,6 @@ async def database(tmp_path: Path) -> AsyncIterator[Database]:
             await connection.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INT)"))
             await connection.execute(text("INSERT INTO counter VALUES (1, 0)"))
         yield db
-
-
-async def _thread_calls(connection: AsyncConnection) -> int:
-    raw = await connection.get_raw_connection()
-    return int(raw.driver_connection._bastion_queued)
 
 
 async def test_queued_write_units_all_commit_and_wait_without_a_connection(
@@ -74,10 +69,10 @@ async def test_a_known_fast_write_statement_runs_without_a_thread_hop(database: 
     async with database.write_connection() as connection:
         await connection.execute(text(update), {"step": 1})  # first run: on the thread, timed
     async with database.write_connection() as connection:
-        before = await _thread_calls(connection)
+        before = await thread_calls(connection)
         for _ in range(5):
             await connection.execute(text(update), {"step": 1})
-        assert await _thread_calls(connection) == before  # BEGIN was before; COMMIT is after
+        assert await thread_calls(connection) == before  # BEGIN was before; COMMIT is after
     async with database.read_connection() as connection:
         assert await connection.scalar(text("SELECT n FROM counter")) == 6
 
@@ -100,8 +95,8 @@ async def test_a_write_that_overruns_the_budget_goes_back_to_the_thread(
     assert compiled not in FAST_WRITES
     assert compiled in SLOW_STATEMENTS
     async with database.write_connection() as connection:
-        before = await _thread_calls(connection)
+        before = await thread_calls(connection)
         await connection.execute(text(sql), {"rows": 10})
-        assert await _thread_calls(connection) > before  # on the thread again
+        assert await thread_calls(connection) > before  # on the thread again
     async with database.read_connection() as connection:
         assert await connection.scalar(text("SELECT n FROM counter")) == 10
