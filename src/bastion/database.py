@@ -65,6 +65,7 @@ from tenacity import (
 
 from bastion._checkout import checked_out
 from bastion._engines import Engines, create_engines
+from bastion._lean import lean_connection_class
 from bastion._sqlite import (
     READ_UNIT,
     SNAPSHOT_UNIT,
@@ -172,6 +173,7 @@ class Database:
         self._snapshot_sessions: async_sessionmaker[AsyncSession] | None = None
         self._write_sessions: async_sessionmaker[AsyncSession] | None = None
         self._read_engine: AsyncEngine | None = None
+        self._lean_connections: type[AsyncConnection] | None = None
         self._reads_without_transaction = False
         # The pools that were live when close() gave up waiting: units still running then
         # return their connections to them, and those must be closed, not parked.
@@ -411,7 +413,7 @@ class Database:
         async with self._unit():
             assert self._read_engine is not None
             waited_from = time.perf_counter()
-            async with self._checkout(self._read_engine) as connection:
+            async with self._checkout(self._read_engine, self._lean_connections) as connection:
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 try:
                     yield connection
@@ -529,9 +531,13 @@ class Database:
             sleep,
         )
 
-    def _checkout(self, engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncConnection]:
-        """A connection of ``engine`` for a unit (see :mod:`bastion._checkout` for SQLite's)."""
-        return checked_out(engine) if self.settings.backend == "sqlite" else engine.connect()
+    def _checkout(
+        self, engine: AsyncEngine, connection_class: type[AsyncConnection] | None = None
+    ) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection of ``engine`` (of ``connection_class``, if given) for a unit (see
+        :mod:`bastion._checkout` for SQLite's)."""
+        connection = engine.connect() if connection_class is None else connection_class(engine)
+        return checked_out(connection) if self.settings.backend == "sqlite" else connection
 
     def _write_turn(self) -> AbstractAsyncContextManager[None]:
         """This process's turn to write (SQLite files), or nothing to wait for."""
@@ -605,6 +611,8 @@ class Database:
             snapshot_engine, expire_on_commit=False, sync_session_class=_ReadOnlySession
         )
         self._write_sessions = async_sessionmaker(engines.primary, expire_on_commit=False)
+        # Last, once every listener of Bastion's is on the read engine: see bastion._lean.
+        self._lean_connections = lean_connection_class(read_engine)
 
     async def _check_connection_budget(self) -> None:
         """Warn when every worker's pools at full size exceed the server's max_connections."""

@@ -1,0 +1,303 @@
+"""SELECTs on a read unit go straight to the driver: SQLAlchemy compiles them, Bastion runs them.
+
+``AsyncConnection.execute`` costs about 170 µs of CPU per point read on PostgreSQL, of which the
+driver's own work (asyncpg's ``fetch``) is about 50 µs; the rest is SQLAlchemy's execution path,
+paid on every statement: a greenlet spawned and switched to, an execution context built,
+parameters processed, a cursor adapter, a ``CursorResult`` set up (``python -m bench.layers``;
+``bench/README.md``). For a plain SELECT with nothing unusual about it, most of that work gives
+the same answer every time. :class:`LeanConnection` (what :meth:`Database.read_connection
+<bastion.Database.read_connection>` yields) does only what varies, about 90 µs a statement:
+
+* **Compiled by SQLAlchemy**, from the same compiled cache and with the same cache key as
+  ``execute`` uses, so a statement compiles once per process whichever path runs it.
+* **Parameters** go through the compiled statement's own ``construct_params`` and bind
+  processors (expanding ``IN`` parameters included), in its positional order.
+* **Run on the driver** as SQLAlchemy's adapters run it: asyncpg through the adapter's prepared
+  statement cache and under its execute lock; SQLite through :mod:`bastion._sqlite_inline`
+  (on the event loop within the CPU budget, else on aiosqlite's thread).
+* **Rows** come back as a SQLAlchemy :class:`~sqlalchemy.engine.Result` built on the result
+  metadata SQLAlchemy cached for that compiled statement (result processors, keys, and column
+  objects as keys), so ``.mappings()``, ``.scalar()``, ``.scalars()``, ``row.name`` behave as
+  they do on ``execute``'s result.
+* **Listeners**: ``before_cursor_execute`` / ``after_cursor_execute`` are dispatched around the
+  driver call, so query metrics, the slow-query log, N+1 detection and SQLite's statement
+  deadline see the statement. A driver error is translated by the dialect and raised through
+  SQLAlchemy's own ``Connection._handle_dbapi_exception`` (``handle_error`` listeners,
+  invalidation on disconnect, the same exception classes), in a greenlet as SQLAlchemy does it.
+
+It steps aside, and ``execute`` runs as SQLAlchemy's, for anything else: a statement that is not
+a ``Select`` (DML, text, unions), several parameter sets, execution options
+(on the call or the connection), echo, a schema translate map, a statement whose result metadata
+SQLAlchemy has not cached yet (so its first run is always SQLAlchemy's), a connection not ready
+for it, or an engine whose connection event listeners are not exactly the ones Bastion installed
+(an OpenTelemetry instrumentation, or any listener of the application's, may need the cursor and
+execution context this path does not build).
+
+SQLAlchemy internals used here (``_compile_w_cache``, ``construct_params``, ``_bind_processors``,
+``_cached_metadata``, ``_adapt_to_context``, the adapters' ``_prepare`` and
+``_handle_exception``, ``Connection._autobegin`` and ``_handle_dbapi_exception``) are those of
+the SQLAlchemy range ``pyproject.toml`` allows; ``tests/integration/test_lean_reads.py``
+compares this path's results and errors with ``execute``'s, so an upgrade that changes them
+fails there first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
+
+from sqlalchemy import Select
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.engine.result import IteratorResult
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import compiler
+from sqlalchemy.util import greenlet_spawn
+
+from bastion._sqlite_inline import InlineReads
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.sql import Executable
+
+__all__ = ["LEAN_EVENTS", "LeanConnection", "lean_connection_class"]
+
+LEAN_EVENTS: Final = (
+    "before_execute",
+    "after_execute",
+    "before_cursor_execute",
+    "after_cursor_execute",
+    "begin",
+)
+"""The connection events whose listeners the lean path must know (see the module docstring)."""
+
+
+class _Invoked(NamedTuple):
+    """What ``CursorResultMetaData._adapt_to_context`` reads of an execution context."""
+
+    compiled: Any
+    invoked_statement: Any
+
+
+class LeanConnection(AsyncConnection):
+    """An ``AsyncConnection`` whose ``execute`` runs plain SELECTs on the driver directly.
+
+    See the module docstring for what it keeps, what it skips and when it steps aside. Use
+    :func:`lean_connection_class` to get the class for an engine.
+    """
+
+    __slots__ = ()
+
+    _bastion_listeners: tuple[int, ...] = ()
+    """How many listeners of each of :data:`LEAN_EVENTS` the engine had when Bastion set it up."""
+
+    @staticmethod
+    def _bastion_ready(dbapi_connection: Any) -> bool:
+        """Whether the driver connection may be used directly now (set per driver)."""
+        return False
+
+    @staticmethod
+    async def _bastion_fetch(
+        dbapi_connection: Any, sql: str, parameters: Sequence[Any]
+    ) -> Sequence[Any] | None:
+        """Run ``sql`` on the driver and return its rows (set per driver)."""
+        raise NotImplementedError
+
+    async def execute(
+        self,
+        statement: Executable,
+        parameters: Any = None,
+        *,
+        execution_options: Any = None,
+    ) -> CursorResult[Any]:
+        """``AsyncConnection.execute``, on the lean path when it applies.
+
+        Raises:
+            The same as ``AsyncConnection.execute`` (SQLAlchemy's exception classes).
+        """
+        if (
+            execution_options is None
+            and type(statement) is Select
+            and (parameters is None or type(parameters) is dict)
+        ):
+            lean = await self._lean_execute(statement, parameters)
+            if lean is not None:
+                return cast("CursorResult[Any]", lean)
+        return await super().execute(statement, parameters, execution_options=execution_options)
+
+    async def _lean_execute(
+        self, statement: Select[Any], parameters: dict[str, Any] | None
+    ) -> IteratorResult[Any] | None:
+        """The result of ``statement``, or ``None`` when the lean path does not apply."""
+        sync = self.sync_connection
+        if (
+            sync is None
+            or sync.closed
+            or sync.invalidated
+            or sync._echo
+            or sync._execution_options.keys() - _KNOWN_OPTIONS
+            or not self._listeners_unchanged(sync)
+        ):
+            return None
+        pooled = sync._dbapi_connection
+        if pooled is None:
+            return None
+        dbapi_connection = pooled.dbapi_connection
+        if not self._bastion_ready(dbapi_connection):
+            return None
+        dialect = sync.dialect
+        try:
+            compiled, extracted, collected, _hit = statement._compile_w_cache(
+                dialect=dialect,
+                compiled_cache=sync.engine._compiled_cache,
+                column_keys=sorted(parameters) if parameters else [],
+                for_executemany=False,
+                schema_translate_map=None,
+                linting=dialect.compiler_linting | compiler.WARN_LINTING,
+            )
+        except Exception:
+            return None  # execute() raises it, wrapped as SQLAlchemy wraps it
+        metadata = compiled._cached_metadata
+        if metadata is None or not compiled.positional or compiled.schema_translate_map:  # type: ignore[attr-defined]
+            return None
+        try:
+            sql, arguments = _bind(compiled, parameters, extracted, collected)
+        except Exception:
+            return None  # a missing or unprocessable parameter: execute() says which
+        if compiled.statement is not statement:
+            # The cached compiled statement was made from an equal statement object: rows must
+            # also answer to this one's column objects, as execute() arranges it.
+            metadata = metadata._adapt_to_context(_Invoked(compiled, statement))  # type: ignore[arg-type]
+        if sync._transaction is None:
+            sync._autobegin()  # no I/O: only Bastion's read-unit begin listeners are there
+        dispatch = sync.dispatch
+        dispatch.before_cursor_execute(sync, None, sql, arguments, None, False)
+        try:
+            rows = await self._bastion_fetch(dbapi_connection, sql, arguments)
+        except Exception as error:
+            await greenlet_spawn(
+                _raise_as_sqlalchemy, sync, dbapi_connection, error, sql, arguments
+            )
+            raise  # not reached: the call above always raises
+        dispatch.after_cursor_execute(sync, None, sql, arguments, None, False)
+        return IteratorResult(metadata, iter(rows or ()))
+
+    def _listeners_unchanged(self, sync: Connection) -> bool:
+        dispatch = sync.dispatch
+        return (
+            tuple(len(getattr(dispatch, name)) for name in LEAN_EVENTS) == self._bastion_listeners
+        )
+
+
+_KNOWN_OPTIONS: Final = frozenset({"bastion_unit"})
+"""Connection execution options the lean path honours as ``execute`` would (none need work)."""
+
+
+def _bind(
+    compiled: Any,
+    parameters: Mapping[str, Any] | None,
+    extracted: Any,
+    collected: Any,
+) -> tuple[str, list[Any]]:
+    """The SQL text and positional driver arguments, as ``DefaultExecutionContext`` makes them."""
+    values = compiled.construct_params(
+        parameters,
+        escape_names=False,
+        extracted_parameters=extracted,
+        _collected_params=collected,
+    )
+    processors = compiled._bind_processors
+    sql = compiled.string
+    order = compiled.positiontup
+    if compiled.literal_execute_params or compiled.post_compile_params:
+        expanded = compiled._process_parameters_for_postcompile(values)
+        sql = expanded.statement
+        order = expanded.positiontup
+        processors = {**processors, **expanded.processors}
+    return sql, [
+        processors[key](values[key]) if key in processors else values[key] for key in order
+    ]
+
+
+def _raise_as_sqlalchemy(
+    sync: Connection, dbapi_connection: Any, error: Exception, sql: str, arguments: Any
+) -> None:
+    """Raise ``error`` as ``execute`` would have: translated, listeners told, disconnects handled.
+
+    Runs inside a greenlet (invalidating a connection closes it, which awaits).
+    """
+    try:
+        dbapi_connection._handle_exception(error)
+    except Exception as dbapi_error:
+        sync._handle_dbapi_exception(dbapi_error, sql, arguments, None, None)
+        raise
+    raise error  # the adapter did not raise (it always does): keep the original
+
+
+def _asyncpg_ready(dbapi_connection: Any) -> bool:
+    return True  # a closed connection fails in _prepare, and the error is raised as execute's
+
+
+async def _fetch_asyncpg(
+    dbapi_connection: Any, sql: str, parameters: Sequence[Any]
+) -> Sequence[Any] | None:
+    """Run ``sql`` as SQLAlchemy's asyncpg cursor adapter does, without the cursor."""
+    async with dbapi_connection._execute_mutex:
+        if dbapi_connection._transaction is None:
+            await dbapi_connection._start_transaction()
+        prepared, _attributes = await dbapi_connection._prepare(
+            sql, dbapi_connection._invalidate_schema_cache_asof
+        )
+        return cast("Sequence[Any]", await prepared.fetch(*parameters))
+
+
+def _sqlite_ready(dbapi_connection: Any) -> bool:
+    # Only the read pool's connections run on the loop, and only with nothing on their thread.
+    driver = dbapi_connection._connection
+    return isinstance(driver, InlineReads) and driver.bastion_ready()
+
+
+async def _fetch_sqlite(
+    dbapi_connection: Any, sql: str, parameters: Sequence[Any]
+) -> Sequence[Any] | None:
+    """Run ``sql`` on the read pool's connection: on the loop within budget, else its thread."""
+    driver = dbapi_connection._connection
+    cursor = driver._conn.cursor()
+    rows: Sequence[Any] | None = await driver.bastion_read_soon(cursor, sql, tuple(parameters))
+    if driver.bastion_ready():
+        cursor.close()
+    # Otherwise a call of this connection is still on its thread (a cancelled unit's): the
+    # pool's reset closes the cursor there, in order (bastion._sqlite's _release_snapshots).
+    return rows
+
+
+_DRIVERS: Final[dict[str, tuple[Callable[[Any], bool], Callable[..., Awaitable[Any]]]]] = {
+    "asyncpg": (_asyncpg_ready, _fetch_asyncpg),
+    "aiosqlite": (_sqlite_ready, _fetch_sqlite),
+}
+
+
+def lean_connection_class(engine: AsyncEngine) -> type[LeanConnection] | None:
+    """The :class:`LeanConnection` class for ``engine``'s read units, or ``None`` (no lean path
+    for its driver).
+
+    Call it once every listener Bastion puts on ``engine`` is in place: the counts taken now
+    are what later connections compare with.
+    """
+    driver = _DRIVERS.get(engine.dialect.driver)
+    if driver is None:
+        return None
+    ready, fetch = driver
+    dispatch = engine.sync_engine.dispatch
+    counts = tuple(len(getattr(dispatch, name)) for name in LEAN_EVENTS)
+    return type(
+        "LeanConnection",
+        (LeanConnection,),
+        {
+            "__slots__": (),
+            "_bastion_listeners": counts,
+            "_bastion_ready": staticmethod(ready),
+            "_bastion_fetch": staticmethod(fetch),
+        },
+    )

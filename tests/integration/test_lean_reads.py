@@ -1,0 +1,285 @@
+"""SELECTs on a read unit run on the lean path and answer exactly as ``execute`` does.
+
+See :mod:`bastion._lean`. A result of the lean path is an ``IteratorResult``; SQLAlchemy's own
+path returns a ``CursorResult``: that is how each test tells which path ran. Each comparison runs
+the same statement both ways on the same connection (``execution_options={}`` sends a
+statement down SQLAlchemy's path), on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    bindparam,
+    cast,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+)
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.engine.result import IteratorResult
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bastion import Database, StatementTimeoutError
+from conversations.models import ApiKey, Conversation, User
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.usefixtures("backend")
+
+CONVERSATIONS = Conversation.__table__
+SQLALCHEMY_PATH: dict[str, Any] = {}  # any execution options at all: SQLAlchemy's path
+
+
+async def _seed(database: Database) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    owner = uuid.uuid4()
+    ids = [uuid.uuid4() for _ in range(3)]
+    async with database.write_connection() as connection:
+        await connection.execute(insert(User.__table__).values(id=owner, name=f"lean-{owner}"))
+        await connection.execute(
+            insert(ApiKey.__table__).values(id=uuid.uuid4(), user_id=owner, key_hash="f" * 64)
+        )
+        for n, cid in enumerate(ids):
+            await connection.execute(
+                insert(CONVERSATIONS).values(
+                    id=cid,
+                    owner_id=owner,
+                    title=f"title {n}",
+                    metadata={"n": n, "tags": ["a", "é"], "nested": {"x": None}},
+                    message_count=n,
+                    created_at=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+                    updated_at=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+                )
+            )
+    return owner, ids
+
+
+async def _both_ways(
+    connection: AsyncConnection, statement: Select[Any], parameters: dict[str, Any] | None
+) -> tuple[list[Any], list[Any]]:
+    """The rows as mappings, first from SQLAlchemy's path, then from the lean path."""
+    expected = await connection.execute(statement, parameters, execution_options=SQLALCHEMY_PATH)
+    assert isinstance(expected, CursorResult)
+    lean = await connection.execute(statement, parameters)
+    assert isinstance(lean, IteratorResult), "the statement did not take the lean path"
+    return _typed(expected.mappings()), _typed(lean.mappings())
+
+
+def _typed(rows: Any) -> list[Any]:
+    """Each row's values with their types: equal values of another type would not do."""
+    return [{key: (value, type(value)) for key, value in row.items()} for row in rows]
+
+
+async def test_select_rows_match_sqlalchemy_path(database: Database) -> None:
+    owner, ids = await _seed(database)
+    point = select(CONVERSATIONS).where(
+        CONVERSATIONS.c.id == bindparam("cid"), CONVERSATIONS.c.owner_id == bindparam("owner")
+    )
+    orm_attributes = select(ApiKey.user_id).where(ApiKey.key_hash == bindparam("key_hash"))
+    expanding_in = (
+        select(CONVERSATIONS.c.id, CONVERSATIONS.c.title)
+        .where(CONVERSATIONS.c.id.in_(bindparam("ids", expanding=True)))
+        .order_by(CONVERSATIONS.c.title)
+    )
+    literals_and_aggregates = select(
+        func.count().label("n"), func.max(CONVERSATIONS.c.message_count).label("most")
+    ).where(CONVERSATIONS.c.owner_id == owner, CONVERSATIONS.c.title != "nobody")
+    cases: list[tuple[Select[Any], dict[str, Any] | None]] = [
+        (point, {"cid": ids[1], "owner": owner}),
+        (point, {"cid": uuid.uuid4(), "owner": owner}),  # no row
+        (orm_attributes, {"key_hash": "f" * 64}),
+        (expanding_in, {"ids": ids[:2]}),
+        (expanding_in, {"ids": ids}),  # another length: another expanded SQL text
+        (literals_and_aggregates, None),
+    ]
+    async with database.read_connection() as connection:
+        for statement, parameters in cases:
+            expected, lean = await _both_ways(connection, statement, parameters)
+            assert lean == expected
+        # Values come back as SQLAlchemy's result processors make them, not as the driver's.
+        row = (await connection.execute(point, {"cid": ids[2], "owner": owner})).one()
+    assert row.id == ids[2]
+    assert isinstance(row.id, uuid.UUID)
+    assert row.created_at == datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    assert row.metadata == {"n": 2, "tags": ["a", "é"], "nested": {"x": None}}
+    assert row._mapping[CONVERSATIONS.c.title] == "title 2"
+
+
+async def test_result_api_matches(database: Database) -> None:
+    owner, _ids = await _seed(database)
+    titles = select(CONVERSATIONS.c.title).where(CONVERSATIONS.c.owner_id == bindparam("o"))
+    titles = titles.order_by(CONVERSATIONS.c.title)
+    parameters = {"o": owner}
+    async with database.read_connection() as connection:
+        await connection.execute(titles, parameters)  # first run: SQLAlchemy's, caches metadata
+        assert await connection.scalar(titles, parameters) == "title 0"
+        assert list(await connection.scalars(titles, parameters)) == [
+            "title 0",
+            "title 1",
+            "title 2",
+        ]
+        result = await connection.execute(titles, parameters)
+        assert isinstance(result, IteratorResult)
+        assert list(result.keys()) == ["title"]
+        assert [tuple(row) for row in result.all()] == [("title 0",), ("title 1",), ("title 2",)]
+        one = await connection.execute(titles.limit(1), parameters)
+        assert one.scalar_one() == "title 0"
+
+
+async def test_a_statement_built_per_call_is_answered_by_its_own_columns(
+    database: Database,
+) -> None:
+    owner, _ids = await _seed(database)
+
+    def count_for(owner_id: uuid.UUID) -> Select[Any]:
+        return select(func.count().label("n")).where(CONVERSATIONS.c.owner_id == owner_id)
+
+    async with database.read_connection() as connection:
+        await connection.execute(count_for(owner))
+        statement = count_for(owner)  # equal to the cached one, not the same object
+        result = await connection.execute(statement)
+        assert isinstance(result, IteratorResult)
+        row = result.one()
+        # The literal owner id of *this* statement is the one bound, and its own column
+        # object finds the value.
+        assert row._mapping[statement.selected_columns[0]] == 3
+        other = await connection.execute(count_for(uuid.uuid4()))
+        assert other.scalar_one() == 0
+
+
+async def test_lean_statements_are_counted_in_query_metrics(database: Database) -> None:
+    owner, _ids = await _seed(database)
+    statement = select(CONVERSATIONS.c.id).where(CONVERSATIONS.c.owner_id == bindparam("o"))
+    async with database.read_connection() as connection:
+        await connection.execute(statement, {"o": owner})
+        before = database.metrics.queries
+        for _ in range(5):
+            result = await connection.execute(statement, {"o": owner})
+            assert isinstance(result, IteratorResult)
+    assert database.metrics.queries == before + 5
+    assert any("conversations" in stats.fingerprint for stats in database.metrics.top(50))
+
+
+async def test_a_foreign_listener_sends_statements_down_sqlalchemy_path(
+    database: Database,
+) -> None:
+    owner, _ids = await _seed(database)
+    statement = select(CONVERSATIONS.c.id).where(CONVERSATIONS.c.owner_id == bindparam("o"))
+    contexts: list[Any] = []
+
+    def listener(
+        _conn: Any, _cursor: Any, _sql: str, _params: Any, context: Any, _many: Any
+    ) -> None:
+        contexts.append(context)
+
+    async with database.read_connection() as connection:
+        await connection.execute(statement, {"o": owner})
+        engine = connection.sync_engine
+        event.listen(engine, "before_cursor_execute", listener)
+        try:
+            result = await connection.execute(statement, {"o": owner})
+        finally:
+            event.remove(engine, "before_cursor_execute", listener)
+        assert isinstance(result, CursorResult)
+        assert len(contexts) == 1
+        assert contexts[0] is not None
+        again = await connection.execute(statement, {"o": owner})
+        assert isinstance(again, IteratorResult)  # listener gone: lean again
+
+
+def _failing_select(backend: str) -> Select[Any]:
+    """A SELECT that succeeds for ``{"v": "1"}`` and that the database refuses at run time for
+    ``{"v": "not a number"}``."""
+    if backend == "postgresql":
+        return select(func.abs(cast(bindparam("v", type_=String), Integer)))
+    return select(func.json_extract(bindparam("v", type_=String), "$"))
+
+
+async def test_a_driver_error_is_raised_as_sqlalchemy_path_raises_it(
+    database: Database, backend: str
+) -> None:
+    statement = _failing_select(backend)
+    good, bad = {"v": "1"}, {"v": "not a number"}
+    raised: list[BaseException] = []
+    for options in (SQLALCHEMY_PATH, None):
+        errors_before = database.metrics.errors
+        with pytest.raises(Exception) as caught:  # noqa: PT011 - compared below
+            async with database.read_connection() as connection:
+                warm = await connection.execute(statement, good)  # caches the metadata
+                assert warm.scalar() == 1
+                await connection.execute(statement, bad, execution_options=options)
+        raised.append(caught.value)
+        assert database.metrics.errors == errors_before + 1  # handle_error listeners ran
+    sqlalchemy_error, lean_error = raised
+    assert type(lean_error) is type(sqlalchemy_error)
+    assert type(lean_error.__cause__) is type(sqlalchemy_error.__cause__)
+    assert str(lean_error) == str(sqlalchemy_error)
+    async with database.read_connection() as connection:  # the pool is healthy after it
+        assert (await connection.execute(statement, good)).scalar() == 1
+
+
+async def test_statement_timeout_still_applies(backend: str, database_url: str) -> None:
+    database = Database(make_settings(database_url, DB_STATEMENT_TIMEOUT=0.3))
+    await database.start()
+    try:
+        if backend == "postgresql":
+            slow = select(func.pg_sleep(bindparam("s")))
+            fast, long = {"s": 0}, {"s": 5}
+        else:
+            counter = select(literal(1).label("i")).cte("n", recursive=True)
+            counter = counter.union_all(select(counter.c.i + 1).where(counter.c.i < bindparam("s")))
+            slow = select(func.sum(counter.c.i))
+            fast, long = {"s": 10}, {"s": 10**9}
+        async with database.read_connection() as connection:
+            await connection.execute(slow, fast)
+            assert isinstance(await connection.execute(slow, fast), IteratorResult)
+        with pytest.raises(StatementTimeoutError):
+            async with database.read_connection() as connection:
+                await connection.execute(slow, long)
+        async with database.read_connection() as connection:
+            assert isinstance(await connection.execute(slow, fast), IteratorResult)
+        assert database.pool_status().checked_out == 0
+    finally:
+        await database.close()
+
+
+async def test_a_cancelled_lean_read_returns_its_connection(
+    database: Database, backend: str
+) -> None:
+    owner, ids = await _seed(database)
+    if backend == "postgresql":
+        slow = select(func.pg_sleep(bindparam("s")))
+        fast, long = {"s": 0}, {"s": 5}
+    else:
+        counter = select(literal(1).label("i")).cte("n", recursive=True)
+        counter = counter.union_all(select(counter.c.i + 1).where(counter.c.i < bindparam("s")))
+        slow = select(func.sum(counter.c.i))
+        fast, long = {"s": 10}, {"s": 3 * 10**6}
+    started = asyncio.Event()
+
+    async def read() -> None:
+        async with database.read_connection() as connection:
+            await connection.execute(slow, fast)
+            started.set()
+            await connection.execute(slow, long)
+
+    task = asyncio.create_task(read())
+    await started.wait()
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    point = select(CONVERSATIONS.c.title).where(CONVERSATIONS.c.id == bindparam("cid"))
+    for _ in range(3):
+        async with database.read_connection() as connection:
+            assert await connection.scalar(point, {"cid": ids[0]}) == "title 0"
+    assert owner is not None
