@@ -175,7 +175,7 @@ class LeanConnection(AsyncConnection):
         dispatch.before_cursor_execute(sync, None, sql, arguments, None, False)
         try:
             rows = await self._bastion_fetch(dbapi_connection, sql, arguments)
-        except Exception as error:
+        except BaseException as error:
             await greenlet_spawn(
                 _raise_as_sqlalchemy, sync, dbapi_connection, error, sql, arguments
             )
@@ -221,18 +221,22 @@ def _bind(
 
 
 def _raise_as_sqlalchemy(
-    sync: Connection, dbapi_connection: Any, error: Exception, sql: str, arguments: Any
+    sync: Connection, dbapi_connection: Any, error: BaseException, sql: str, arguments: Any
 ) -> None:
     """Raise ``error`` as ``execute`` would have: translated, listeners told, disconnects handled.
 
-    Runs inside a greenlet (invalidating a connection closes it, which awaits).
+    A cancellation (or any other exit exception) met half-way through a driver call leaves the
+    connection in an unknown state: SQLAlchemy invalidates it rather than pool it, and so does
+    this. Runs inside a greenlet (invalidating a connection closes it, which may await), and
+    inside an ``except`` block, where SQLAlchemy's handler finds the exception to re-raise.
     """
     try:
-        dbapi_connection._handle_exception(error)
-    except Exception as dbapi_error:
-        sync._handle_dbapi_exception(dbapi_error, sql, arguments, None, None)
+        if isinstance(error, Exception):
+            dbapi_connection._handle_exception(error)  # raises the DBAPI-shaped error
+        raise error
+    except BaseException as raised:
+        sync._handle_dbapi_exception(raised, sql, arguments, None, None)
         raise
-    raise error  # the adapter did not raise (it always does): keep the original
 
 
 def _asyncpg_ready(dbapi_connection: Any) -> bool:

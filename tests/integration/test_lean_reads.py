@@ -9,6 +9,7 @@ statement down SQLAlchemy's path), on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -227,18 +228,20 @@ async def test_a_driver_error_is_raised_as_sqlalchemy_path_raises_it(
         assert (await connection.execute(statement, good)).scalar() == 1
 
 
+def _slow_select(backend: str) -> tuple[Select[Any], dict[str, Any], dict[str, Any]]:
+    """A SELECT, its parameters for a quick run, and for a run of seconds."""
+    if backend == "postgresql":
+        return select(func.pg_sleep(bindparam("s"))), {"s": 0}, {"s": 5}
+    counter = select(literal(1).label("i")).cte("n", recursive=True)
+    counter = counter.union_all(select(counter.c.i + 1).where(counter.c.i < bindparam("s")))
+    return select(func.sum(counter.c.i)), {"s": 10}, {"s": 10**9}
+
+
 async def test_statement_timeout_still_applies(backend: str, database_url: str) -> None:
     database = Database(make_settings(database_url, DB_STATEMENT_TIMEOUT=0.3))
     await database.start()
     try:
-        if backend == "postgresql":
-            slow = select(func.pg_sleep(bindparam("s")))
-            fast, long = {"s": 0}, {"s": 5}
-        else:
-            counter = select(literal(1).label("i")).cte("n", recursive=True)
-            counter = counter.union_all(select(counter.c.i + 1).where(counter.c.i < bindparam("s")))
-            slow = select(func.sum(counter.c.i))
-            fast, long = {"s": 10}, {"s": 10**9}
+        slow, fast, long = _slow_select(backend)
         async with database.read_connection() as connection:
             await connection.execute(slow, fast)
             assert isinstance(await connection.execute(slow, fast), IteratorResult)
@@ -252,34 +255,73 @@ async def test_statement_timeout_still_applies(backend: str, database_url: str) 
         await database.close()
 
 
-async def test_a_cancelled_lean_read_returns_its_connection(
-    database: Database, backend: str
+async def test_a_cancelled_lean_read_leaves_no_broken_connection(
+    backend: str, database_url: str
 ) -> None:
-    owner, ids = await _seed(database)
-    if backend == "postgresql":
-        slow = select(func.pg_sleep(bindparam("s")))
-        fast, long = {"s": 0}, {"s": 5}
-    else:
-        counter = select(literal(1).label("i")).cte("n", recursive=True)
-        counter = counter.union_all(select(counter.c.i + 1).where(counter.c.i < bindparam("s")))
-        slow = select(func.sum(counter.c.i))
-        fast, long = {"s": 10}, {"s": 3 * 10**6}
-    started = asyncio.Event()
+    # One connection: the reads after the cancellation get the same one back, or a new one.
+    database = Database(make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0))
+    await database.start()
+    try:
+        _owner, ids = await _seed(database)
+        slow, fast, long = _slow_select(backend)
+        if backend == "sqlite":
+            long = {"s": 3 * 10**6}  # about a second: its thread finishes it after the cancel
+        started = asyncio.Event()
 
-    async def read() -> None:
-        async with database.read_connection() as connection:
-            await connection.execute(slow, fast)
-            started.set()
-            await connection.execute(slow, long)
+        async def read() -> None:
+            async with database.read_connection() as connection:
+                await connection.execute(slow, fast)
+                started.set()
+                await connection.execute(slow, long)
 
-    task = asyncio.create_task(read())
-    await started.wait()
-    await asyncio.sleep(0.05)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    point = select(CONVERSATIONS.c.title).where(CONVERSATIONS.c.id == bindparam("cid"))
-    for _ in range(3):
-        async with database.read_connection() as connection:
-            assert await connection.scalar(point, {"cid": ids[0]}) == "title 0"
-    assert owner is not None
+        task = asyncio.create_task(read())
+        await started.wait()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        point = select(CONVERSATIONS.c.title).where(CONVERSATIONS.c.id == bindparam("cid"))
+        for _ in range(3):
+            async with database.read_connection() as connection:
+                assert await connection.scalar(point, {"cid": ids[0]}) == "title 0"
+                assert len((await connection.execute(slow, fast)).all()) == 1
+            # A snapshot read shares the read pool and opens a transaction on the connection.
+            async with database.read(consistent=True) as session:
+                assert await session.scalar(point, {"cid": ids[0]}) == "title 0"
+        assert database.pool_status().checked_out == 0
+    finally:
+        await database.close()
+
+
+async def test_reads_cancelled_at_any_point_leave_the_pool_usable(
+    backend: str, database_url: str
+) -> None:
+    # A lean read cancelled half-way through its driver call leaves the driver connection in
+    # an unknown state: like SQLAlchemy's path, the lean path discards it. Pooled again, it
+    # broke later units that opened a transaction on it ("SET TRANSACTION ISOLATION LEVEL must
+    # be called before any query"); S10 in tests/faults/test_cancellation.py found that, with
+    # many units in flight (BASTION_FAULT_SEED=3977954635 reproduces it). This sequential
+    # version cancels reads after 0, 1, 2… loop turns, at each await the path has.
+    database = Database(make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0))
+    await database.start()
+    try:
+        _owner, ids = await _seed(database)
+        point = select(CONVERSATIONS.c.title).where(CONVERSATIONS.c.id == bindparam("cid"))
+
+        async def read() -> None:
+            async with database.read_connection() as connection:
+                await connection.execute(point, {"cid": ids[0]})
+
+        await read()  # caches the metadata: the reads below take the lean path
+        for turns in range(40):
+            task = asyncio.create_task(read())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            async with database.read(consistent=True) as session:
+                assert await session.scalar(point, {"cid": ids[0]}) == "title 0"
+        assert database.pool_status().checked_out == 0
+    finally:
+        await database.close()
