@@ -52,7 +52,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 from sqlalchemy.orm import ORMExecuteState, Session
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import greenlet_spawn
 from tenacity import (
     AsyncRetrying,
@@ -66,6 +66,7 @@ from tenacity import (
 from bastion._checkout import checked_out
 from bastion._engines import Engines, create_engines
 from bastion._lean import lean_connection_class
+from bastion._pool_gate import PoolGate
 from bastion._sqlite import (
     READ_UNIT,
     SNAPSHOT_UNIT,
@@ -173,6 +174,7 @@ class Database:
         self._snapshot_sessions: async_sessionmaker[AsyncSession] | None = None
         self._write_sessions: async_sessionmaker[AsyncSession] | None = None
         self._read_engine: AsyncEngine | None = None
+        self._gates: dict[Pool, PoolGate] = {}
         self._lean_connections: type[AsyncConnection] | None = None
         self._reads_without_transaction = False
         # The pools that were live when close() gave up waiting: units still running then
@@ -297,6 +299,7 @@ class Database:
         display_url = self.settings.display_url
         try:
             self._engines = create_engines(self.settings)
+            self._gates = _pool_gates(self._engines, self.settings.pool_timeout_s)
             self.metrics.install(self._engines.all)
             self.leaks.install(self._engines.all)
             self._create_sessionmakers(self._engines)
@@ -382,7 +385,7 @@ class Database:
                 errors (see :mod:`bastion.errors`).
         """
         maker = self._snapshot_sessions if consistent else self._read_sessions
-        async with self._unit():
+        async with self._unit(), self._gate(self._read_engine):
             assert maker is not None
             async with maker() as session:
                 try:
@@ -413,7 +416,10 @@ class Database:
         async with self._unit():
             assert self._read_engine is not None
             waited_from = time.perf_counter()
-            async with self._checkout(self._read_engine, self._lean_connections) as connection:
+            async with (
+                self._gate(self._read_engine),
+                self._checkout(self._read_engine, self._lean_connections) as connection,
+            ):
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 try:
                     yield connection
@@ -440,7 +446,8 @@ class Database:
         """
         async with self._unit(), self._write_turn():
             assert self._write_sessions is not None
-            async with self._write_sessions() as session:
+            assert self._engines is not None
+            async with self._gate(self._engines.primary), self._write_sessions() as session:
                 yield session
                 await session.flush()
                 await _commit(session)
@@ -459,7 +466,10 @@ class Database:
         async with self._unit(), self._write_turn():
             assert self._engines is not None
             waited_from = time.perf_counter()
-            async with self._checkout(self._engines.primary) as connection:
+            async with (
+                self._gate(self._engines.primary),
+                self._checkout(self._engines.primary) as connection,
+            ):
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 await connection.begin()
                 yield connection
@@ -538,6 +548,12 @@ class Database:
         :mod:`bastion._checkout` for SQLite's)."""
         connection = engine.connect() if connection_class is None else connection_class(engine)
         return checked_out(connection) if self.settings.backend == "sqlite" else connection
+
+    def _gate(self, engine: AsyncEngine | None) -> AbstractAsyncContextManager[None]:
+        """A first-come, first-served turn at ``engine``'s pool (see :mod:`bastion._pool_gate`)."""
+        assert engine is not None
+        gate = self._gates.get(engine.sync_engine.pool)
+        return gate if gate is not None else nullcontext()
 
     def _write_turn(self) -> AbstractAsyncContextManager[None]:
         """This process's turn to write (SQLite files), or nothing to wait for."""
@@ -702,3 +718,14 @@ def _raise_translated(exc: Exception, *, during_commit: bool = False) -> None:
     if translated is None or translated is exc:
         raise exc
     raise translated from exc
+
+
+def _pool_gates(engines: Engines, timeout_s: float) -> dict[Pool, PoolGate]:
+    """A gate for each bounded pool of ``engines``, admitting as many units as it can lend."""
+    gates: dict[Pool, PoolGate] = {}
+    for engine in engines.all:
+        pool = engine.sync_engine.pool
+        overflow = getattr(pool, "_max_overflow", -1)  # QueuePool's; -1: no limit
+        if isinstance(pool, QueuePool) and overflow >= 0:
+            gates[pool] = PoolGate(pool.size() + overflow, timeout_s)
+    return gates

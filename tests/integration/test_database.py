@@ -193,6 +193,29 @@ async def test_an_exhausted_pool_answers_pool_timeout_instead_of_hanging(
         assert database.pool_status().checked_out == 0
 
 
+async def test_units_waiting_for_a_connection_are_served_in_arrival_order(
+    database_url: str,
+) -> None:
+    # See bastion._pool_gate: without the gate, a unit arriving while a woken waiter had not
+    # yet run took the connection, and that waiter went to the back of the line.
+    settings = make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
+    async with Database(settings) as database:
+        served: list[int] = []
+
+        async def read(n: int) -> None:
+            async with database.read_connection() as connection:
+                await connection.execute(text("SELECT 1"))
+                served.append(n)
+
+        tasks = []
+        for n in range(20):
+            tasks.append(asyncio.create_task(read(n)))
+            await asyncio.sleep(0)  # each one asks before the next arrives
+        await asyncio.gather(*tasks)
+        assert served == list(range(20))
+        assert database.pool_status().checked_out == 0
+
+
 async def test_a_cancelled_unit_returns_its_connection(probe_tables: Database) -> None:
     entered = asyncio.Event()
 
