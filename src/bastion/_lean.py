@@ -31,7 +31,8 @@ a ``Select`` (DML, text, unions), several parameter sets, execution options
 SQLAlchemy has not cached yet (so its first run is always SQLAlchemy's), a connection not ready
 for it, or an engine whose connection event listeners are not exactly the ones Bastion installed
 (an OpenTelemetry instrumentation, or any listener of the application's, may need the cursor and
-execution context this path does not build).
+execution context this path does not build; they are counted once per unit, at its first
+statement).
 
 SQLAlchemy internals used here (``_compile_w_cache``, ``construct_params``, ``_bind_processors``,
 ``_cached_metadata``, ``_adapt_to_context``, the adapters' ``_prepare`` and
@@ -87,10 +88,17 @@ class LeanConnection(AsyncConnection):
     :func:`lean_connection_class` to get the class for an engine.
     """
 
-    __slots__ = ()
+    __slots__ = ("_bastion_listeners_known",)
 
     _bastion_listeners: tuple[int, ...] = ()
     """How many listeners of each of :data:`LEAN_EVENTS` the engine had when Bastion set it up."""
+
+    def __init__(self, async_engine: AsyncEngine, sync_connection: Connection | None = None):
+        super().__init__(async_engine, sync_connection)
+        # Whether the engine's listeners are Bastion's own, checked once per unit (counting
+        # them costs more than the rest of the check): a listener added while a unit runs
+        # is heeded from the next unit on.
+        self._bastion_listeners_known: bool | None = None
 
     @staticmethod
     def _bastion_ready(dbapi_connection: Any) -> bool:
@@ -137,8 +145,12 @@ class LeanConnection(AsyncConnection):
             or sync.invalidated
             or sync._echo
             or sync._execution_options.keys() - _KNOWN_OPTIONS
-            or not self._listeners_unchanged(sync)
         ):
+            return None
+        known = self._bastion_listeners_known
+        if known is None:
+            known = self._bastion_listeners_known = self._listeners_unchanged(sync)
+        if not known:
             return None
         pooled = sync._dbapi_connection
         if pooled is None:
