@@ -150,6 +150,22 @@ async def test_postgres_notifications_reach_another_process_in_order(
 
 
 @pytest.mark.postgres
+async def test_publishes_do_not_wait_for_a_wal_flush(postgres_test_url: str) -> None:
+    # A notification is not durable (only listeners connected now see it), so its autocommit
+    # transaction need not wait for the WAL to reach the disk before the next publish.
+    hub = PostgresHub(make_url(postgres_test_url), pg_channel=f"t{uuid.uuid4().hex[:12]}")
+    try:
+        received = await hub.subscribe("conversation:1")
+        await hub.publish("conversation:1", "hello")
+        assert await _take(received, 1) == ["hello"]
+        connection = hub._connection
+        assert connection is not None
+        assert await connection.fetchval("SHOW synchronous_commit") == "off"
+    finally:
+        await hub.close()
+
+
+@pytest.mark.postgres
 async def test_without_redis_a_postgres_service_gets_the_postgres_hub(
     postgres_test_url: str, tmp_path: object
 ) -> None:

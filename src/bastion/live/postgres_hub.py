@@ -119,6 +119,11 @@ class PostgresHub:
             if connection is not None and not connection.is_closed():
                 return connection
             connection = await asyncpg.connect(self._dsn, timeout=self._timeout_s)
+            # Each pg_notify in autocommit is a transaction of its own, and its COMMIT would
+            # wait for a WAL flush: publishes, serialised on this one connection, then capped
+            # message creation at about one flush each. A notification is not durable anyway
+            # (only listeners connected now ever see it), so the flush buys nothing.
+            await connection.execute("SET synchronous_commit TO off")
             connection.add_termination_listener(self._lost)
             await connection.add_listener(self._pg_channel, self._received)
             self._connection = connection
