@@ -409,6 +409,8 @@ class Database:
         Same guarantees as :meth:`read` (no transaction and one round trip per statement on
         PostgreSQL; any write refused), without the ORM session: rows come back as rows, for
         routes that turn them straight into response models.
+        Plain ``select()`` statements on it run on the driver directly after their first run
+        (:mod:`bastion._lean`); their results are buffered ``Result`` objects.
 
         Raises:
             The same as :meth:`read`.
