@@ -38,6 +38,7 @@ from tests.conftest import make_settings
 pytestmark = pytest.mark.usefixtures("backend")
 
 CONVERSATIONS = Conversation.__table__
+TITLE_OF = select(CONVERSATIONS.c.title).where(CONVERSATIONS.c.id == bindparam("cid"))
 SQLALCHEMY_PATH: dict[str, Any] = {}  # any execution options at all: SQLAlchemy's path
 
 
@@ -241,9 +242,7 @@ def _slow_select(backend: str) -> tuple[Select[Any], dict[str, Any], dict[str, A
 
 
 async def test_statement_timeout_still_applies(backend: str, database_url: str) -> None:
-    database = Database(make_settings(database_url, DB_STATEMENT_TIMEOUT=0.3))
-    await database.start()
-    try:
+    async with Database(make_settings(database_url, DB_STATEMENT_TIMEOUT=0.3)) as database:
         slow, fast, long = _slow_select(backend)
         async with database.read_connection() as connection:
             await connection.execute(slow, fast)
@@ -254,17 +253,13 @@ async def test_statement_timeout_still_applies(backend: str, database_url: str) 
         async with database.read_connection() as connection:
             assert isinstance(await connection.execute(slow, fast), IteratorResult)
         assert database.pool_status().checked_out == 0
-    finally:
-        await database.close()
 
 
 async def test_a_cancelled_lean_read_leaves_no_broken_connection(
     backend: str, database_url: str
 ) -> None:
     # One connection: the reads after the cancellation get the same one back, or a new one.
-    database = Database(make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0))
-    await database.start()
-    try:
+    async with Database(make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)) as database:
         _owner, ids = await _seed(database)
         slow, fast, long = _slow_select(backend)
         if backend == "sqlite":
@@ -283,17 +278,14 @@ async def test_a_cancelled_lean_read_leaves_no_broken_connection(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        point = select(CONVERSATIONS.c.title).where(CONVERSATIONS.c.id == bindparam("cid"))
         for _ in range(3):
             async with database.read_connection() as connection:
-                assert await connection.scalar(point, {"cid": ids[0]}) == "title 0"
+                assert await connection.scalar(TITLE_OF, {"cid": ids[0]}) == "title 0"
                 assert len((await connection.execute(slow, fast)).all()) == 1
             # A snapshot read shares the read pool and opens a transaction on the connection.
             async with database.read(consistent=True) as session:
-                assert await session.scalar(point, {"cid": ids[0]}) == "title 0"
+                assert await session.scalar(TITLE_OF, {"cid": ids[0]}) == "title 0"
         assert database.pool_status().checked_out == 0
-    finally:
-        await database.close()
 
 
 async def test_reads_cancelled_at_any_point_leave_the_pool_usable(
@@ -305,15 +297,12 @@ async def test_reads_cancelled_at_any_point_leave_the_pool_usable(
     # be called before any query"); S10 in tests/faults/test_cancellation.py found that, with
     # many units in flight (BASTION_FAULT_SEED=3977954635 reproduces it). This sequential
     # version cancels reads after 0, 1, 2… loop turns, at each await the path has.
-    database = Database(make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0))
-    await database.start()
-    try:
+    async with Database(make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)) as database:
         _owner, ids = await _seed(database)
-        point = select(CONVERSATIONS.c.title).where(CONVERSATIONS.c.id == bindparam("cid"))
 
         async def read() -> None:
             async with database.read_connection() as connection:
-                await connection.execute(point, {"cid": ids[0]})
+                await connection.execute(TITLE_OF, {"cid": ids[0]})
 
         await read()  # caches the metadata: the reads below take the lean path
         for turns in range(40):
@@ -324,7 +313,5 @@ async def test_reads_cancelled_at_any_point_leave_the_pool_usable(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             async with database.read(consistent=True) as session:
-                assert await session.scalar(point, {"cid": ids[0]}) == "title 0"
+                assert await session.scalar(TITLE_OF, {"cid": ids[0]}) == "title 0"
         assert database.pool_status().checked_out == 0
-    finally:
-        await database.close()
