@@ -24,13 +24,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bastion._histograms import LatencyHistogram
 from bastion._sqlite_inline import FALLBACKS
 from bastion._translate import translate_error
 from bastion.fingerprint import fingerprint
@@ -71,25 +72,28 @@ class QueryMetrics:
         settings = database.settings
         self.slow_threshold_s = settings.slow_query_threshold_s
         self.registry = CollectorRegistry(auto_describe=True)
-        self._latency = Histogram(
+        self._latency = LatencyHistogram(
             "bastion_query_duration_seconds",
             "Statement latency, by fingerprint (values stripped).",
-            ["fingerprint"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            label="fingerprint",
+            bounds=_LATENCY_BUCKETS,
         )
+        self.registry.register(self._latency)
         self._errors = Counter(
             "bastion_query_errors",
             "Statements that failed, by error code.",
             ["code"],
             registry=self.registry,
         )
-        self._transactions = Counter(
+        transactions = Counter(
             "bastion_transactions",
             "Transactions ended, by outcome.",
             ["outcome"],
             registry=self.registry,
         )
+        # Bound once: every unit ends in one of them, and labels() is a locked lookup.
+        self._commits = transactions.labels("commit")
+        self._rollbacks = transactions.labels("rollback")
         self._slow = Counter(
             "bastion_slow_queries", "Statements slower than SLOW_QUERY_THRESHOLD.",
             registry=self.registry,
@@ -97,15 +101,15 @@ class QueryMetrics:
         self._connections = Counter(
             "bastion_connections_opened", "New database connections.", registry=self.registry
         )
-        self._checkout = Histogram(
+        checkout = LatencyHistogram(
             "bastion_pool_checkout_seconds",
             "Time a connection unit waited for its connection.",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            label=None,
+            bounds=_LATENCY_BUCKETS,
         )
+        self.registry.register(checkout)
+        self._checkout = checkout.series()
         self.registry.register(_DatabaseCollector(database))
-        self._children: dict[str, Any] = {}
-        self._stats: dict[str, list[float]] = {}  # fingerprint -> [count, total, max]
         self.queries = 0
         self.errors = 0
         self.database_s = 0.0
@@ -128,10 +132,10 @@ class QueryMetrics:
 
     def top(self, limit: int = 10) -> list[FingerprintStats]:
         """The fingerprints that took the most database time in total."""
-        ranked = sorted(self._stats.items(), key=lambda item: item[1][1], reverse=True)
+        ranked = sorted(self._latency.items(), key=lambda item: item[1].total, reverse=True)
         return [
-            FingerprintStats(name, int(count), round(total, 6), round(longest, 6))
-            for name, (count, total, longest) in ranked[:limit]
+            FingerprintStats(name, series.count, round(series.total, 6), round(series.longest, 6))
+            for name, series in ranked[:limit]
         ]
 
     def drain_recent(self) -> list[float]:
@@ -151,21 +155,9 @@ class QueryMetrics:
             return
         duration = time.perf_counter() - started
         shape = fingerprint(statement)
-        label = (
-            shape if shape in self._children or len(self._children) < MAX_FINGERPRINTS else OTHER
-        )
-        child = self._children.get(label)
-        if child is None:
-            child = self._children[label] = self._latency.labels(label)
-        child.observe(duration)
-        stats = self._stats.get(label)
-        if stats is None:
-            self._stats[label] = [1, duration, duration]
-        else:
-            stats[0] += 1
-            stats[1] += duration
-            if duration > stats[2]:
-                stats[2] = duration
+        latency = self._latency
+        label = shape if shape in latency or len(latency) < MAX_FINGERPRINTS else OTHER
+        latency.series(label).observe(duration)
         self.queries += 1
         self.database_s += duration
         self._recent.append(duration)
@@ -195,10 +187,10 @@ class QueryMetrics:
         self.errors += 1
 
     def _on_commit(self, _connection: Connection) -> None:
-        self._transactions.labels("commit").inc()
+        self._commits.inc()
 
     def _on_rollback(self, _connection: Connection) -> None:
-        self._transactions.labels("rollback").inc()
+        self._rollbacks.inc()
 
     def _on_connect(self, *_args: Any) -> None:
         self._connections.inc()
