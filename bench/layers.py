@@ -14,24 +14,9 @@ request at a time, with no sockets and no HTTP server, so that only the app's ow
 * ``naive``: the tutorial baseline of ``make bench`` (``AsyncSession`` from a ``yield``
   dependency, ORM queries).
 
-Two more apps answer without a database, to measure what the framework alone costs:
-
-* ``raw_floor``: ``raw``'s route with its two driver calls replaced by their answers.
-* ``reference_floor``: the reference route's shape without a database: the same middleware,
-  error handlers, dependency graph (an authenticating dependency on a ``yield`` dependency,
-  both ``scope="function"``), id parsing, ``ETag`` header and response model.
-* ``unit_floor``: ``reference_floor`` whose ``yield`` dependency is Bastion's real
-  ``ReadConnection``: a read unit is opened and closed, and no statement runs in it.
-
 It prints CPU microseconds per request (median of interleaved rounds). The differences say
-what each layer costs; ``make bench``'s ratios to ``raw`` are bounded by them. The last lines
-are those bounds: were Bastion and SQLAlchemy free, a reference request would still cost
-``reference_floor`` plus the database work ``raw`` does (``raw - raw_floor``), so neither
-ratio can exceed ``raw`` (or ``naive``) divided by that sum; with a unit of work per request
-(a pooled SQLAlchemy connection checked out and returned), ``unit_floor`` takes the place of
-``reference_floor``, and only the statements themselves are left to speed up. In-process
-figures leave out the HTTP server's own per-request work, which is the same for every
-variant and pulls the ratios ``make bench`` measures towards 1.
+what each layer costs. What the framework alone costs, and so the best ratio each scenario of
+``make bench`` could reach, is ``python -m bench.floors``'s to measure.
 """
 
 from __future__ import annotations
@@ -49,25 +34,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from asgi_lifespan import LifespanManager
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from bastion import Database, load_settings
-from bastion.fastapi import (
-    BodySizeLimitMiddleware,
-    ReadConnection,
-    RequestContextMiddleware,
-    database_lifespan,
-    install_error_handlers,
-)
 from conversations.models import ApiKey, Conversation
-from conversations.routes._ids import parse_conversation_id
 from conversations.schemas import ConversationOut
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,105 +127,12 @@ def naive_app() -> Any:
     return bench.apps.naive.app
 
 
-# The answer both floors return: a conversation as the database would have given it.
-_NOW = datetime(2026, 1, 1, tzinfo=UTC)
-_ANSWER: dict[str, Any] = {
-    "id": str(uuid.UUID(int=1)),
-    "title": "A conversation",
-    "status": "active",
-    "metadata": {"client": "bench"},
-    "created_at": _NOW.isoformat(),
-    "updated_at": _NOW.isoformat(),
-    "deleted_at": None,
-    "version": 1,
-}
-
-
-def raw_floor_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/v1/conversations/{conversation_id}")
-    async def get(conversation_id: uuid.UUID, request: Request) -> Any:
-        _key_hash(request)
-        return dict(_ANSWER, id=str(conversation_id))
-
-    return app
-
-
-async def _no_unit() -> AsyncIterator[None]:
-    yield None
-
-
-NoUnit = Annotated[None, Depends(_no_unit, scope="function")]
-
-
-async def _no_reader(request: Request, _unit: NoUnit) -> uuid.UUID:
-    _key_hash(request)
-    return uuid.UUID(int=2)
-
-
-NoReader = Annotated[uuid.UUID, Depends(_no_reader, scope="function")]
-
-
-async def _unit_reader(request: Request, _connection: ReadConnection) -> uuid.UUID:
-    _key_hash(request)
-    return uuid.UUID(int=2)
-
-
-UnitReader = Annotated[uuid.UUID, Depends(_unit_reader, scope="function")]
-
-
-def _floor_app(*, lifespan: Any = None) -> FastAPI:
-    from conversations.app import MAX_BODY_BYTES
-
-    app = FastAPI(lifespan=lifespan)
-    install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
-    app.add_middleware(RequestContextMiddleware)
-    return app
-
-
-def unit_floor_app() -> FastAPI:
-    app = _floor_app(lifespan=database_lifespan(load_settings()))
-
-    @app.get("/v1/conversations/{conversation_id}")
-    async def get(
-        conversation_id: str, _user: UnitReader, _unit: ReadConnection, response: Response
-    ) -> ConversationOut:
-        return _floor_answer(conversation_id, response)
-
-    return app
-
-
-def _floor_answer(conversation_id: str, response: Response) -> ConversationOut:
-    conversation = ConversationOut.model_validate(
-        dict(_ANSWER, id=parse_conversation_id(conversation_id))
-    )
-    response.headers["ETag"] = f'"{conversation.version}"'
-    return conversation
-
-
-def reference_floor_app() -> FastAPI:
-    app = _floor_app()
-
-    @app.get("/v1/conversations/{conversation_id}")
-    async def get(
-        conversation_id: str, _user: NoReader, _unit: NoUnit, response: Response
-    ) -> ConversationOut:
-        return _floor_answer(conversation_id, response)
-
-    return app
-
-
 APPS: dict[str, Callable[[], Any]] = {
     "raw": raw_app,
     "sqlalchemy": sqlalchemy_app,
     "bastion_unit": bastion_unit_app,
     "reference": reference_app,
     "naive": naive_app,
-    "raw_floor": raw_floor_app,
-    "reference_floor": reference_floor_app,
-    "unit_floor": unit_floor_app,
 }
 
 
@@ -329,16 +212,7 @@ def main() -> None:
     raw = costs["raw"]
     print(f"{options.backend}: CPU per GET /v1/conversations/{{id}}, in-process, sequential")
     for name, cost in costs.items():
-        print(f"  {name:15} {cost:7.0f} us   {cost / raw:5.2f} x raw   raw/this {raw / cost:5.3f}")
-    database_work = raw - costs["raw_floor"]
-    now = f"now {raw / costs['reference']:.3f} and {costs['naive'] / costs['reference']:.2f}"
-    for floor in ("reference_floor", "unit_floor"):
-        least = costs[floor] + database_work
-        print(
-            f"  bound: {floor} + (raw - raw_floor) = {least:.0f} us, so at best"
-            f" reference/raw {raw / least:.3f} and reference/naive {costs['naive'] / least:.2f}"
-            f" ({now})"
-        )
+        print(f"  {name:13} {cost:7.0f} us   {cost / raw:5.2f} x raw   raw/this {raw / cost:5.3f}")
 
 
 if __name__ == "__main__":
