@@ -203,7 +203,7 @@ async def create_postgres_database(name: str) -> str:
 
 
 def bench_backend(
-    backend: str, workdir: Path, results: list[Result], lags: dict[str, float]
+    backend: str, workdir: Path, results: list[Result], lags: dict[str, dict[str, float]]
 ) -> None:
     if backend == "postgresql":
         url = asyncio.run(create_postgres_database("bastion_bench"))
@@ -227,7 +227,7 @@ def bench_backend(
         "BENCH_KEY": (workdir / "key.txt").read_text().strip(),
     }
     servers = {variant: Server(variant, env, workdir) for variant in VARIANTS}
-    bastion_lags: list[float] = []
+    variant_lags: dict[str, list[float]] = {"bastion": [], "raw": []}
     try:
         for scenario, scenario_env in SCENARIOS.items():
             for server in servers.values():  # warm every variant up once
@@ -248,10 +248,10 @@ def bench_backend(
                         f"p99 {result.p99_ms:7.2f} ms  errors {result.errors}",
                         flush=True,
                     )
-                    if variant == "bastion":
+                    if variant in variant_lags:
                         lag = loop_lag_p99_ms(servers[variant].port)
                         if lag is not None:
-                            bastion_lags.append(lag)
+                            variant_lags[variant].append(lag)
                 order = order[1:] + order[:1]
         scenario_env = SCENARIOS["get_conversation"]
         # raw too: what the framework and the driver alone give at 1000 connections, so
@@ -269,8 +269,9 @@ def bench_backend(
     finally:
         if backend == "postgresql":
             asyncio.run(drop_postgres_database("bastion_bench"))
-    if bastion_lags:
-        lags[backend] = max(bastion_lags)
+    for variant, measured in variant_lags.items():
+        if measured:
+            lags.setdefault(variant, {})[backend] = max(measured)
 
 
 def ratios(results: list[Result]) -> dict[str, float]:
@@ -332,9 +333,10 @@ def write_markdown(report: dict[str, object], path: Path) -> None:
     lines += ["", "| ratio (median of per-round ratios) | value |", "|---|---:|"]
     for key, value in report["ratios"].items():  # type: ignore[attr-defined]
         lines.append(f"| {key} | {value} |")
-    lines += ["", "| loop lag p99 under load (bastion) | ms |", "|---|---:|"]
+    lines += ["", "| loop lag p99 under load | bastion ms | raw ms |", "|---|---:|---:|"]
+    raw_lags: dict[str, float] = report["loop_lag_p99_ms_raw"]  # type: ignore[assignment]
     for backend, value in report["loop_lag_p99_ms"].items():  # type: ignore[attr-defined]
-        lines.append(f"| {backend} | {value} |")
+        lines.append(f"| {backend} | {value} | {raw_lags.get(backend, '-')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -343,7 +345,7 @@ def main() -> None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
     backends = os.environ.get("BENCH_BACKENDS", "sqlite,postgresql").split(",")
     results: list[Result] = []
-    lags: dict[str, float] = {}
+    lags: dict[str, dict[str, float]] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp:
         for backend in backends:
@@ -358,7 +360,8 @@ def main() -> None:
         "elapsed_s": round(time.monotonic() - started, 1),
         "results": aggregate(results),
         "ratios": ratios(results),
-        "loop_lag_p99_ms": lags,
+        "loop_lag_p99_ms": lags.get("bastion", {}),
+        "loop_lag_p99_ms_raw": lags.get("raw", {}),
         "rounds_raw": [asdict(r) for r in results],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ import asyncpg
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from bastion.loop_lag import LoopLagMonitor
+
 URL = os.environ["BENCH_DATABASE_URL"]
 POSTGRES = URL.startswith("postgresql")
 
@@ -267,14 +269,29 @@ def _message(
 store: Postgres | Sqlite = Postgres() if POSTGRES else Sqlite()
 
 
+# Not the driver's: the loop-lag monitor the reference service runs, so that ``make bench``
+# can read raw's lag under the same load beside Bastion's (a 20 ms timer; no request waits
+# for it).
+lag_monitor = LoopLagMonitor()
+
+
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     await store.start()
+    await lag_monitor.start()
     yield
+    await lag_monitor.stop()
     await store.close()
 
 
 app = FastAPI(lifespan=lifespan)
+
+
+@app.get("/health/ready")
+async def ready() -> dict[str, Any]:
+    """Only what ``make bench`` reads of the reference service's readiness: the loop lag."""
+    lag = lag_monitor.snapshot()
+    return {"status": "ready", "loop_lag_ms": {"p50": lag.p50_ms, "p99": lag.p99_ms}}
 
 
 async def _owner(request: Request) -> Any:
