@@ -9,20 +9,28 @@ three additions on plain attributes, and the cumulative buckets are built in
 No lock: Bastion observes on the event loop's thread (SQLAlchemy dispatches its statement
 events there, in the greenlet that runs the statement). A statement run at the same instant
 from another thread can lose one count; the totals are monitoring figures, not an audit.
+
+The exposition is ``prometheus_client``'s for the same observations except for the
+``_created`` gauge (a series' start time), which is left out.
 """
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["HistogramSeries", "LatencyHistogram"]
 
 _INFINITY: Final = float("inf")
+# How prometheus_client writes a bound in ``le`` ("0.0005", "1.0", "1e+06", "+Inf"); its
+# module is untyped.
+_bound_label: Final[Callable[[float], str]] = floatToGoString
 
 
 class HistogramSeries:
@@ -32,7 +40,8 @@ class HistogramSeries:
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self._bounds = bounds
-        self.buckets = [0] * (len(bounds) + 1)  # the last one is +Inf
+        # One more than the bounds: Prometheus's +Inf bucket, for values above the last bound.
+        self.buckets = [0] * (len(bounds) + 1)
         self.count = 0
         self.total = 0.0
         self.longest = 0.0
@@ -50,16 +59,19 @@ class LatencyHistogram(Collector):
     """A histogram family with one optional label; register it on a ``CollectorRegistry``.
 
     ``label`` names the label (``None``: a single unlabelled series, :meth:`series` of
-    ``""``). ``bounds`` are the buckets' upper bounds, in seconds, ascending.
+    ``""``). ``bounds`` are the buckets' finite upper bounds, in seconds, ascending; the
+    ``+Inf`` bucket is always there.
 
     Raises:
-        ValueError: ``bounds`` are empty or not strictly ascending.
+        ValueError: ``bounds`` are empty, not finite or not strictly ascending.
     """
 
     def __init__(
         self, name: str, documentation: str, *, label: str | None, bounds: Sequence[float]
     ) -> None:
-        if not bounds or any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):
+        if not bounds or not all(math.isfinite(bound) for bound in bounds):
+            raise ValueError(f"{name}: bucket bounds must be finite numbers (+Inf is implied)")
+        if any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):
             raise ValueError(f"{name}: bucket bounds must be strictly ascending")
         self.name = name
         self.documentation = documentation
@@ -68,7 +80,7 @@ class LatencyHistogram(Collector):
         self._series: dict[str, HistogramSeries] = {}
 
     def series(self, value: str = "") -> HistogramSeries:
-        """The series of label ``value``, created empty on first use."""
+        """The series of label ``value``, created empty on first use (never raises)."""
         found = self._series.get(value)
         if found is None:
             found = self._series[value] = HistogramSeries(self.bounds)
@@ -93,8 +105,7 @@ class LatencyHistogram(Collector):
             buckets: list[tuple[str, float]] = []
             for bound, count in zip((*self.bounds, _INFINITY), series.buckets, strict=True):
                 cumulative += count
-                # repr, as prometheus_client writes bounds of this size: le="0.0005", le="1.0".
-                buckets.append(("+Inf" if bound == _INFINITY else repr(bound), cumulative))
+                buckets.append((_bound_label(bound), cumulative))
             family.add_metric([value] if self.label else [], buckets, series.total)
         yield family
 

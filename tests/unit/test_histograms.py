@@ -7,13 +7,14 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from bastion._histograms import LatencyHistogram
 
-BOUNDS = (0.0005, 0.001, 0.01, 1.0, 30.0)
+BOUNDS = (0.0005, 0.001, 0.01, 1.0, 30.0, 2e6)  # 2e6: written "2e+06", as Go writes it
 # Values on each bound (le is inclusive), between bounds, below the first and above the last.
-VALUES = (0.0, 0.0004, 0.0005, 0.00051, 0.001, 0.5, 1.0, 29.9, 30.0, 31.0, 1e6)
+VALUES = (0.0, 0.0004, 0.0005, 0.00051, 0.001, 0.5, 1.0, 29.9, 30.0, 31.0, 1e6, 3e6)
 
 
 def _without_created(text: str) -> list[str]:
-    """Exposition lines, less prometheus_client's ``_created`` gauge (a start timestamp)."""
+    """Exposition lines, less prometheus_client's ``_created`` gauge (a start timestamp, which
+    LatencyHistogram leaves out)."""
     return [line for line in text.splitlines() if "_created" not in line]
 
 
@@ -47,7 +48,14 @@ def test_a_series_keeps_count_total_and_longest() -> None:
     assert len(histogram) == 1
 
 
-@pytest.mark.parametrize("bounds", [(), (1.0, 1.0), (1.0, 0.5)])
+@pytest.mark.parametrize("bounds", [(1.0, 1.0), (1.0, 0.5)])
 def test_bounds_must_ascend(bounds: tuple[float, ...]) -> None:
     with pytest.raises(ValueError, match="strictly ascending"):
+        LatencyHistogram("q_seconds", "Latency.", label=None, bounds=bounds)
+
+
+@pytest.mark.parametrize("bounds", [(), (1.0, float("inf")), (float("nan"),)])
+def test_bounds_must_be_finite_and_given(bounds: tuple[float, ...]) -> None:
+    # A trailing inf would make a second +Inf bucket: the +Inf bucket is always there.
+    with pytest.raises(ValueError, match="finite"):
         LatencyHistogram("q_seconds", "Latency.", label=None, bounds=bounds)
