@@ -39,15 +39,9 @@ How far these bounds carry to ``make bench``:
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hashlib
 import json
-import os
 import random
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -57,7 +51,7 @@ from pathlib import Path
 from typing import Annotated, Any, Final
 
 from asgi_lifespan import LifespanManager
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -70,9 +64,10 @@ from bastion.fastapi import (
     database_lifespan,
     install_error_handlers,
 )
-from bench.layers import naive_app, raw_app, reference_app
+from bench.layers import key_hash, measure_seeded, naive_app, raw_app, reference_app
 from bench.run import MESSAGE_BODY
 from conversations.routes._ids import parse_conversation_id
+from conversations.routes.messages import PageCursor, PageLimit
 from conversations.schemas import ConversationOut, MessageCreate, MessageOut, MessagePage
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -97,10 +92,6 @@ ANSWERS: dict[str, Any] = {}
 """Each scenario's answer, as ``raw`` gave it: what the floors answer."""
 
 
-def _key_hash(request: Request) -> str:
-    return hashlib.sha256(request.headers["authorization"][7:].encode()).hexdigest()
-
-
 # -- raw_floor: raw's routes, answered without the driver -------------------------------------
 
 
@@ -109,17 +100,17 @@ def raw_floor_app() -> FastAPI:
 
     @app.get("/v1/conversations/{conversation_id}")
     async def get_conversation(conversation_id: uuid.UUID, request: Request) -> Any:
-        _key_hash(request)
+        key_hash(request)
         return dict(ANSWERS["get_conversation"], id=str(conversation_id))
 
     @app.get("/v1/conversations/{conversation_id}/messages")
     async def list_messages(conversation_id: uuid.UUID, request: Request, limit: int = 20) -> Any:
-        _key_hash(request)
+        key_hash(request)
         return ANSWERS["list_messages"]
 
     @app.post("/v1/conversations/{conversation_id}/messages", status_code=201)
     async def create_message(conversation_id: uuid.UUID, request: Request) -> Any:
-        _key_hash(request)
+        key_hash(request)
         body = await request.json()
         return JSONResponse(dict(ANSWERS["create_message"], content=body["content"]), 201)
 
@@ -137,7 +128,7 @@ NoUnit = Annotated[None, Depends(_no_unit, scope="function")]
 
 
 async def _no_reader(request: Request, _unit: NoUnit) -> uuid.UUID:
-    _key_hash(request)
+    key_hash(request)
     return uuid.UUID(int=2)
 
 
@@ -145,7 +136,7 @@ NoReader = Annotated[uuid.UUID, Depends(_no_reader, scope="function")]
 
 
 async def _no_user(request: Request) -> uuid.UUID:
-    _key_hash(request)
+    key_hash(request)
     return uuid.UUID(int=2)
 
 
@@ -153,7 +144,7 @@ NoUser = Annotated[uuid.UUID, Depends(_no_user)]
 
 
 async def _unit_reader(request: Request, _connection: ReadConnection) -> uuid.UUID:
-    _key_hash(request)
+    key_hash(request)
     return uuid.UUID(int=2)
 
 
@@ -162,7 +153,7 @@ UnitReader = Annotated[uuid.UUID, Depends(_unit_reader, scope="function")]
 
 async def _unit_user(request: Request, database: DatabaseDep) -> uuid.UUID:
     async with database.read_connection():  # as the reference authenticates a write
-        _key_hash(request)
+        key_hash(request)
     return uuid.UUID(int=2)
 
 
@@ -221,8 +212,8 @@ def reference_floor_app() -> FastAPI:
         conversation_id: str,
         _user: NoReader,
         _unit: NoUnit,
-        limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
+        limit: PageLimit = 20,
+        cursor: PageCursor = None,
     ) -> MessagePage:
         return _page(conversation_id)
 
@@ -252,8 +243,8 @@ def unit_floor_app() -> FastAPI:
         conversation_id: str,
         _user: UnitReader,
         _unit: ReadConnection,
-        limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
+        limit: PageLimit = 20,
+        cursor: PageCursor = None,
     ) -> MessagePage:
         return _page(conversation_id)
 
@@ -387,23 +378,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--requests", type=int, default=1000)
     options = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bastion-floors-") as tmp:
-        workdir = Path(tmp)
-        if options.backend == "postgresql":
-            from bench.run import create_postgres_database, drop_postgres_database
-
-            url = asyncio.run(create_postgres_database("bastion_floors"))
-        else:
-            url = f"sqlite:///{workdir}/floors.db"
-        os.environ.update(DATABASE_URL=url, BENCH_DATABASE_URL=url, DB_POOL_SIZE="8")
-        try:
-            subprocess.run([sys.executable, "-m", "bench.seed", str(workdir)], cwd=ROOT, check=True)
-            import uvloop
-
-            costs = uvloop.run(measure(workdir, options.requests))
-        finally:
-            if options.backend == "postgresql":
-                asyncio.run(drop_postgres_database("bastion_floors"))
+    costs = measure_seeded(options.backend, "bastion_floors", measure, options.requests)
     print("\n".join(report(options.backend, costs)))
 
 

@@ -32,10 +32,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI, Request
@@ -47,6 +47,7 @@ from conversations.models import ApiKey, Conversation
 from conversations.schemas import ConversationOut
 
 ROOT = Path(__file__).resolve().parent.parent
+MeasuredT = TypeVar("MeasuredT")
 ROUNDS = 5
 
 
@@ -65,7 +66,8 @@ def _queries() -> tuple[Any, Any]:
 QUERIES: tuple[Any, Any] = _queries()
 
 
-def _key_hash(request: Request) -> str:
+def key_hash(request: Request) -> str:
+    """The stored hash of the request's Bearer key, as raw computes it."""
     return hashlib.sha256(request.headers["authorization"][7:].encode()).hexdigest()
 
 
@@ -74,7 +76,7 @@ async def _point_read(
 ) -> ConversationOut:
     """The API-key check and the conversation read, as the reference route makes them."""
     user_query, conversation_query = QUERIES
-    owner = await connection.scalar(user_query, {"key_hash": _key_hash(request)})
+    owner = await connection.scalar(user_query, {"key_hash": key_hash(request)})
     found = await connection.execute(conversation_query, {"cid": conversation_id, "owner": owner})
     return ConversationOut.model_validate(found.mappings().one())
 
@@ -187,28 +189,43 @@ async def measure(workdir: Path, requests: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in costs.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
-    parser.add_argument("--requests", type=int, default=2000)
-    options = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bastion-layers-") as tmp:
+def measure_seeded(
+    backend: str,
+    name: str,
+    measure: Callable[[Path, int], Coroutine[Any, Any, MeasuredT]],
+    requests: int,
+) -> MeasuredT:
+    """Seed a database as ``make bench`` does (``name``: its PostgreSQL database, dropped
+    after) and run ``measure(workdir, requests)`` on uvloop, with the environment pointing at it.
+
+    Raises:
+        subprocess.CalledProcessError: seeding failed.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
         workdir = Path(tmp)
-        if options.backend == "postgresql":
+        if backend == "postgresql":
             from bench.run import create_postgres_database, drop_postgres_database
 
-            url = asyncio.run(create_postgres_database("bastion_layers"))
+            url = asyncio.run(create_postgres_database(name))
         else:
-            url = f"sqlite:///{workdir}/layers.db"
+            url = f"sqlite:///{workdir}/{name}.db"
         os.environ.update(DATABASE_URL=url, BENCH_DATABASE_URL=url, DB_POOL_SIZE="8")
         try:
             subprocess.run([sys.executable, "-m", "bench.seed", str(workdir)], cwd=ROOT, check=True)
             import uvloop
 
-            costs = uvloop.run(measure(workdir, options.requests))
+            return uvloop.run(measure(workdir, requests))
         finally:
-            if options.backend == "postgresql":
-                asyncio.run(drop_postgres_database("bastion_layers"))
+            if backend == "postgresql":
+                asyncio.run(drop_postgres_database(name))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--requests", type=int, default=2000)
+    options = parser.parse_args()
+    costs = measure_seeded(options.backend, "bastion_layers", measure, options.requests)
     raw = costs["raw"]
     print(f"{options.backend}: CPU per GET /v1/conversations/{{id}}, in-process, sequential")
     for name, cost in costs.items():

@@ -48,6 +48,11 @@ _INSERT_SOURCES: Final = insert(cast(Table, MessageSource.__table__))
 _PAGES: Final = MESSAGES.keyset_query(None, Message.conversation_id == bindparam("cid"))
 _SOURCES_OF: Final = MESSAGES.children_query("sources", order_by=MessageSource.position)
 
+PageLimit = Annotated[int, Query(ge=1, le=100)]
+"""Messages per page: 1 to 100."""
+PageCursor = Annotated[str | None, Query(max_length=64)]
+"""Where a page starts: the ``next_cursor`` of the page before (opaque to clients)."""
+
 
 async def _add(
     connection: AsyncConnection, user_id: uuid.UUID, cid: uuid.UUID, bodies: list[MessageCreate]
@@ -179,8 +184,8 @@ async def list_messages(
     conversation_id: str,
     user_id: CurrentReader,
     connection: ReadConnection,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> MessagePage:
     cid = parse_conversation_id(conversation_id)
     return await load_message_page(connection, user_id, cid, limit, cursor or None)
