@@ -38,7 +38,6 @@ How far these bounds carry to ``make bench``:
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -64,7 +63,14 @@ from bastion.fastapi import (
     database_lifespan,
     install_error_handlers,
 )
-from bench.layers import key_hash, measure_seeded, naive_app, raw_app, reference_app
+from bench.layers import (
+    key_hash,
+    measure_seeded,
+    naive_app,
+    parse_options,
+    raw_app,
+    reference_app,
+)
 from bench.run import MESSAGE_BODY
 from conversations.routes._ids import parse_conversation_id
 from conversations.routes.messages import PageCursor, PageLimit
@@ -374,10 +380,7 @@ def report(backend: str, costs: dict[str, dict[str, float]]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
-    parser.add_argument("--requests", type=int, default=1000)
-    options = parser.parse_args()
+    options = parse_options(__doc__, default_requests=1000)
     costs = measure_seeded(options.backend, "bastion_floors", measure, options.requests)
     print("\n".join(report(options.backend, costs)))
 

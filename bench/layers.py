@@ -220,11 +220,17 @@ def measure_seeded(
                 asyncio.run(drop_postgres_database(name))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_options(doc: str, default_requests: int) -> argparse.Namespace:
+    """``--backend`` and ``--requests``, the options of both in-process tools (this and
+    ``bench.floors``), described by the first paragraph of ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
-    parser.add_argument("--requests", type=int, default=2000)
-    options = parser.parse_args()
+    parser.add_argument("--requests", type=int, default=default_requests)
+    return parser.parse_args()
+
+
+def main() -> None:
+    options = parse_options(__doc__, default_requests=2000)
     costs = measure_seeded(options.backend, "bastion_layers", measure, options.requests)
     raw = costs["raw"]
     print(f"{options.backend}: CPU per GET /v1/conversations/{{id}}, in-process, sequential")
