@@ -21,6 +21,7 @@ from sqlalchemy.orm.interfaces import ORMOption
 
 from bastion.errors import NotFoundError
 from bastion.repository._base import Executor, ModelT, RepositoryBase, RowState, row_id
+from bastion.repository._in_list import InList
 from bastion.repository.filters import Filter
 from bastion.repository.pagination import CursorPage, Keyset, Page
 
@@ -222,9 +223,8 @@ class RepositoryReads(RepositoryBase[ModelT]):
             raise ValueError(f"{relationship} joins on several columns")
         ((_, child_key),) = pairs
         child_table = cast(Table, child_key.table)
-        parents = bindparam("parent_ids", expanding=True, type_=child_key.type)
         ordering = [child_key] if order_by is None else [child_key, order_by]
-        return select(*child_table.c).where(child_key.in_(parents)).order_by(*ordering)
+        return select(*child_table.c).where(InList(child_key, "parent_ids")).order_by(*ordering)
 
     # -- ORM reads -------------------------------------------------------------------------
 
