@@ -8,7 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import bindparam, select
+import pytest
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    Uuid,
+    bindparam,
+    literal,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from bastion import Database, Repository
@@ -95,3 +111,41 @@ def test_the_statement_cache_tells_columns_and_parameter_names_apart() -> None:
     assert key(Item.shelf_id, "ids") == key(Item.shelf_id, "ids")
     assert key(Item.shelf_id, "ids") != key(Item.score, "ids")
     assert key(Item.shelf_id, "ids") != key(Item.shelf_id, "other_ids")
+
+
+class _Counted(TypeDecorator[int]):
+    impl = BigInteger
+    cache_ok = True
+
+
+@pytest.mark.parametrize(
+    ("key_type", "as_array"),
+    [
+        (Integer(), True),
+        (BigInteger().with_variant(Integer(), "sqlite"), True),
+        (_Counted(), True),
+        (Uuid(), True),
+        # A cast to some of these cuts or rounds each item ('abcdefghij'::VARCHAR(8) is
+        # 'abcdefgh': a list item could match another key). Only integers and UUIDs, which
+        # convert exactly, are bound as an array; the rest keep the expanding IN.
+        (String(8), False),
+        (Text(), False),
+        (Numeric(10, 2), False),
+        (DateTime(timezone=True), False),
+    ],
+)
+def test_postgresql_binds_an_array_only_for_keys_that_convert_exactly(
+    key_type: Any, as_array: bool
+) -> None:
+    keys = Table("keys", MetaData(), Column("key", key_type, primary_key=True))
+    statement = select(keys.c.key).where(InList(keys.c.key, "ids"))
+    sql = str(statement.compile(dialect=postgresql.asyncpg.dialect()))
+
+    assert ("= ANY" in sql) is as_array, sql
+    assert ("POSTCOMPILE_ids" in sql) is not as_array, sql
+
+
+def test_the_filtered_column_brings_its_table_into_the_from_clause() -> None:
+    statement = select(literal(1)).where(InList(Item.shelf_id, "ids"))
+    for dialect in (sqlite.dialect(), postgresql.asyncpg.dialect()):
+        assert "FROM repo_items" in str(statement.compile(dialect=dialect))
