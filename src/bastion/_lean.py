@@ -1,4 +1,5 @@
-"""SELECTs on a read unit go straight to the driver: SQLAlchemy compiles them, Bastion runs them.
+"""SELECTs, and repository writes on PostgreSQL, go straight to the driver: SQLAlchemy compiles
+them, Bastion runs them.
 
 ``AsyncConnection.execute`` costs about 170 µs of CPU per point read on PostgreSQL, of which the
 driver's own work (asyncpg's ``fetch``) is about 50 µs; the rest is SQLAlchemy's execution path,
@@ -34,6 +35,21 @@ for it, or an engine whose connection event listeners are not exactly the ones B
 execution context this path does not build; they are counted once per unit, at its first
 statement).
 
+**Writes.** On PostgreSQL, a write unit's connection (:meth:`Database.write_connection
+<bastion.Database.write_connection>`) is a ``LeanConnection`` too, and
+:meth:`LeanConnection.returning` runs an ``INSERT``/``UPDATE``/``DELETE … RETURNING`` the same
+way, inside the unit's transaction (asyncpg's ``BEGIN`` is sent before the first statement, as
+the adapter's cursor sends it). Its result carries the returned rows only, none of
+``CursorResult``'s execution details (``rowcount``, ``inserted_primary_key``), so ``execute``
+keeps SQLAlchemy's path for writes and only callers that read nothing but the rows call
+``returning``: :class:`~bastion.Repository`'s ``create`` and ``update`` (and through it
+``soft_delete`` and ``restore``). It steps aside, in addition to the cases above, when
+SQLAlchemy would compute a column default in Python before the statement (a column with a
+Python ``default``/``onupdate`` that the parameters leave out), and on any read unit's
+connection (read units refuse writes in a ``before_execute`` listener this path does not run).
+Measured on the reference service's ``create_message`` in-process on PostgreSQL (an ``UPDATE …
+RETURNING`` and an ``INSERT … RETURNING`` per request): see ``bench/README.md``, finding 14.
+
 SQLAlchemy internals used here (``_compile_w_cache``, ``construct_params``, ``_bind_processors``,
 ``_cached_metadata``, ``_adapt_to_context``, the adapters' ``_prepare`` and
 ``_handle_exception``, ``Connection._autobegin`` and ``_handle_dbapi_exception``) are those of
@@ -46,9 +62,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
-from sqlalchemy import Select
+from sqlalchemy import Delete, Insert, Select, Update
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.engine.result import IteratorResult
+from sqlalchemy.engine.result import IteratorResult, Result
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import compiler
 from sqlalchemy.util import greenlet_spawn
@@ -60,7 +76,8 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncEngine
-    from sqlalchemy.sql import Executable
+    from sqlalchemy.sql import ClauseElement, Executable
+    from sqlalchemy.sql.dml import ValuesBase
 
 __all__ = ["LEAN_EVENTS", "LeanConnection", "lean_connection_class"]
 
@@ -92,6 +109,9 @@ class LeanConnection(AsyncConnection):
 
     _bastion_listeners: tuple[int, ...] = ()
     """How many listeners of each of :data:`LEAN_EVENTS` the engine had when Bastion set it up."""
+
+    _bastion_writes: bool = False
+    """Whether this is a write unit's connection, where :meth:`returning` may run lean."""
 
     def __init__(self, async_engine: AsyncEngine, sync_connection: Connection | None = None):
         super().__init__(async_engine, sync_connection)
@@ -134,8 +154,29 @@ class LeanConnection(AsyncConnection):
                 return cast("CursorResult[Any]", lean)
         return await super().execute(statement, parameters, execution_options=execution_options)
 
+    async def returning(
+        self, statement: ValuesBase | Update | Delete, parameters: dict[str, Any]
+    ) -> Result[Any]:
+        """The rows of ``statement``, an ``INSERT``/``UPDATE``/``DELETE … RETURNING``, run on
+        the driver directly when the lean path applies, else through ``execute``.
+
+        Only the rows: the result has none of ``CursorResult``'s execution details
+        (``inserted_primary_key``, ``rowcount``, …), which is why ``execute`` does not take
+        this path itself; Bastion's repositories, which read only the rows, call this.
+
+        Raises:
+            The same as ``AsyncConnection.execute`` (SQLAlchemy's exception classes).
+        """
+        # Only on a write unit's connection: a read unit refuses writes in a before_execute
+        # listener, which this path does not run.
+        if self._bastion_writes and type(statement) in _WRITES and statement._returning:
+            lean = await self._lean_execute(statement, parameters)
+            if lean is not None:
+                return lean
+        return await super().execute(statement, parameters)
+
     async def _lean_execute(
-        self, statement: Select[Any], parameters: dict[str, Any] | None
+        self, statement: ClauseElement, parameters: dict[str, Any] | None
     ) -> IteratorResult[Any] | None:
         """The result of ``statement``, or ``None`` when the lean path does not apply."""
         sync = self.sync_connection
@@ -173,6 +214,11 @@ class LeanConnection(AsyncConnection):
         metadata = compiled._cached_metadata
         if metadata is None or not compiled.positional or compiled.schema_translate_map:  # type: ignore[attr-defined]
             return None
+        sql_compiled = cast("compiler.SQLCompiler", compiled)
+        if sql_compiled.insert_prefetch or sql_compiled.update_prefetch:
+            # Column defaults SQLAlchemy computes in Python before a write. (Its postfetch
+            # columns, set by SQL expressions, only inform CursorResult.postfetch_cols().)
+            return None
         try:
             sql, arguments = _bind(compiled, parameters, extracted, collected)
         except Exception:
@@ -201,6 +247,8 @@ class LeanConnection(AsyncConnection):
             tuple(len(getattr(dispatch, name)) for name in LEAN_EVENTS) == self._bastion_listeners
         )
 
+
+_WRITES: Final = frozenset({Insert, Update, Delete})
 
 _KNOWN_OPTIONS: Final = frozenset({"bastion_unit"})
 """Connection execution options the lean path honours as ``execute`` would (none need work)."""
@@ -292,17 +340,21 @@ _DRIVERS: Final[dict[str, tuple[Callable[[Any], bool], Callable[..., Awaitable[A
     "asyncpg": (_asyncpg_ready, _fetch_asyncpg),
     "aiosqlite": (_sqlite_ready, _fetch_sqlite),
 }
+_WRITING_DRIVERS: Final = frozenset({"asyncpg"})
+"""Drivers whose write units take the lean path too (SQLite's run only on the read pool)."""
 
 
-def lean_connection_class(engine: AsyncEngine) -> type[LeanConnection] | None:
-    """The :class:`LeanConnection` class for ``engine``'s read units, or ``None`` (no lean path
-    for its driver).
+def lean_connection_class(
+    engine: AsyncEngine, *, writes: bool = False
+) -> type[LeanConnection] | None:
+    """The :class:`LeanConnection` class for ``engine``'s read units (``writes=True``: its
+    write units), or ``None`` (no lean path for its driver).
 
     Call it once every listener Bastion puts on ``engine`` is in place: the counts taken now
     are what later connections compare with.
     """
     driver = _DRIVERS.get(engine.dialect.driver)
-    if driver is None:
+    if driver is None or (writes and engine.dialect.driver not in _WRITING_DRIVERS):
         return None
     ready, fetch = driver
     dispatch = engine.sync_engine.dispatch
@@ -313,6 +365,7 @@ def lean_connection_class(engine: AsyncEngine) -> type[LeanConnection] | None:
         {
             "__slots__": (),
             "_bastion_listeners": counts,
+            "_bastion_writes": writes,
             "_bastion_ready": staticmethod(ready),
             "_bastion_fetch": staticmethod(fetch),
         },

@@ -176,6 +176,7 @@ class Database:
         self._read_engine: AsyncEngine | None = None
         self._gates: dict[Pool, PoolGate] = {}
         self._lean_connections: type[AsyncConnection] | None = None
+        self._lean_writes: type[AsyncConnection] | None = None
         self._reads_without_transaction = False
         # The pools that were live when close() gave up waiting: units still running then
         # return their connections to them, and those must be closed, not parked.
@@ -470,7 +471,7 @@ class Database:
             waited_from = time.perf_counter()
             async with (
                 self._gate(self._engines.primary),
-                self._checkout(self._engines.primary) as connection,
+                self._checkout(self._engines.primary, self._lean_writes) as connection,
             ):
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 await connection.begin()
@@ -631,6 +632,7 @@ class Database:
         self._write_sessions = async_sessionmaker(engines.primary, expire_on_commit=False)
         # Last, once every listener of Bastion's is on the read engine: see bastion._lean.
         self._lean_connections = lean_connection_class(read_engine)
+        self._lean_writes = lean_connection_class(engines.primary, writes=True)
 
     async def _check_connection_budget(self) -> None:
         """Warn when every worker's pools at full size exceed the server's max_connections."""

@@ -14,18 +14,37 @@ from sqlalchemy import (
     bindparam,
     select,
 )
+from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from bastion._lean import LeanConnection
 from bastion.repository._invalid import InvalidQueryError
 from bastion.repository.audit import audit_now, current_actor
 from bastion.repository.filters import Filter
 from bastion.repository.pagination import CursorCodec
 from bastion.repository.sorting import SortKey, parse_sort
 
-__all__ = ["Executor", "ModelT", "RepositoryBase", "RowState", "row_id"]
+__all__ = ["Executor", "ModelT", "RepositoryBase", "RowState", "returning_rows", "row_id"]
 
 ModelT = TypeVar("ModelT")
 Executor = AsyncConnection | AsyncSession
+
+
+async def returning_rows(
+    executor: Executor, statement: Any, parameters: dict[str, Any]
+) -> Result[Any]:
+    """The rows of ``statement`` (a write with ``RETURNING``), run on the driver directly on a
+    Bastion connection where it can be (:meth:`bastion._lean.LeanConnection.returning`).
+
+    Raises:
+        What ``execute`` raises.
+    """
+    if isinstance(executor, LeanConnection):
+        return await executor.returning(statement, parameters)
+    result: Result[Any] = await executor.execute(statement, parameters)
+    return result
+
+
 """What a repository runs its statements on: a unit's connection or session."""
 
 RowState = Literal["live", "deleted", "any"]

@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion.errors import NotFoundError, StaleVersionError, UniqueViolationError
-from bastion.repository._base import Executor, ModelT, RowState, row_id
+from bastion.repository._base import Executor, ModelT, RowState, returning_rows, row_id
 from bastion.repository._reads import RepositoryReads
 from bastion.repository.audit import audit_now
 from bastion.repository.upsert import excluded, upsert_statement
@@ -81,7 +81,7 @@ class Repository(RepositoryReads[ModelT]):
         """
         row = self._stamped(values, scope)
         statement = self._cached("create", lambda: insert(self.table).returning(*self.columns))
-        return (await executor.execute(statement, row)).mappings().one()
+        return (await returning_rows(executor, statement, row)).mappings().one()
 
     async def create_many(
         self, executor: Executor, rows: Sequence[Mapping[str, Any]], *, scope: Any = None
@@ -334,7 +334,7 @@ class Repository(RepositoryReads[ModelT]):
         params.update({f"_inc_{name}": value for name, value in increment.items()})
         if checks_version:
             params["_expected_version"] = expected_version
-        return (await executor.execute(statement, params)).mappings().first()
+        return (await returning_rows(executor, statement, params)).mappings().first()
 
     async def _raise_missing_or_stale(
         self, executor: Executor, id: Any, scope: Any, expected_version: int | None
