@@ -74,7 +74,7 @@ from bastion._sqlite_inline import InlineReads
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import Connection, Dialect
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.sql import ClauseElement, Executable
     from sqlalchemy.sql.dml import ValuesBase
@@ -127,7 +127,7 @@ class LeanConnection(AsyncConnection):
 
     @staticmethod
     async def _bastion_fetch(
-        dbapi_connection: Any, sql: str, parameters: Sequence[Any]
+        dialect: Dialect, dbapi_connection: Any, sql: str, parameters: Sequence[Any]
     ) -> Sequence[Any] | None:
         """Run ``sql`` on the driver and return its rows (set per driver)."""
         raise NotImplementedError
@@ -186,6 +186,8 @@ class LeanConnection(AsyncConnection):
             or sync.invalidated
             or sync._echo
             or sync._execution_options.keys() - _KNOWN_OPTIONS
+            or statement._execution_options  # type: ignore[attr-defined]
+            or not _transaction_usable(sync)
         ):
             return None
         known = self._bastion_listeners_known
@@ -232,7 +234,7 @@ class LeanConnection(AsyncConnection):
         dispatch = sync.dispatch
         dispatch.before_cursor_execute(sync, None, sql, arguments, None, False)
         try:
-            rows = await self._bastion_fetch(dbapi_connection, sql, arguments)
+            rows = await self._bastion_fetch(dialect, dbapi_connection, sql, arguments)
         except BaseException as error:
             await greenlet_spawn(
                 _raise_as_sqlalchemy, sync, dbapi_connection, error, sql, arguments
@@ -249,6 +251,22 @@ class LeanConnection(AsyncConnection):
 
 
 _WRITES: Final = frozenset({Insert, Update, Delete})
+
+
+def _transaction_usable(sync: Connection) -> bool:
+    """Whether SQLAlchemy would run a statement in ``sync``'s transaction state without a word.
+
+    An inactive transaction or savepoint (after a failed statement or RELEASE), or a
+    transaction context manager around the call, make ``execute`` check or refuse it
+    (``Connection._execute_context``): those go down SQLAlchemy's path, which says why.
+    """
+    transaction, nested = sync._transaction, sync._nested_transaction
+    return (
+        (transaction is None or transaction.is_active)
+        and (nested is None or nested.is_active)
+        and sync._trans_context_manager is None
+    )
+
 
 _KNOWN_OPTIONS: Final = frozenset({"bastion_unit"})
 """Connection execution options the lean path honours as ``execute`` would (none need work)."""
@@ -295,8 +313,23 @@ def _raise_as_sqlalchemy(
             dbapi_connection._handle_exception(error)  # raises the DBAPI-shaped error
         raise error
     except BaseException as raised:
+        _forget_stale_statements(sync.dialect, raised)
         sync._handle_dbapi_exception(raised, sql, arguments, None, None)
         raise
+
+
+def _forget_stale_statements(dialect: Dialect, error: BaseException) -> None:
+    """After a schema change made prepared statements stale, have every connection drop its
+    own before its next statement, as SQLAlchemy's asyncpg execution context does (its
+    ``handle_dbapi_exception``, which needs a context this path does not build)."""
+    dbapi = dialect.dbapi
+    stale = tuple(
+        getattr(dbapi, name)
+        for name in ("InvalidCachedStatementError", "InternalServerError")
+        if hasattr(dbapi, name)
+    )
+    if stale and isinstance(error, stale):
+        dialect._invalidate_schema_cache()  # type: ignore[attr-defined]
 
 
 def _asyncpg_ready(dbapi_connection: Any) -> bool:
@@ -304,14 +337,17 @@ def _asyncpg_ready(dbapi_connection: Any) -> bool:
 
 
 async def _fetch_asyncpg(
-    dbapi_connection: Any, sql: str, parameters: Sequence[Any]
+    dialect: Dialect, dbapi_connection: Any, sql: str, parameters: Sequence[Any]
 ) -> Sequence[Any] | None:
     """Run ``sql`` as SQLAlchemy's asyncpg cursor adapter does, without the cursor."""
     async with dbapi_connection._execute_mutex:
         if dbapi_connection._transaction is None:
             await dbapi_connection._start_transaction()
+        # The dialect's time of the last schema change it heard of (as its execution context
+        # passes it): a connection whose prepared statements are older drops them first.
         prepared, _attributes = await dbapi_connection._prepare(
-            sql, dbapi_connection._invalidate_schema_cache_asof
+            sql,
+            dialect._invalidate_schema_cache_asof,  # type: ignore[attr-defined]
         )
         return cast("Sequence[Any]", await prepared.fetch(*parameters))
 
@@ -323,7 +359,7 @@ def _sqlite_ready(dbapi_connection: Any) -> bool:
 
 
 async def _fetch_sqlite(
-    dbapi_connection: Any, sql: str, parameters: Sequence[Any]
+    _dialect: Dialect, dbapi_connection: Any, sql: str, parameters: Sequence[Any]
 ) -> Sequence[Any] | None:
     """Run ``sql`` on the read pool's connection: on the loop within budget, else its thread."""
     driver = dbapi_connection._connection

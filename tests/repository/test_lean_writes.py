@@ -159,3 +159,34 @@ async def test_lean_writes_are_counted_in_query_metrics(db: Database) -> None:
         for n in range(5):
             await returning_rows(connection, INSERT_ITEM, _row(f"counted {n}"))
     assert db.metrics.queries == before + 5
+
+
+async def test_a_statement_with_execution_options_of_its_own_takes_sqlalchemy_path(
+    db: Database,
+) -> None:
+    # Options on the statement (a schema translate map, a compiled cache, stream_results)
+    # change how it runs: only SQLAlchemy's path reads them.
+    plain = select(ITEMS.c.name)
+    with_options = plain.execution_options(bastion_probe=True)
+    async with db.write_connection() as connection:
+        await connection.execute(INSERT_ITEM, _row("one"))
+        await connection.execute(plain)  # caches the result metadata
+        result = await connection.execute(with_options)
+    assert isinstance(result, CursorResult)
+    assert result.scalar_one() == "one"
+
+
+async def test_statements_inside_a_savepoint_block_take_sqlalchemy_path(
+    db: Database, backend: str
+) -> None:
+    # Within ``async with begin_nested()`` SQLAlchemy checks the transaction state before
+    # every statement: the lean path does not, so it steps aside there.
+    async with db.write_connection() as connection:
+        await connection.execute(INSERT_ITEM, _row("warm-up"))
+        await returning_rows(connection, INSERT_ITEM, _row("outside"))
+        async with connection.begin_nested():
+            inside = await returning_rows(connection, INSERT_ITEM, _row("inside"))
+        after = await returning_rows(connection, INSERT_ITEM, _row("after"))
+    assert isinstance(inside, CursorResult)
+    assert isinstance(after, _lean_expected(backend))
+    assert inside.one().name == "inside"

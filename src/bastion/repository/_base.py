@@ -28,6 +28,7 @@ __all__ = ["Executor", "ModelT", "RepositoryBase", "RowState", "returning_rows",
 
 ModelT = TypeVar("ModelT")
 Executor = AsyncConnection | AsyncSession
+"""What a repository runs its statements on: a unit's connection or session."""
 
 
 async def returning_rows(
@@ -44,8 +45,6 @@ async def returning_rows(
     result: Result[Any] = await executor.execute(statement, parameters)
     return result
 
-
-"""What a repository runs its statements on: a unit's connection or session."""
 
 RowState = Literal["live", "deleted", "any"]
 _MAX_CACHED_SHAPES: Final = 1024
