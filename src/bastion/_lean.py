@@ -51,11 +51,14 @@ Measured on the reference service's ``create_message`` in-process on PostgreSQL 
 RETURNING`` and an ``INSERT … RETURNING`` per request): see ``bench/README.md``, finding 14.
 
 SQLAlchemy internals used here (``_compile_w_cache``, ``construct_params``, ``_bind_processors``,
-``_cached_metadata``, ``_adapt_to_context``, the adapters' ``_prepare`` and
-``_handle_exception``, ``Connection._autobegin`` and ``_handle_dbapi_exception``) are those of
-the SQLAlchemy range ``pyproject.toml`` allows; ``tests/integration/test_lean_reads.py``
-compares this path's results and errors with ``execute``'s, so an upgrade that changes them
-fails there first.
+``_cached_metadata``, ``_adapt_to_context``, the compiler's ``insert_prefetch`` and
+``update_prefetch``, statements' ``_execution_options`` and ``_returning``, the adapters'
+``_prepare`` and ``_handle_exception``, the asyncpg dialect's ``_invalidate_schema_cache`` and
+its time, ``Connection._autobegin``, ``_handle_dbapi_exception`` and its transaction state)
+are those of the SQLAlchemy range ``pyproject.toml`` allows; ``tests/integration/
+test_lean_reads.py``, ``tests/repository/test_lean_writes.py`` and ``tests/integration/
+test_lean_schema_change.py`` compare this path's results and errors with ``execute``'s, so an
+upgrade that changes them fails there first.
 """
 
 from __future__ import annotations
