@@ -21,7 +21,8 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -74,26 +75,20 @@ async def measure(url: str, units: int) -> dict[str, float]:
                 for _ in range(statements):
                     await connection.scalar(SELECT_ONE)
 
-        async def write_unit() -> None:
+        async def write_unit_with(lean: bool) -> None:
+            db._lean_writes = lean_writes if lean else None
             async with db.write_connection() as connection:
                 row = await COUNTERS.create(connection, {"label": "x", "hits": 0})
                 await COUNTERS.update(connection, row["id"], {}, increment={"hits": 1})
 
-        async def write_unit_with(lean: bool) -> None:
-            db._lean_writes = lean_writes if lean else None
-            await write_unit()
-
-        driver_select = await _driver_select(url)
-        long_unit: list[float] = []
-
-        async def select_in_long_unit() -> None:
+        async def select_in_long_unit() -> float:
             async with db.read_connection() as connection:
-                for _ in range(100):  # statements cached, connection warm
+
+                async def one_select() -> None:
                     await connection.scalar(SELECT_ONE)
-                started = time.process_time()
-                for _ in range(units):
-                    await connection.scalar(SELECT_ONE)
-                long_unit.append((time.process_time() - started) / units * 1e6)
+
+                await _per_unit(one_select, 100)  # statements cached, connection warm
+                return await _per_unit(one_select, units)
 
         cases: dict[str, Callable[[], Awaitable[None]]] = {
             "read unit, empty": lambda: read_unit(0),
@@ -103,14 +98,16 @@ async def measure(url: str, units: int) -> dict[str, float]:
             "write unit, SQLAlchemy": lambda: write_unit_with(lean=False),
         }
         costs: dict[str, list[float]] = {name: [] for name in cases}
+        long_unit: list[float] = []
         driver: list[float] = []
-        for work in cases.values():  # warm up: pools filled, statements cached
-            await _per_unit(work, 100)
-        for _ in range(ROUNDS):
-            for name, work in cases.items():
-                costs[name].append(await _per_unit(work, units))
-            await select_in_long_unit()
-            driver.append(await driver_select(units))
+        async with _driver_select(url) as driver_select:
+            for work in cases.values():  # warm up: pools filled, statements cached
+                await _per_unit(work, 100)
+            for _ in range(ROUNDS):
+                for name, work in cases.items():
+                    costs[name].append(await _per_unit(work, units))
+                long_unit.append(await select_in_long_unit())
+                driver.append(await _per_unit(driver_select, units))
         db._lean_writes = lean_writes
         async with db.write_connection() as connection:
             await connection.run_sync(_Base.metadata.drop_all)
@@ -120,28 +117,29 @@ async def measure(url: str, units: int) -> dict[str, float]:
     return medians
 
 
-async def _driver_select(url: str) -> Callable[[int], Awaitable[float]]:
-    """A function timing ``SELECT 1`` on the bare driver, µs per statement."""
+@asynccontextmanager
+async def _driver_select(url: str) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """``SELECT 1`` on the bare driver (asyncpg, or sqlite3), on a connection of its own."""
     if url.startswith("postgresql"):
         connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
 
-        async def on_asyncpg(count: int) -> float:
-            started = time.process_time()
-            for _ in range(count):
-                await connection.fetchval("SELECT 1")
-            return (time.process_time() - started) / count * 1e6
+        async def on_asyncpg() -> None:
+            await connection.fetchval("SELECT 1")
 
-        return on_asyncpg
-    path = url.split("///", 1)[1]
-    bare = sqlite3.connect(path)
+        try:
+            yield on_asyncpg
+        finally:
+            await connection.close()
+        return
+    bare = sqlite3.connect(url.split("///", 1)[1])
 
-    async def on_sqlite3(count: int) -> float:
-        started = time.process_time()
-        for _ in range(count):
-            bare.execute("SELECT 1").fetchone()
-        return (time.process_time() - started) / count * 1e6
+    async def on_sqlite3() -> None:
+        bare.execute("SELECT 1").fetchone()
 
-    return on_sqlite3
+    try:
+        yield on_sqlite3
+    finally:
+        bare.close()
 
 
 def main() -> None:
