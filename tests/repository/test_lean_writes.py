@@ -19,7 +19,7 @@ from sqlalchemy.engine.result import IteratorResult
 from bastion import Database
 from bastion.errors import ForeignKeyViolationError, ReadOnlyViolationError
 from bastion.repository._base import returning_rows
-from tests.repository.conftest import Item, Shelf, items_repository
+from tests.repository.conftest import Item, items_repository
 
 ITEMS = Item.__table__
 INSERT_ITEM = insert(ITEMS).returning(*ITEMS.c)
@@ -149,15 +149,13 @@ async def test_a_read_unit_refuses_a_write_whichever_path_it_asks_for(db: Databa
     assert names == ["warm-up"]
 
 
-async def test_lean_writes_are_counted_in_query_metrics(db: Database) -> None:
+async def test_lean_writes_are_counted_in_query_metrics(db: Database, backend: str) -> None:
     async with db.write_connection() as connection:
-        await connection.execute(
-            insert(Shelf.__table__).returning(Shelf.id), {"id": 1, "label": "s"}
-        )
         await connection.execute(INSERT_ITEM, _row("warm-up"))
         before = db.metrics.queries
         for n in range(5):
-            await returning_rows(connection, INSERT_ITEM, _row(f"counted {n}"))
+            result = await returning_rows(connection, INSERT_ITEM, _row(f"counted {n}"))
+            assert isinstance(result, _lean_expected(backend))  # the path whose count is checked
     assert db.metrics.queries == before + 5
 
 
