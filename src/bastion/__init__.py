@@ -79,6 +79,7 @@ from bastion.repository import (
     current_actor,
     escape_like,
     parse_sort,
+    returning_rows,
     upsert_statement,
     use_clock,
 )
@@ -202,6 +203,7 @@ __all__ = [
     "normalize_text",
     "parse_sort",
     "request_fingerprint",
+    "returning_rows",
     "server_version",
     "sqlite_file_sizes",
     "to_utc",

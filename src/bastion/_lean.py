@@ -42,13 +42,14 @@ way, inside the unit's transaction (asyncpg's ``BEGIN`` is sent before the first
 the adapter's cursor sends it). Its result carries the returned rows only, none of
 ``CursorResult``'s execution details (``rowcount``, ``inserted_primary_key``), so ``execute``
 keeps SQLAlchemy's path for writes and only callers that read nothing but the rows call
-``returning``: :class:`~bastion.Repository`'s ``create`` and ``update`` (and through it
-``soft_delete`` and ``restore``). It steps aside, in addition to the cases above, when
-SQLAlchemy would compute a column default in Python before the statement (a column with a
-Python ``default``/``onupdate`` that the parameters leave out), and on any read unit's
-connection (read units refuse writes in a ``before_execute`` listener this path does not run).
-Measured on the reference service's ``create_message`` in-process on PostgreSQL (an ``UPDATE …
-RETURNING`` and an ``INSERT … RETURNING`` per request): see ``bench/README.md``, finding 14.
+``returning``, through :func:`bastion.returning_rows`: :class:`~bastion.Repository`'s
+``create``, ``create_many`` of one row and ``update`` (and through it ``soft_delete`` and
+``restore``), and applications' own writes with ``RETURNING``. It steps aside, in addition
+to the cases above, when SQLAlchemy would compute a column default in Python before the
+statement (a column with a Python ``default``/``onupdate`` that the parameters leave out), and
+on any read unit's connection (read units refuse writes in a ``before_execute`` listener this
+path does not run). Measured on the reference service's ``create_message`` in-process on
+PostgreSQL: see ``bench/README.md``, findings 14 and 15.
 
 SQLAlchemy internals used here (``_compile_w_cache``, ``construct_params``, ``_bind_processors``,
 ``_cached_metadata``, ``_adapt_to_context``, the compiler's ``insert_prefetch`` and

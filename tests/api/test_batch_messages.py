@@ -30,7 +30,12 @@ async def test_a_valid_batch_stores_every_message_in_order(
 ) -> None:
     cid = await new_conversation(app_client, users)
     messages = [{"role": "user", "content": f"m{n}"} for n in range(30)]
-    messages[3]["sources"] = [{"url": "https://example.com/a", "title": "A"}]  # type: ignore[assignment]
+    # Several sources over several messages: each answer shows its own message's, in order.
+    messages[3]["sources"] = [  # type: ignore[assignment]
+        {"url": "https://example.com/a", "title": "A"},
+        {"url": "https://example.com/b", "title": None},
+    ]
+    messages[7]["sources"] = [{"url": "https://example.com/c", "title": "C"}]  # type: ignore[assignment]
 
     response = await app_client.post(
         f"/v1/conversations/{cid}/messages:batch", json={"messages": messages}, headers=users.alice
@@ -44,7 +49,7 @@ async def test_a_valid_batch_stores_every_message_in_order(
     stored = await all_messages(app_client, users, cid)
     assert stored["total"] == 30
     assert stored["items"] == [r["message"] for r in body["results"]]
-    assert stored["items"][3]["sources"] == [{"url": "https://example.com/a", "title": "A"}]
+    assert [item["sources"] for item in stored["items"]] == [m.get("sources", []) for m in messages]
 
 
 async def test_a_batch_with_bad_items_stores_the_others_and_answers_207(

@@ -16,9 +16,8 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.engine.result import IteratorResult
 
-from bastion import Database
+from bastion import Database, returning_rows
 from bastion.errors import ForeignKeyViolationError, ReadOnlyViolationError
-from bastion.repository._base import returning_rows
 from tests.repository.conftest import Item, items_repository
 
 ITEMS = Item.__table__
@@ -188,3 +187,25 @@ async def test_statements_inside_a_savepoint_block_take_sqlalchemy_path(
     assert isinstance(inside, CursorResult)
     assert isinstance(after, _lean_expected(backend))
     assert inside.one().name == "inside"
+
+
+async def test_a_list_of_one_row_runs_lean_and_several_keep_their_order(
+    db: Database, backend: str
+) -> None:
+    batched = insert(ITEMS).returning(ITEMS.c.name, sort_by_parameter_order=True)
+    async with db.write_connection() as connection:
+        await connection.execute(batched, _row("warm-up"))  # caches the result metadata
+        one = await returning_rows(connection, batched, [_row("one")])
+        several = await returning_rows(connection, batched, [_row(n) for n in ("c", "a", "b")])
+    assert isinstance(one, _lean_expected(backend))
+    assert one.scalars().all() == ["one"]
+    assert isinstance(several, CursorResult)  # a batch is SQLAlchemy's to run
+    assert several.scalars().all() == ["c", "a", "b"]
+
+
+async def test_repository_create_many_of_one_row_answers_as_create_does(db: Database) -> None:
+    items = items_repository()
+    async with db.write_connection() as connection:
+        (many,) = await items.create_many(connection, [_row("many")], scope="alice")
+        single = await items.create(connection, _row("single"), scope="alice")
+    assert _typed([many]) == _typed([{**single, "name": "many"}])

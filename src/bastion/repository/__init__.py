@@ -4,6 +4,7 @@ See :mod:`bastion.repository.repository` for the tour; every name here is also e
 from :mod:`bastion`.
 """
 
+from bastion.repository._base import returning_rows
 from bastion.repository._invalid import InvalidQueryError
 from bastion.repository.audit import (
     AuditMixin,
@@ -41,6 +42,7 @@ __all__ = [
     "current_actor",
     "escape_like",
     "parse_sort",
+    "returning_rows",
     "upsert_statement",
     "use_clock",
 ]

@@ -32,18 +32,34 @@ Executor = AsyncConnection | AsyncSession
 
 
 async def returning_rows(
-    executor: Executor, statement: Any, parameters: dict[str, Any]
+    executor: Executor,
+    statement: Any,
+    parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]],
 ) -> Result[Any]:
-    """The rows of ``statement`` (a write with ``RETURNING``), run on the driver directly on a
-    Bastion connection where it can be (:meth:`bastion._lean.LeanConnection.returning`).
+    """The rows of ``statement``, an ``INSERT``/``UPDATE``/``DELETE … RETURNING``, run with
+    ``parameters`` (one set, or a list of them) in the unit of ``executor``.
+
+    One parameter set, or a list of exactly one, runs as a single statement, on the driver
+    directly where the connection allows it (a Bastion write unit on PostgreSQL:
+    :meth:`bastion._lean.LeanConnection.returning`); several run as ``execute`` runs them
+    (batched ``INSERT … RETURNING``). Give an ``INSERT`` of several rows
+    ``sort_by_parameter_order=True`` when their order matters: the rows then come back in the
+    order of ``parameters`` either way.
 
     Raises:
-        What ``execute`` raises.
+        What ``execute`` raises (SQLAlchemy's exception classes; Bastion's translated ones
+        when the unit ends).
     """
-    if isinstance(executor, LeanConnection):
-        return await executor.returning(statement, parameters)
-    result: Result[Any] = await executor.execute(statement, parameters)
-    return result
+    if not isinstance(parameters, Mapping) and len(parameters) == 1:
+        parameters = parameters[0]  # one row: a plain statement costs less than a batch
+    if isinstance(parameters, Mapping):
+        values = parameters if type(parameters) is dict else dict(parameters)
+        if isinstance(executor, LeanConnection):
+            return await executor.returning(statement, values)
+        single: Result[Any] = await executor.execute(statement, values)
+        return single
+    several: Result[Any] = await executor.execute(statement, [dict(p) for p in parameters])
+    return several
 
 
 RowState = Literal["live", "deleted", "any"]

@@ -86,7 +86,8 @@ class Repository(RepositoryReads[ModelT]):
     async def create_many(
         self, executor: Executor, rows: Sequence[Mapping[str, Any]], *, scope: Any = None
     ) -> list[RowMapping]:
-        """Insert ``rows`` in one batched statement; the stored rows, in input order.
+        """Insert ``rows`` in one batched statement (one row: a plain ``INSERT``, as
+        :meth:`create` runs it); the stored rows, in input order.
 
         Every row must name the same columns. For imports of many thousands of rows outside
         a request use :func:`bastion.bulk_insert` (COPY, batches, partial failures).
@@ -105,7 +106,7 @@ class Repository(RepositoryReads[ModelT]):
             "create_many",
             lambda: insert(self.table).returning(*self.columns, sort_by_parameter_order=True),
         )
-        return list((await executor.execute(statement, stamped)).mappings())
+        return list((await returning_rows(executor, statement, stamped)).mappings())
 
     async def update(
         self,

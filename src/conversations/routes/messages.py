@@ -19,7 +19,7 @@ from sqlalchemy import Table, bindparam, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 
-from bastion import NotFoundError, StoredResponse
+from bastion import NotFoundError, StoredResponse, returning_rows
 from bastion.fastapi import DatabaseDep, ReadConnection
 from conversations.auth import CurrentReader, CurrentUser
 from conversations.cache_keys import cache_message_page
@@ -42,8 +42,15 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/conversations/{conversation_id}/messages", tags=["messages"])
 
-# Sources are rows of a child table with a composite key: written with one Core statement.
-_INSERT_SOURCES: Final = insert(cast(Table, MessageSource.__table__))
+# Sources are rows of a child table with a composite key: written with one Core statement,
+# whose RETURNING gives the stored values the answer shows (and lets one row take the lean path).
+_SOURCE_TABLE: Final = cast(Table, MessageSource.__table__)
+_INSERT_SOURCES: Final = insert(_SOURCE_TABLE).returning(
+    _SOURCE_TABLE.c.message_id,
+    _SOURCE_TABLE.c.url,
+    _SOURCE_TABLE.c.title,
+    sort_by_parameter_order=True,
+)
 # Built once: the hot read path binds values into the same statements on every request.
 _PAGES: Final = MESSAGES.keyset_query(None, Message.conversation_id == bindparam("cid"))
 _SOURCES_OF: Final = MESSAGES.children_query("sources", order_by=MessageSource.position)
@@ -78,24 +85,17 @@ async def _add(
         {"conversation_id": cid, "role": b.role, "content": b.content, "metadata": b.metadata}
         for b in bodies
     ]
-    # One row: a plain INSERT … RETURNING, cheaper than the batched form.
-    if len(rows) == 1:
-        stored = [await MESSAGES.create(connection, rows[0])]
-    else:
-        stored = await MESSAGES.create_many(connection, rows)
+    stored = await MESSAGES.create_many(connection, rows)
     sources = [
         {"message_id": row["id"], "position": n, "url": s.url, "title": s.title}
         for row, body in zip(stored, bodies, strict=True)
         for n, s in enumerate(body.sources)
     ]
+    sources_of: dict[int, list[SourceOut]] = {row["id"]: [] for row in stored}
     if sources:
-        await connection.execute(_INSERT_SOURCES, sources)
-    return [
-        MessageOut.model_validate(
-            {**row, "sources": [SourceOut(url=s.url, title=s.title) for s in body.sources]}
-        )
-        for row, body in zip(stored, bodies, strict=True)
-    ]
+        for source in await returning_rows(connection, _INSERT_SOURCES, sources):
+            sources_of[source.message_id].append(SourceOut(url=source.url, title=source.title))
+    return [MessageOut.model_validate({**row, "sources": sources_of[row["id"]]}) for row in stored]
 
 
 @router.post("", status_code=201, response_model=MessageOut)
