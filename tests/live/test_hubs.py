@@ -150,6 +150,46 @@ async def test_postgres_notifications_reach_another_process_in_order(
 
 
 @pytest.mark.postgres
+async def test_concurrent_postgres_publishes_go_out_batched_in_order_each_once(
+    postgres_test_url: str,
+) -> None:
+    url = make_url(postgres_test_url)
+    channel = f"t{uuid.uuid4().hex[:12]}"
+    publisher = PostgresHub(url, pg_channel=channel)
+    listener = PostgresHub(url, pg_channel=channel)
+    try:
+        received = await listener.subscribe("conversation:1")
+        await publisher.publish("conversation:1", "first")  # connected before the burst
+        connection = publisher._connection
+        assert connection is not None
+        statements: list[str] = []
+        connection.add_query_logger(lambda record: statements.append(record.query))
+        # Every tenth payload is the same: PostgreSQL folds repeats within one transaction,
+        # so a batch must not carry one twice.
+        payloads = ["again" if n % 10 == 0 else str(n) for n in range(200)]
+        await asyncio.gather(*(publisher.publish("conversation:1", p) for p in payloads))
+
+        assert await _take(received, 201) == ["first", *payloads]
+        assert 20 <= len(statements) < 100  # a batch per repeat at least, not one per publish
+    finally:
+        await publisher.close()
+        await listener.close()
+
+
+async def test_every_publisher_of_a_failed_batch_hears_postgres_is_unreachable() -> None:
+    # Nothing listens on port 1: each publisher of the burst gets its own clear error.
+    hub = PostgresHub(make_url("postgresql://nobody@127.0.0.1:1/none"), timeout_s=2)
+    try:
+        outcomes = await asyncio.gather(
+            *(hub.publish("conversation:1", str(n)) for n in range(5)), return_exceptions=True
+        )
+        assert [type(outcome) for outcome in outcomes] == [LiveUnavailableError] * 5
+        assert len({id(outcome) for outcome in outcomes}) == 5
+    finally:
+        await hub.close()
+
+
+@pytest.mark.postgres
 async def test_publishes_do_not_wait_for_a_wal_flush(postgres_test_url: str) -> None:
     # A notification is not durable (only listeners connected now see it), so its autocommit
     # transaction need not wait for the WAL to reach the disk before the next publish.

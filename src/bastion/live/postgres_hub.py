@@ -8,6 +8,12 @@ transactions committed, and caps a payload at 8,000 bytes: :attr:`max_payload_by
 room for the envelope (the channel; the payload goes out unescaped). When the connection
 drops, every subscription ends with :class:`~bastion.live.LiveUnavailableError` and the hub
 reconnects at the next subscribe.
+
+Publishes that arrive while a ``pg_notify`` is on its way wait for it together and then go out
+as one statement (``pg_notify`` over an array, in the order they were published), so a busy
+process sends one round trip per batch instead of one per event, and no publisher waits
+behind a queue of single statements. PostgreSQL folds identical notifications of one
+transaction into one: a batch never holds the same payload twice.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ _ERRORS: Final = (
     TimeoutError,
 )
 _NOTIFY: Final = "SELECT pg_notify($1, $2)"
+# unnest yields the array in order and pg_notify runs once per row as it comes.
+_NOTIFY_EACH: Final = "SELECT pg_notify($1, envelope) FROM unnest($2::text[]) AS envelope"
+_BATCH_LIMIT: Final = 200
+"""At most this many notifications per statement (at most 7,000 bytes each)."""
 
 
 class PostgresHub:
@@ -67,6 +77,8 @@ class PostgresHub:
         self._fanout = Fanout(queue_size)
         self._connection: asyncpg.Connection[Any] | None = None
         self._lock = asyncio.Lock()  # one statement at a time on the connection
+        self._waiting: list[tuple[str, asyncio.Future[None]]] = []
+        self._sender: asyncio.Task[None] | None = None
         self._closed = False
 
     @property
@@ -80,23 +92,60 @@ class PostgresHub:
         # The channel as JSON, a newline, the payload as it is: escaping the payload (JSON in
         # JSON) could grow it by half and past PostgreSQL's 8,000 bytes.
         envelope = json.dumps(channel) + "\n" + payload
-        # In a task of its own: a publisher cancelled mid-NOTIFY (its client hung up) must not
-        # leave the shared connection half-way through a statement, where the next publisher
-        # would meet asyncpg's "another operation is in progress".
-        notifying = asyncio.ensure_future(self._notify(envelope))
-        notifying.add_done_callback(_retrieve_error)
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sent.add_done_callback(_retrieve_error)  # its publisher may be cancelled meanwhile
+        self._waiting.append((envelope, sent))
+        # The statements go out from a task of their own: a publisher cancelled mid-NOTIFY
+        # (its client hung up) must not leave the shared connection half-way through one,
+        # where the next publisher would meet asyncpg's "another operation is in progress".
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_waiting())
+            self._sender.add_done_callback(_retrieve_error)
         try:
-            await asyncio.shield(notifying)
+            await asyncio.shield(sent)
         except _ERRORS as exc:
             raise LiveUnavailableError("cannot publish: PostgreSQL is unreachable") from exc
 
-    async def _notify(self, envelope: str) -> None:
+    async def _send_waiting(self) -> None:
+        """Send what publishers wait for, a batch per statement, until none is left."""
+        while self._waiting:
+            batch = self._next_batch()
+            try:
+                await self._notify([envelope for envelope, _ in batch])
+            except Exception as exc:
+                _settle(batch, exc)  # the next batch tries again (and reconnects)
+            except BaseException:  # the loop is shutting down: nothing more goes out
+                _settle(batch + self._waiting, HubClosedError("the live-update hub is closed"))
+                self._waiting.clear()
+                raise
+            else:
+                _settle(batch, None)
+
+    def _next_batch(self) -> list[tuple[str, asyncio.Future[None]]]:
+        """The oldest waiting publishes, up to the first repeated payload (PostgreSQL would
+        deliver a payload repeated in one transaction only once)."""
+        seen: set[str] = set()
+        size = 0
+        for envelope, _ in self._waiting:
+            if envelope in seen or size == _BATCH_LIMIT:
+                break
+            seen.add(envelope)
+            size += 1
+        batch, self._waiting = self._waiting[:size], self._waiting[size:]
+        return batch
+
+    async def _notify(self, envelopes: list[str]) -> None:
         connection = await self._connect()
         async with self._lock:
             try:
-                await connection.execute(
-                    _NOTIFY, self._pg_channel, envelope, timeout=self._timeout_s
-                )
+                if len(envelopes) == 1:
+                    await connection.execute(
+                        _NOTIFY, self._pg_channel, envelopes[0], timeout=self._timeout_s
+                    )
+                else:
+                    await connection.execute(
+                        _NOTIFY_EACH, self._pg_channel, envelopes, timeout=self._timeout_s
+                    )
             except (asyncpg.InternalClientError, TimeoutError):
                 # The connection's protocol state is unknown: drop it (subscriptions end with
                 # LiveUnavailableError and clients catch up); the next use reconnects.
@@ -161,6 +210,17 @@ class PostgresHub:
             except (*_ERRORS, asyncio.CancelledError):
                 connection.terminate()
                 raise
+
+
+def _settle(publishes: list[tuple[str, asyncio.Future[None]]], error: Exception | None) -> None:
+    """Tell the publishers of ``publishes`` that their notifications went out, or ``error``."""
+    for _, sent in publishes:
+        if sent.done():
+            continue
+        if error is None:
+            sent.set_result(None)
+        else:
+            sent.set_exception(error)
 
 
 def _retrieve_error(task: asyncio.Future[None]) -> None:
