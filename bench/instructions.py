@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
+    if options.requests < 1 and not options.child:
+        parser.error("--requests must be at least 1")
     if options.child:
         measure_seeded(
             options.backend,

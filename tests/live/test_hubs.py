@@ -176,6 +176,37 @@ async def test_concurrent_postgres_publishes_go_out_batched_in_order_each_once(
         await listener.close()
 
 
+@pytest.mark.postgres
+async def test_a_notification_postgres_refuses_fails_alone_not_its_batch(
+    postgres_test_url: str,
+) -> None:
+    url = make_url(postgres_test_url)
+    channel = f"t{uuid.uuid4().hex[:12]}"
+    publisher = PostgresHub(url, pg_channel=channel)
+    listener = PostgresHub(url, pg_channel=channel)
+    try:
+        received = await listener.subscribe("conversation:1")
+        await publisher.publish("conversation:1", "first")  # connected before the burst
+        # A payload within the limit on a channel so long that the envelope passes
+        # PostgreSQL's 8,000 bytes: the server refuses that one notification.
+        publishes = [publisher.publish("conversation:1", str(n)) for n in range(3)]
+        publishes.append(publisher.publish("c" * 2_000, "x" * 6_500))
+        publishes += [publisher.publish("conversation:1", str(n)) for n in range(3, 6)]
+        outcomes = await asyncio.gather(*publishes, return_exceptions=True)
+
+        assert [type(outcome) for outcome in outcomes] == [
+            *[type(None)] * 3,
+            LiveUnavailableError,
+            *[type(None)] * 3,
+        ]
+        assert await _take(received, 7) == ["first", *map(str, range(6))]
+        with pytest.raises(ValueError, match="NUL"):
+            await publisher.publish("conversation:1", "a\x00b")
+    finally:
+        await publisher.close()
+        await listener.close()
+
+
 async def test_every_publisher_of_a_failed_batch_hears_postgres_is_unreachable() -> None:
     # Nothing listens on port 1: each publisher of the burst gets its own clear error.
     hub = PostgresHub(make_url("postgresql://nobody@127.0.0.1:1/none"), timeout_s=2)

@@ -209,3 +209,11 @@ async def test_repository_create_many_of_one_row_answers_as_create_does(db: Data
         (many,) = await items.create_many(connection, [_row("many")], scope="alice")
         single = await items.create(connection, _row("single"), scope="alice")
     assert _typed([many]) == _typed([{**single, "name": "many"}])
+
+
+async def test_returning_rows_refuses_what_is_not_parameter_sets(db: Database) -> None:
+    async with db.write_connection() as connection:
+        with pytest.raises(ValueError, match="no parameter sets"):
+            await returning_rows(connection, INSERT_ITEM, [])
+        with pytest.raises(TypeError, match="mapping"):
+            await returning_rows(connection, INSERT_ITEM, "name=x")  # type: ignore[arg-type]

@@ -13,7 +13,9 @@ Publishes that arrive while a ``pg_notify`` is on its way wait for it together a
 as one statement (``pg_notify`` over an array, in the order they were published), so a busy
 process sends one round trip per batch instead of one per event, and no publisher waits
 behind a queue of single statements. PostgreSQL folds identical notifications of one
-transaction into one: a batch never holds the same payload twice.
+transaction into one: a batch never holds the same payload twice. When the server refuses a
+batch, its notifications go again one at a time, so only a publisher whose own notification
+is refused hears of it.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ _ERRORS: Final = (
     TimeoutError,
 )
 _NOTIFY: Final = "SELECT pg_notify($1, $2)"
-# unnest yields the array in order and pg_notify runs once per row as it comes.
-_NOTIFY_EACH: Final = "SELECT pg_notify($1, envelope) FROM unnest($2::text[]) AS envelope"
+# pg_notify is volatile, so PostgreSQL evaluates it after the ORDER BY: in array order.
+_NOTIFY_EACH: Final = (
+    "SELECT pg_notify($1, envelope) FROM unnest($2::text[]) WITH ORDINALITY AS t(envelope, n) "
+    "ORDER BY n"
+)
 _BATCH_LIMIT: Final = 200
 """At most this many notifications per statement (at most 7,000 bytes each)."""
 
@@ -87,8 +92,17 @@ class PostgresHub:
         return len(self._fanout)
 
     async def publish(self, channel: str, payload: str) -> None:
-        """See :meth:`bastion.live.Hub.publish`."""
+        """See :meth:`bastion.live.Hub.publish`.
+
+        Raises:
+            ValueError: a payload over :attr:`max_payload_bytes`, or with a NUL character
+                (PostgreSQL's text cannot hold one).
+            LiveUnavailableError: PostgreSQL is unreachable or refused the notification.
+            HubClosedError: the hub is closed.
+        """
         check_size(payload, self.max_payload_bytes)
+        if "\x00" in payload or "\x00" in channel:
+            raise ValueError("a PostgreSQL notification cannot carry a NUL character")
         # The channel as JSON, a newline, the payload as it is: escaping the payload (JSON in
         # JSON) could grow it by half and past PostgreSQL's 8,000 bytes.
         envelope = json.dumps(channel) + "\n" + payload
@@ -104,22 +118,36 @@ class PostgresHub:
         try:
             await asyncio.shield(sent)
         except _ERRORS as exc:
-            raise LiveUnavailableError("cannot publish: PostgreSQL is unreachable") from exc
+            message = "cannot publish: PostgreSQL is unreachable or refused the notification"
+            raise LiveUnavailableError(message) from exc
 
     async def _send_waiting(self) -> None:
         """Send what publishers wait for, a batch per statement, until none is left."""
         while self._waiting:
             batch = self._next_batch()
             try:
-                await self._notify([envelope for envelope, _ in batch])
-            except Exception as exc:
-                _settle(batch, exc)  # the next batch tries again (and reconnects)
+                await self._send(batch)
             except BaseException:  # the loop is shutting down: nothing more goes out
                 _settle(batch + self._waiting, HubClosedError("the live-update hub is closed"))
                 self._waiting.clear()
                 raise
-            else:
-                _settle(batch, None)
+
+    async def _send(self, batch: list[tuple[str, asyncio.Future[None]]]) -> None:
+        """Send ``batch`` in one statement and tell each publisher how it went."""
+        try:
+            await self._notify([envelope for envelope, _ in batch])
+        except asyncpg.PostgresError as exc:
+            if len(batch) == 1:
+                _settle(batch, exc)
+                return
+            # The server refused the statement, perhaps for one payload it cannot take (a
+            # NUL character): one at a time, so only that publisher hears of it.
+            for publish in batch:
+                await self._send([publish])
+        except Exception as exc:
+            _settle(batch, exc)  # the next batch tries again (and reconnects)
+        else:
+            _settle(batch, None)
 
     def _next_batch(self) -> list[tuple[str, asyncio.Future[None]]]:
         """The oldest waiting publishes, up to the first repeated payload (PostgreSQL would

@@ -37,21 +37,30 @@ async def returning_rows(
     parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]],
 ) -> Result[Any]:
     """The rows of ``statement``, an ``INSERT``/``UPDATE``/``DELETE … RETURNING``, run with
-    ``parameters`` (one set, or a list of them) in the unit of ``executor``.
+    ``parameters`` (one set; for an ``INSERT``, a list of them too) in the unit of ``executor``.
 
-    One parameter set, or a list of exactly one, runs as a single statement, on the driver
-    directly where the connection allows it (a Bastion write unit on PostgreSQL:
-    :meth:`bastion._lean.LeanConnection.returning`); several run as ``execute`` runs them
-    (batched ``INSERT … RETURNING``). Give an ``INSERT`` of several rows
+    One parameter set, or a list of exactly one, runs on the driver directly where the
+    connection allows it (a Bastion write unit on PostgreSQL:
+    :meth:`bastion._lean.LeanConnection.returning`); anything else runs as ``execute`` runs
+    it (several rows as a batched ``INSERT … RETURNING``). Give an ``INSERT`` of several rows
     ``sort_by_parameter_order=True`` when their order matters: the rows then come back in the
-    order of ``parameters`` either way.
+    order of ``parameters``.
 
     Raises:
+        TypeError: ``parameters`` is a string or bytes, not parameter sets.
+        ValueError: an empty list (there is no row to return).
         What ``execute`` raises (SQLAlchemy's exception classes; Bastion's translated ones
         when the unit ends).
     """
-    if not isinstance(parameters, Mapping) and len(parameters) == 1:
-        parameters = parameters[0]  # one row: a plain statement costs less than a batch
+    if isinstance(parameters, str | bytes):
+        raise TypeError("parameters must be a mapping of values, or a list of them")
+    if not isinstance(parameters, Mapping):
+        if not parameters:
+            raise ValueError("no parameter sets: nothing to write")
+        if len(parameters) == 1 and isinstance(executor, LeanConnection):
+            # Only here: an ORM session reads a list as "bulk by primary key" and a dict as
+            # "SET these values", so on a session the list must stay a list.
+            parameters = parameters[0]
     if isinstance(parameters, Mapping):
         values = parameters if type(parameters) is dict else dict(parameters)
         if isinstance(executor, LeanConnection):
