@@ -207,6 +207,30 @@ async def test_a_notification_postgres_refuses_fails_alone_not_its_batch(
         await listener.close()
 
 
+@pytest.mark.postgres
+async def test_closing_the_hub_sends_what_was_published_before(postgres_test_url: str) -> None:
+    url = make_url(postgres_test_url)
+    channel = f"t{uuid.uuid4().hex[:12]}"
+    publisher = PostgresHub(url, pg_channel=channel)
+    listener = PostgresHub(url, pg_channel=channel)
+    try:
+        received = await listener.subscribe("conversation:1")
+        await publisher.publish("conversation:1", "first")
+        publishing = [
+            asyncio.create_task(publisher.publish("conversation:1", str(n))) for n in range(50)
+        ]
+        await asyncio.sleep(0)  # every publish is queued, the first batch on its way
+        await publisher.close()  # a shutdown right after the writes that announced them
+
+        assert [task.result() for task in publishing] == [None] * 50
+        assert await _take(received, 51) == ["first", *map(str, range(50))]
+        with pytest.raises(HubClosedError):
+            await publisher.publish("conversation:1", "late")
+    finally:
+        await publisher.close()
+        await listener.close()
+
+
 async def test_every_publisher_of_a_failed_batch_hears_postgres_is_unreachable() -> None:
     # Nothing listens on port 1: each publisher of the burst gets its own clear error.
     hub = PostgresHub(make_url("postgresql://nobody@127.0.0.1:1/none"), timeout_s=2)

@@ -100,6 +100,8 @@ class PostgresHub:
             LiveUnavailableError: PostgreSQL is unreachable or refused the notification.
             HubClosedError: the hub is closed.
         """
+        if self._closed:
+            raise HubClosedError("the live-update hub is closed")
         check_size(payload, self.max_payload_bytes)
         if "\x00" in payload or "\x00" in channel:
             raise ValueError("a PostgreSQL notification cannot carry a NUL character")
@@ -182,6 +184,8 @@ class PostgresHub:
 
     async def subscribe(self, channel: str) -> Subscription:
         """See :meth:`bastion.live.Hub.subscribe`."""
+        if self._closed:
+            raise HubClosedError("the live-update hub is closed")
         try:
             await self._connect()
         except _ERRORS as exc:
@@ -189,12 +193,12 @@ class PostgresHub:
         return self._fanout.add(channel)
 
     async def _connect(self) -> asyncpg.Connection[Any]:
-        if self._closed:
-            raise HubClosedError("the live-update hub is closed")
         async with self._lock:
             connection = self._connection
             if connection is not None and not connection.is_closed():
-                return connection
+                return connection  # while closing too: what was published before goes out
+            if self._closed:
+                raise HubClosedError("the live-update hub is closed")
             connection = await asyncpg.connect(self._dsn, timeout=self._timeout_s)
             # Each pg_notify in autocommit is a transaction of its own, and its COMMIT would
             # wait for a WAL flush: publishes, serialised on this one connection, then capped
@@ -228,9 +232,16 @@ class PostgresHub:
         self._fanout.end_channel(channel, LiveUnavailableError("live updates interrupted"))
 
     async def close(self) -> None:
-        """See :meth:`bastion.live.Hub.close`."""
+        """See :meth:`bastion.live.Hub.close`.
+
+        Notifications published before the call still go out (within ``timeout_s``), so a
+        shutdown does not drop what committed writes announced just before it.
+        """
         self._closed = True
         self._fanout.end_all(HubClosedError("the live-update hub is closed"))
+        sender = self._sender
+        if sender is not None and not sender.done():
+            await asyncio.wait([sender], timeout=self._timeout_s)  # never cancels the sender
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed():
             try:
