@@ -202,6 +202,7 @@ async def test_a_notification_postgres_refuses_fails_alone_not_its_batch(
         assert await _take(received, 7) == ["first", *map(str, range(6))]
         with pytest.raises(ValueError, match="NUL"):
             await publisher.publish("conversation:1", "a\x00b")
+        await publisher.publish("channel\x00with-a-nul", "fine")  # the channel goes escaped
     finally:
         await publisher.close()
         await listener.close()

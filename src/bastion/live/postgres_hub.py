@@ -103,7 +103,7 @@ class PostgresHub:
         if self._closed:
             raise HubClosedError("the live-update hub is closed")
         check_size(payload, self.max_payload_bytes)
-        if "\x00" in payload or "\x00" in channel:
+        if "\x00" in payload:  # (the channel goes JSON-escaped: a NUL there is fine)
             raise ValueError("a PostgreSQL notification cannot carry a NUL character")
         # The channel as JSON, a newline, the payload as it is: escaping the payload (JSON in
         # JSON) could grow it by half and past PostgreSQL's 8,000 bytes.
@@ -263,6 +263,7 @@ def _settle(publishes: list[tuple[str, asyncio.Future[None]]], error: Exception 
 
 
 def _retrieve_error(task: asyncio.Future[None]) -> None:
-    """Mark a publish task's error as seen: its publisher may have been cancelled meanwhile."""
+    """Mark the error of a publisher's future, or of the sender task, as seen: nobody may be
+    awaiting it any more (a publisher cancelled meanwhile)."""
     if not task.cancelled():
         task.exception()
