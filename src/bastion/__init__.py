@@ -43,6 +43,7 @@ from bastion.health import (
 )
 from bastion.idempotency import (
     IdempotencyKeyReusedError,
+    IdempotencyScope,
     IdempotencyStore,
     StoredResponse,
     idempotency_table,
@@ -143,6 +144,7 @@ __all__ = [
     "HeldConnection",
     "HttpUrlText",
     "IdempotencyKeyReusedError",
+    "IdempotencyScope",
     "IdempotencyStore",
     "In",
     "IntId",

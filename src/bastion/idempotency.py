@@ -51,6 +51,7 @@ from bastion.types import UTCDateTime, utcnow
 
 __all__ = [
     "IdempotencyKeyReusedError",
+    "IdempotencyScope",
     "IdempotencyStore",
     "StoredResponse",
     "idempotency_table",
@@ -61,6 +62,13 @@ logger = logging.getLogger("bastion.idempotency")
 
 MAX_KEY_LENGTH: Final = 255
 MAX_SCOPE_LENGTH: Final = 64
+
+IdempotencyScope = str | Callable[[AsyncConnection], Awaitable[str]]
+"""Whose keys these are: a string, or a function that finds it on a connection.
+
+A function lets a route authenticate its caller in the unit that looks the key up, rather than
+in a unit of its own before it (it raises to refuse the caller; nothing is looked up then).
+"""
 
 
 class IdempotencyKeyReusedError(BastionError):
@@ -127,7 +135,7 @@ class IdempotencyStore:
         self,
         database: Database,
         *,
-        scope: str,
+        scope: IdempotencyScope,
         key: str,
         request_hash: str,
         work: Callable[[AsyncConnection], Awaitable[StoredResponse]],
@@ -138,14 +146,17 @@ class IdempotencyStore:
         ``work`` must write only through the connection it gets (that is what makes the key
         and the write commit together). Transient failures are retried as in
         :meth:`Database.run`; an unknown COMMIT outcome is resolved by running again.
+        ``scope`` may be a function of a connection (see :data:`IdempotencyScope`): it is
+        called once, in the read unit that looks the key up, before the lookup.
 
         Raises:
             IdempotencyKeyReusedError: the key was used before for another request.
             CommitOutcomeUnknownError: COMMIT was lost on every attempt; the client may send
                 the same request and key again later, safely.
-            Whatever ``work`` raises (nothing is stored then).
+            Whatever ``scope`` (nothing is looked up or run then) or ``work`` raises
+            (nothing is stored then).
         """
-        stored = await self._find(database, scope, key, request_hash)
+        owner, stored = await self._find(database, scope, key, request_hash)
         if stored is not None:
             return stored, True
         attempts = database.settings.retry_attempts
@@ -154,7 +165,7 @@ class IdempotencyStore:
                 response = await database.run(
                     database.write_connection,
                     lambda connection: self._work_then_store(
-                        connection, scope, key, request_hash, work
+                        connection, owner, key, request_hash, work
                     ),
                 )
             except CommitOutcomeUnknownError:
@@ -165,7 +176,7 @@ class IdempotencyStore:
                 logger.warning("COMMIT outcome unknown for an idempotent write; running it again")
                 continue
             except UniqueViolationError:
-                stored = await self._find(database, scope, key, request_hash)
+                _, stored = await self._find(database, owner, key, request_hash)
                 if stored is None:
                     raise  # a violation of the work's own, not a repeated key
                 return stored, True
@@ -182,12 +193,29 @@ class IdempotencyStore:
         return int(result.rowcount or 0)
 
     async def _find(
-        self, database: Database, scope: str, key: str, request_hash: str
-    ) -> StoredResponse | None:
+        self, database: Database, scope: IdempotencyScope, key: str, request_hash: str
+    ) -> tuple[str, StoredResponse | None]:
+        """The scope as a string, and the response stored under ``key`` in it (if any)."""
+        resolved = scope
+
         async def lookup(connection: AsyncConnection) -> Any:
-            return (await connection.execute(self._lookup, {"scope": scope, "key": key})).first()
+            nonlocal resolved
+            if not isinstance(resolved, str):
+                resolved = await resolved(connection)
+            query = {"scope": resolved, "key": key}
+            return (await connection.execute(self._lookup, query)).first()
 
         row = await database.run(database.read_connection, lookup)
+        assert isinstance(resolved, str)  # lookup resolved it before it could return
+        return resolved, self._stored(row, request_hash)
+
+    @staticmethod
+    def _stored(row: Any, request_hash: str) -> StoredResponse | None:
+        """The response a looked-up key row stores (``None`` for no row).
+
+        Raises:
+            IdempotencyKeyReusedError: the row was stored for a different request.
+        """
         if row is None:
             return None
         if row.request_hash != request_hash:

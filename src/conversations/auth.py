@@ -18,10 +18,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 
 from bastion import current_request
-from bastion.fastapi import DatabaseDep, ReadConnection
+from bastion.fastapi import ReadConnection, WriteConnection
 from conversations.models import ApiKey
 
-__all__ = ["CurrentReader", "CurrentUser", "generate_api_key", "hash_api_key", "user_for_key"]
+__all__ = [
+    "CurrentReader",
+    "CurrentWriteCaller",
+    "CurrentWriter",
+    "WriteCaller",
+    "generate_api_key",
+    "hash_api_key",
+    "user_for_key",
+]
 
 KEY_PREFIX: Final = "cv_"
 MAX_KEY_LENGTH: Final = 100
@@ -72,12 +80,63 @@ async def _authenticate(connection: AsyncConnection, key: str) -> uuid.UUID:
     return user_id
 
 
-async def _current_user(request: Request, database: DatabaseDep) -> uuid.UUID:
-    key = _presented_key(request)
-    # Its own short read unit: a route that writes must not hold a read connection while it
-    # waits for a write connection (under load, that deadlocks the pool).
-    async with database.read_connection() as connection:
-        return await _authenticate(connection, key)
+class WriteCaller:
+    """A write request's API key, checked in the write's own unit of work.
+
+    A route that writes in a retried unit (``write_once``) authenticates there, as its first
+    statement, rather than in a read unit of its own before it: one unit per request instead
+    of two (a unit costs more than the statement; ``bench/README.md``, finding 17). Only the
+    key's form is checked before (:func:`_presented_key`), so a request with no key or a
+    malformed one never opens a unit.
+    """
+
+    __slots__ = ("_key", "_user_id")
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+        self._user_id: uuid.UUID | None = None
+
+    def __repr__(self) -> str:
+        return f"WriteCaller(user_id={self._user_id})"  # never the key
+
+    async def authenticate(self, connection: AsyncConnection) -> uuid.UUID:
+        """The caller's user id, looked up on ``connection`` the first time only.
+
+        Raises:
+            HTTPException: 401, the key is unknown or revoked.
+        """
+        if self._user_id is None:
+            self._user_id = await _authenticate(connection, self._key)
+        return self._user_id
+
+    @property
+    def user_id(self) -> uuid.UUID:
+        """The id :meth:`authenticate` found.
+
+        Raises:
+            RuntimeError: not authenticated yet.
+        """
+        if self._user_id is None:
+            raise RuntimeError("the caller is not authenticated yet")
+        return self._user_id
+
+
+# The dependencies are `async def` although they never await: FastAPI runs a plain `def`
+# dependency in its threadpool, a thread hop per request.
+async def _write_caller(request: Request) -> WriteCaller:
+    return WriteCaller(_presented_key(request))
+
+
+async def _well_formed_key(request: Request) -> str:
+    return _presented_key(request)
+
+
+async def _current_writer(
+    key: Annotated[str, Depends(_well_formed_key)], connection: WriteConnection
+) -> uuid.UUID:
+    # The key's form is checked first (declared first, solved first), so a request without a
+    # usable key never opens a write unit; the lookup then runs in the route's own unit.
+    return await _authenticate(connection, key)
 
 
 async def _current_reader(request: Request, connection: ReadConnection) -> uuid.UUID:
@@ -85,8 +144,11 @@ async def _current_reader(request: Request, connection: ReadConnection) -> uuid.
     return await _authenticate(connection, _presented_key(request))
 
 
-CurrentUser = Annotated[uuid.UUID, Depends(_current_user)]
-"""The id of the user whose API key authenticated the request (for routes that write)."""
+CurrentWriteCaller = Annotated[WriteCaller, Depends(_write_caller)]
+"""The caller of a route that writes through ``write_once``, which authenticates it."""
+
+CurrentWriter = Annotated[uuid.UUID, Depends(_current_writer, scope="function")]
+"""The user id, looked up in the route's own ``WriteConnection`` (one unit per request)."""
 
 CurrentReader = Annotated[uuid.UUID, Depends(_current_reader, scope="function")]
 """The same, looked up in the route's own ``ReadConnection`` (one connection per read request)."""

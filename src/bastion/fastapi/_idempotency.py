@@ -21,6 +21,7 @@ from starlette.responses import Response
 from bastion.database import Database
 from bastion.idempotency import (
     MAX_KEY_LENGTH,
+    IdempotencyScope,
     IdempotencyStore,
     StoredResponse,
     request_fingerprint,
@@ -51,18 +52,20 @@ async def idempotent_write(
     database: Database,
     work: Callable[[AsyncConnection], Awaitable[StoredResponse]],
     *,
-    scope: str,
+    scope: IdempotencyScope,
     store: IdempotencyStore,
 ) -> Response:
     """Run ``work`` in a retried write unit, at most once per ``Idempotency-Key``.
 
     ``scope`` separates keys of different callers (use the authenticated user's id), so a
-    key can only ever replay its own caller's response.
+    key can only ever replay its own caller's response. It may be a function of a connection
+    that authenticates the caller: it is then called (once) in the unit that looks the key
+    up, and not at all without the header, where ``work`` can authenticate in its own unit.
 
     Raises:
         HTTPException: 400 for a malformed ``Idempotency-Key``.
         IdempotencyKeyReusedError: the key was used for a different request (422).
-        Whatever ``work`` and the unit raise (see :meth:`Database.run`).
+        Whatever ``scope``, ``work`` and the units raise (see :meth:`Database.run`).
     """
     key = _key_of(request)
     if key is None:

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from bastion import Database, IdempotencyStore, StoredResponse
 from bastion.fastapi import idempotent_write
+from conversations.auth import WriteCaller
 from conversations.models import idempotency_keys
 
 __all__ = ["purge_idempotency_keys", "write_once"]
@@ -22,11 +23,27 @@ _STORE = IdempotencyStore(idempotency_keys)
 async def write_once(
     request: Request,
     database: Database,
-    user_id: uuid.UUID,
-    work: Callable[[AsyncConnection], Awaitable[StoredResponse]],
+    caller: WriteCaller,
+    work: Callable[[AsyncConnection, uuid.UUID], Awaitable[StoredResponse]],
 ) -> Response:
-    """Run ``work`` as the user's idempotent, retried write and return its response."""
-    return await idempotent_write(request, database, work, scope=str(user_id), store=_STORE)
+    """Run ``work`` as the caller's idempotent, retried write and return its response.
+
+    The caller is authenticated first, in the unit that looks up the ``Idempotency-Key`` if
+    the request has one, else in the write's own unit; ``work`` gets the user id after that
+    (and ``caller.user_id`` holds it once this returns).
+
+    Raises:
+        HTTPException: 401, the key is unknown or revoked (nothing ran).
+        Whatever :func:`bastion.fastapi.idempotent_write` raises.
+    """
+
+    async def authenticated_work(connection: AsyncConnection) -> StoredResponse:
+        return await work(connection, await caller.authenticate(connection))
+
+    async def scope(connection: AsyncConnection) -> str:
+        return str(await caller.authenticate(connection))
+
+    return await idempotent_write(request, database, authenticated_work, scope=scope, store=_STORE)
 
 
 async def purge_idempotency_keys(database: Database, older_than: timedelta) -> int:

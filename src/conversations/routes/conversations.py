@@ -6,6 +6,7 @@ parses its input, makes one repository call in a unit of work and shapes the ans
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Final
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response
@@ -21,7 +22,7 @@ from bastion.fastapi import (
     WriteConnection,
     cache_of,
 )
-from conversations.auth import CurrentReader, CurrentUser
+from conversations.auth import CurrentReader, CurrentWriteCaller, CurrentWriter
 from conversations.cache_keys import conversation_changed, conversation_tags, load_conversation
 from conversations.routes._ids import parse_conversation_id
 from conversations.routes._repositories import CONVERSATIONS, ConversationSort
@@ -66,15 +67,15 @@ def _expected_version(if_match: str | None) -> int | None:
 
 @router.post("", status_code=201, response_model=ConversationOut)
 async def create_conversation(
-    body: ConversationCreate, user_id: CurrentUser, database: DatabaseDep, request: Request
+    body: ConversationCreate, caller: CurrentWriteCaller, database: DatabaseDep, request: Request
 ) -> Response:
-    async def create(connection: AsyncConnection) -> StoredResponse:
+    async def create(connection: AsyncConnection, user_id: uuid.UUID) -> StoredResponse:
         values = {"title": body.title, "metadata": body.metadata}
         result = _out(await CONVERSATIONS.create(connection, values, scope=user_id))
         headers = {"Location": f"{router.prefix}/{result.id}", "ETag": _etag(result)}
         return StoredResponse.json(result, status_code=201, headers=headers)
 
-    return await write_once(request, database, user_id, create)
+    return await write_once(request, database, caller, create)
 
 
 @router.get("/{conversation_id}")
@@ -124,8 +125,8 @@ async def list_conversations(
 async def update_conversation(
     conversation_id: str,
     body: ConversationUpdate,
-    user_id: CurrentUser,
     stale: InvalidateAfterCommit,  # before the unit: its invalidation runs after COMMIT
+    user_id: CurrentWriter,  # checked in the route's unit (after the key's form)
     connection: WriteConnection,
     response: Response,
     if_match: Annotated[str | None, Header()] = None,
@@ -143,8 +144,8 @@ async def update_conversation(
 @router.delete("/{conversation_id}", status_code=204)
 async def delete_conversation(
     conversation_id: str,
-    user_id: CurrentUser,
     stale: InvalidateAfterCommit,  # before the unit: its invalidation runs after COMMIT
+    user_id: CurrentWriter,  # checked in the route's unit (after the key's form)
     connection: WriteConnection,
 ) -> Response:
     cid = parse_conversation_id(conversation_id)
@@ -155,15 +156,15 @@ async def delete_conversation(
 
 @router.post("/{conversation_id}/restore", response_model=ConversationOut)
 async def restore_conversation(
-    conversation_id: str, user_id: CurrentUser, database: DatabaseDep, request: Request
+    conversation_id: str, caller: CurrentWriteCaller, database: DatabaseDep, request: Request
 ) -> Response:
     cid = parse_conversation_id(conversation_id)
 
-    async def restore(connection: AsyncConnection) -> StoredResponse:
+    async def restore(connection: AsyncConnection, user_id: uuid.UUID) -> StoredResponse:
         # Restoring a conversation that is not deleted changes nothing and is not an error.
         result = _out(await CONVERSATIONS.restore(connection, cid, scope=user_id))
         return StoredResponse.json(result, headers={"ETag": _etag(result)})
 
-    response = await write_once(request, database, user_id, restore)
-    await conversation_changed(cache_of(request), user_id, cid)
+    response = await write_once(request, database, caller, restore)
+    await conversation_changed(cache_of(request), caller.user_id, cid)
     return response

@@ -21,7 +21,7 @@ from starlette.requests import Request
 
 from bastion import NotFoundError, StoredResponse, returning_rows
 from bastion.fastapi import DatabaseDep, ReadConnection
-from conversations.auth import CurrentReader, CurrentUser
+from conversations.auth import CurrentReader, CurrentWriteCaller
 from conversations.cache_keys import cache_message_page
 from conversations.live_events import message_created, messages_created
 from conversations.models import Message, MessageSource
@@ -102,20 +102,20 @@ async def _add(
 async def create_message(
     conversation_id: str,
     body: MessageCreate,
-    user_id: CurrentUser,
+    caller: CurrentWriteCaller,
     database: DatabaseDep,
     request: Request,
 ) -> Response:
     cid = parse_conversation_id(conversation_id)
 
-    async def add_message(connection: AsyncConnection) -> StoredResponse:
+    async def add_message(connection: AsyncConnection, user_id: uuid.UUID) -> StoredResponse:
         (message,) = await _add(connection, user_id, cid, [body])
         location = f"/v1/conversations/{cid}/messages/{message.id}"
         return StoredResponse.json(message, status_code=201, headers={"Location": location})
 
-    response = await write_once(request, database, user_id, add_message)
+    response = await write_once(request, database, caller, add_message)
     # Committed: invalidate the conversation's cached reads, then tell its streams.
-    await message_created(request, user_id, response)
+    await message_created(request, caller.user_id, response)
     return response
 
 
@@ -128,7 +128,7 @@ async def create_message(
 async def create_messages(
     conversation_id: str,
     body: MessageBatch,
-    user_id: CurrentUser,
+    caller: CurrentWriteCaller,
     database: DatabaseDep,
     request: Request,
 ) -> Response:
@@ -143,7 +143,7 @@ async def create_messages(
     if not valid:
         raise RequestValidationError([error for _, errors in refused for error in errors])
 
-    async def add_messages(connection: AsyncConnection) -> StoredResponse:
+    async def add_messages(connection: AsyncConnection, user_id: uuid.UUID) -> StoredResponse:
         stored = await _add(connection, user_id, cid, [message for _, message in valid])
         results = [
             BatchItemResult(index=index, status=201, message=message)
@@ -156,8 +156,8 @@ async def create_messages(
         answer = MessageBatchResult(created=len(stored), failed=len(refused), results=results)
         return StoredResponse.json(answer, status_code=207 if refused else 201)
 
-    response = await write_once(request, database, user_id, add_messages)
-    await messages_created(request, user_id, cid, response)
+    response = await write_once(request, database, caller, add_messages)
+    await messages_created(request, caller.user_id, cid, response)
     return response
 
 
