@@ -1,5 +1,5 @@
-"""SELECTs, and repository writes on PostgreSQL, go straight to the driver: SQLAlchemy compiles
-them, Bastion runs them.
+"""SELECTs, and repository writes, go straight to the driver: SQLAlchemy compiles them, Bastion
+runs them.
 
 ``AsyncConnection.execute`` costs about 170 µs of CPU per point read on PostgreSQL, of which the
 driver's own work (asyncpg's ``fetch``) is about 50 µs; the rest is SQLAlchemy's execution path,
@@ -35,21 +35,22 @@ for it, or an engine whose connection event listeners are not exactly the ones B
 execution context this path does not build; they are counted once per unit, at its first
 statement).
 
-**Writes.** On PostgreSQL, a write unit's connection (:meth:`Database.write_connection
+**Writes.** A write unit's connection (:meth:`Database.write_connection
 <bastion.Database.write_connection>`) is a ``LeanConnection`` too, and
 :meth:`LeanConnection.returning` runs an ``INSERT``/``UPDATE``/``DELETE … RETURNING`` the same
 way, inside the unit's transaction (asyncpg's ``BEGIN`` is sent before the first statement, as
-the adapter's cursor sends it). Its result carries the returned rows only, none of
-``CursorResult``'s execution details (``rowcount``, ``inserted_primary_key``), so ``execute``
-keeps SQLAlchemy's path for writes and only callers that read nothing but the rows call
-``returning``, through :func:`bastion.returning_rows`: :class:`~bastion.Repository`'s
-``create``, ``create_many`` of one row and ``update`` (and through it ``soft_delete`` and
-``restore``), and applications' own writes with ``RETURNING``. It steps aside, in addition
-to the cases above, when SQLAlchemy would compute a column default in Python before the
-statement (a column with a Python ``default``/``onupdate`` that the parameters leave out), and
-on any read unit's connection (read units refuse writes in a ``before_execute`` listener this
-path does not run). Measured on the reference service's ``create_message`` in-process on
-PostgreSQL: see ``bench/README.md``, findings 14 and 15.
+the adapter's cursor sends it; on SQLite only once ``BEGIN IMMEDIATE`` has run, and a statement
+runs on the event loop only once known fast, :mod:`bastion._sqlite_inline_writes`). Its result
+carries the returned rows only, none of ``CursorResult``'s execution details (``rowcount``,
+``inserted_primary_key``), so ``execute`` keeps SQLAlchemy's path for writes and only callers
+that read nothing but the rows call ``returning``, through :func:`bastion.returning_rows`:
+:class:`~bastion.Repository`'s ``create``, ``create_many`` of one row and ``update`` (and
+through it ``soft_delete`` and ``restore``), and applications' own writes with ``RETURNING``. It
+steps aside, in addition to the cases above, when SQLAlchemy would compute a column default in
+Python before the statement (a column with a Python ``default``/``onupdate`` that the parameters
+leave out), and on any read unit's connection (read units refuse writes in a ``before_execute``
+listener this path does not run). Measured on the reference service's ``create_message``
+in-process: see ``bench/README.md``, findings 14, 15 and 18.
 
 SQLAlchemy internals used here (``_compile_w_cache``, ``construct_params``, ``_bind_processors``,
 ``_cached_metadata``, ``_adapt_to_context``, the compiler's ``insert_prefetch`` and
@@ -74,6 +75,7 @@ from sqlalchemy.sql import compiler
 from sqlalchemy.util import greenlet_spawn
 
 from bastion._sqlite_inline import InlineReads
+from bastion._sqlite_inline_writes import InlineWrites
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -357,18 +359,26 @@ async def _fetch_asyncpg(
 
 
 def _sqlite_ready(dbapi_connection: Any) -> bool:
-    # Only the read pool's connections run on the loop, and only with nothing on their thread.
+    # Only connections set up to run on the loop, with nothing on their thread; a write pool's
+    # only inside its unit's transaction (after BEGIN IMMEDIATE: no statement waits for a lock).
     driver = dbapi_connection._connection
+    if isinstance(driver, InlineWrites):
+        return driver.bastion_ready() and driver._connection.in_transaction  # type: ignore[attr-defined]
     return isinstance(driver, InlineReads) and driver.bastion_ready()
 
 
 async def _fetch_sqlite(
     _dialect: Dialect, dbapi_connection: Any, sql: str, parameters: Sequence[Any]
 ) -> Sequence[Any] | None:
-    """Run ``sql`` on the read pool's connection: on the loop within budget, else its thread."""
+    """Run ``sql`` on an inline connection: a read on the loop within budget, else on its
+    thread; in a write transaction, on the loop once known fast, else on its thread."""
     driver = dbapi_connection._connection
     cursor = driver._conn.cursor()
-    rows: Sequence[Any] | None = await driver.bastion_read_soon(cursor, sql, tuple(parameters))
+    rows: Sequence[Any] | None
+    if isinstance(driver, InlineWrites):
+        rows = await driver.bastion_write_soon(cursor, sql, tuple(parameters))
+    else:
+        rows = await driver.bastion_read_soon(cursor, sql, tuple(parameters))
     if driver.bastion_ready():
         cursor.close()
     # Otherwise a call of this connection is still on its thread (a cancelled unit's): the
@@ -380,8 +390,6 @@ _DRIVERS: Final[dict[str, tuple[Callable[[Any], bool], Callable[..., Awaitable[A
     "asyncpg": (_asyncpg_ready, _fetch_asyncpg),
     "aiosqlite": (_sqlite_ready, _fetch_sqlite),
 }
-_WRITING_DRIVERS: Final = frozenset({"asyncpg"})
-"""Drivers whose write units take the lean path too (SQLite's run only on the read pool)."""
 
 
 def lean_connection_class(
@@ -394,7 +402,7 @@ def lean_connection_class(
     are what later connections compare with.
     """
     driver = _DRIVERS.get(engine.dialect.driver)
-    if driver is None or (writes and engine.dialect.driver not in _WRITING_DRIVERS):
+    if driver is None:
         return None
     ready, fetch = driver
     dispatch = engine.sync_engine.dispatch

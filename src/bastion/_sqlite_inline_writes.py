@@ -71,10 +71,43 @@ class InlineWrites(InlineReads):
         try:
             return fn(*args)
         finally:
-            if time.thread_time() - started > INLINE_BUDGET_S and isinstance(sql, str):
-                FAST_WRITES.discard(sql)
-                SLOW_STATEMENTS.add(sql)
-                FALLBACKS["budget"] += 1
+            if isinstance(sql, str):
+                _charge(sql, started)
+
+    async def bastion_write_soon(
+        self, cursor: sqlite3.Cursor, sql: str, parameters: Any
+    ) -> list[Any] | None:
+        """Run ``sql`` on ``cursor`` and fetch its rows (``None``: it returns none): on the
+        loop if it is known fast, else on the thread, timed there (see the module docstring).
+
+        For the lean path (:mod:`bastion._lean`); call only when :meth:`bastion_ready`, inside
+        the write unit's transaction.
+
+        Raises:
+            sqlite3.Error: the statement failed.
+        """
+        arguments = () if parameters is None else parameters
+
+        def run() -> list[Any] | None:
+            cursor.execute(sql, arguments)
+            return cursor.fetchall() if cursor.description else None
+
+        if sql in FAST_WRITES and sql not in SLOW_STATEMENTS:
+            started = time.thread_time()
+            try:
+                return run()
+            finally:
+                _charge(sql, started)
+        return await self._on_thread(_timed, run, (), sql)  # type: ignore[no-any-return]
+
+
+def _charge(sql: str, started: float) -> None:
+    """Send ``sql`` back to the thread for good if its inline run since ``started`` (thread
+    CPU time) overran the budget."""
+    if time.thread_time() - started > INLINE_BUDGET_S:
+        FAST_WRITES.discard(sql)
+        SLOW_STATEMENTS.add(sql)
+        FALLBACKS["budget"] += 1
 
 
 def _timed(fn: Callable[..., Any], args: tuple[Any, ...], sql: object) -> Any:

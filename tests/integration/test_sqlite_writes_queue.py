@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import column, insert, select, table, text
+from sqlalchemy.engine.result import IteratorResult
 
-from bastion import Database, TransactionConflictError
+from bastion import Database, TransactionConflictError, UniqueViolationError, returning_rows
 from bastion._sqlite_inline import SLOW_STATEMENTS
 from bastion._sqlite_inline_writes import FAST_WRITES
 from tests.conftest import make_settings
@@ -100,3 +101,47 @@ async def test_a_write_that_overruns_the_budget_goes_back_to_the_thread(
         assert await thread_calls(connection) > before  # on the thread again
     async with database.read_connection() as connection:
         assert await connection.scalar(text("SELECT n FROM counter")) == 10
+
+
+COUNTER = table("counter", column("id"), column("n"))
+
+
+async def test_lean_statements_in_a_write_unit_go_to_the_thread_until_known_fast(
+    database: Database,
+) -> None:
+    # Statements SQLAlchemy has run once (their result metadata is cached) take the lean path
+    # in a write unit too: on the thread, timed there, until known fast, then on the loop.
+    insert_row = insert(COUNTER).returning(COUNTER.c.id, COUNTER.c.n)
+    read_row = select(COUNTER.c.n).where(COUNTER.c.id == 2)
+    async with database.write_connection() as connection:
+        await connection.execute(insert_row, {"id": 9, "n": 0})
+        await connection.execute(read_row)
+    FAST_WRITES.discard("INSERT INTO counter (id, n) VALUES (?, ?) RETURNING id, n")
+    async with database.write_connection() as connection:
+        before = await thread_calls(connection)
+        first = await returning_rows(connection, insert_row, {"id": 2, "n": 5})
+        after_first = await thread_calls(connection)
+        found = await connection.execute(read_row)
+        again = await returning_rows(connection, insert_row, {"id": 3, "n": 6})
+        assert await thread_calls(connection) == after_first  # known fast now: on the loop
+    assert isinstance(first, IteratorResult)
+    assert isinstance(found, IteratorResult)
+    assert after_first == before + 1  # the unknown INSERT: one trip to the thread
+    assert ([tuple(r) for r in first], found.scalar_one(), again.one().n) == ([(2, 5)], 5, 6)
+    async with database.read_connection() as connection:
+        rows = (await connection.execute(text("SELECT id, n FROM counter ORDER BY id"))).all()
+    assert [tuple(row) for row in rows] == [(1, 0), (2, 5), (3, 6), (9, 0)]
+
+
+async def test_a_lean_write_that_fails_rolls_its_unit_back(database: Database) -> None:
+    insert_row = insert(COUNTER).returning(COUNTER.c.id)
+    async with database.write_connection() as connection:
+        await connection.execute(insert_row, {"id": 5, "n": 0})  # known fast from here on
+    with pytest.raises(UniqueViolationError):
+        async with database.write_connection() as connection:
+            kept = await returning_rows(connection, insert_row, {"id": 6, "n": 0})
+            assert isinstance(kept, IteratorResult)
+            await returning_rows(connection, insert_row, {"id": 1, "n": 0})  # taken
+    async with database.read_connection() as connection:
+        ids = (await connection.scalars(text("SELECT id FROM counter ORDER BY id"))).all()
+    assert ids == [1, 5]

@@ -1,9 +1,9 @@
-"""Repository writes with ``RETURNING`` run on the driver directly in PostgreSQL write units.
+"""Repository writes with ``RETURNING`` run on the driver directly in write units.
 
 See :meth:`bastion._lean.LeanConnection.returning`. As for lean reads, the lean path answers
 with an ``IteratorResult`` and SQLAlchemy's with a ``CursorResult``: that is how each test
-tells which path ran. On SQLite write units keep SQLAlchemy's path; the same tests hold its
-answers to the same values.
+tells which path ran. Each test runs on PostgreSQL and on SQLite (where a statement runs on
+the event loop once known fast, else on the connection's thread: both are the lean path).
 """
 
 from __future__ import annotations
@@ -45,10 +45,6 @@ def _row(name: str, **overrides: Any) -> dict[str, Any]:
     return values
 
 
-def _lean_expected(backend: str) -> type:
-    return IteratorResult if backend == "postgresql" else CursorResult
-
-
 def _typed(rows: Any) -> list[dict[str, Any]]:
     """Each row's values with their types, without the generated key."""
     return [
@@ -56,19 +52,17 @@ def _typed(rows: Any) -> list[dict[str, Any]]:
     ]
 
 
-async def test_an_insert_returns_what_sqlalchemy_path_returns(db: Database, backend: str) -> None:
+async def test_an_insert_returns_what_sqlalchemy_path_returns(db: Database) -> None:
     async with db.write_connection() as connection:
         await connection.execute(INSERT_ITEM, _row("warm-up"))  # caches the result metadata
         expected = await connection.execute(INSERT_ITEM, _row("same"))
         lean = await returning_rows(connection, INSERT_ITEM, _row("same"))
     assert isinstance(expected, CursorResult)
-    assert isinstance(lean, _lean_expected(backend))
+    assert isinstance(lean, IteratorResult)
     assert _typed(lean.mappings()) == _typed(expected.mappings())
 
 
-async def test_an_update_setting_an_expression_runs_lean_and_answers_the_same(
-    db: Database, backend: str
-) -> None:
+async def test_an_update_setting_an_expression_runs_lean_and_answers_the_same(db: Database) -> None:
     # score = score + 10 makes "score" a postfetch column: informative only, not a default.
     # updated_at and updated_by are set: their onupdate defaults are not computed.
     statement = (
@@ -81,7 +75,7 @@ async def test_an_update_setting_an_expression_runs_lean_and_answers_the_same(
         await connection.execute(INSERT_ITEM, _row("a", score=1))
         await connection.execute(statement, {})  # caches the result metadata: score 11
         lean = await returning_rows(connection, statement, {})
-    assert isinstance(lean, _lean_expected(backend))
+    assert isinstance(lean, IteratorResult)
     assert [tuple(row) for row in lean] == [("a", 21)]
 
 
@@ -148,13 +142,13 @@ async def test_a_read_unit_refuses_a_write_whichever_path_it_asks_for(db: Databa
     assert names == ["warm-up"]
 
 
-async def test_lean_writes_are_counted_in_query_metrics(db: Database, backend: str) -> None:
+async def test_lean_writes_are_counted_in_query_metrics(db: Database) -> None:
     async with db.write_connection() as connection:
         await connection.execute(INSERT_ITEM, _row("warm-up"))
         before = db.metrics.queries
         for n in range(5):
             result = await returning_rows(connection, INSERT_ITEM, _row(f"counted {n}"))
-            assert isinstance(result, _lean_expected(backend))  # the path whose count is checked
+            assert isinstance(result, IteratorResult)  # the path whose count is checked
     assert db.metrics.queries == before + 5
 
 
@@ -173,9 +167,7 @@ async def test_a_statement_with_execution_options_of_its_own_takes_sqlalchemy_pa
     assert result.scalar_one() == "one"
 
 
-async def test_statements_inside_a_savepoint_block_take_sqlalchemy_path(
-    db: Database, backend: str
-) -> None:
+async def test_statements_inside_a_savepoint_block_take_sqlalchemy_path(db: Database) -> None:
     # Within ``async with begin_nested()`` SQLAlchemy checks the transaction state before
     # every statement: the lean path does not, so it steps aside there.
     async with db.write_connection() as connection:
@@ -185,19 +177,17 @@ async def test_statements_inside_a_savepoint_block_take_sqlalchemy_path(
             inside = await returning_rows(connection, INSERT_ITEM, _row("inside"))
         after = await returning_rows(connection, INSERT_ITEM, _row("after"))
     assert isinstance(inside, CursorResult)
-    assert isinstance(after, _lean_expected(backend))
+    assert isinstance(after, IteratorResult)
     assert inside.one().name == "inside"
 
 
-async def test_a_list_of_one_row_runs_lean_and_several_keep_their_order(
-    db: Database, backend: str
-) -> None:
+async def test_a_list_of_one_row_runs_lean_and_several_keep_their_order(db: Database) -> None:
     batched = insert(ITEMS).returning(ITEMS.c.name, sort_by_parameter_order=True)
     async with db.write_connection() as connection:
         await connection.execute(batched, _row("warm-up"))  # caches the result metadata
         one = await returning_rows(connection, batched, [_row("one")])
         several = await returning_rows(connection, batched, [_row(n) for n in ("c", "a", "b")])
-    assert isinstance(one, _lean_expected(backend))
+    assert isinstance(one, IteratorResult)
     assert one.scalars().all() == ["one"]
     assert isinstance(several, CursorResult)  # a batch is SQLAlchemy's to run
     assert several.scalars().all() == ["c", "a", "b"]
