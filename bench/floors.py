@@ -14,8 +14,8 @@ request at a time, with no sockets and no HTTP server, and prints CPU microsecon
   from ``raw`` at the start.
 * ``unit_floor``: ``reference_floor`` with the reference's units of work, opened and closed,
   and no statement in them: a read unit per read (``ReadConnection``); for a write, the
-  authenticating read unit and the retried, idempotency-aware write unit
-  (``idempotent_write`` → ``Database.run`` → ``write_connection``).
+  retried, idempotency-aware write unit that also authenticates the caller (``write_once`` →
+  ``idempotent_write`` → ``Database.run`` → ``write_connection``).
 
 Were Bastion and SQLAlchemy free, a reference request would still cost ``reference_floor``
 plus the database work ``raw`` does (``raw - raw_floor``); keeping a unit of work per request,
@@ -72,6 +72,7 @@ from bench.layers import (
     reference_app,
 )
 from bench.run import MESSAGE_BODY
+from conversations.auth import WriteCaller
 from conversations.routes._ids import parse_conversation_id
 from conversations.routes.messages import PageCursor, PageLimit
 from conversations.schemas import ConversationOut, MessageCreate, MessageOut, MessagePage
@@ -157,13 +158,19 @@ async def _unit_reader(request: Request, _connection: ReadConnection) -> uuid.UU
 UnitReader = Annotated[uuid.UUID, Depends(_unit_reader, scope="function")]
 
 
-async def _unit_user(request: Request, database: DatabaseDep) -> uuid.UUID:
-    async with database.read_connection():  # as the reference authenticates a write
-        key_hash(request)
-    return uuid.UUID(int=2)
+class _StatementlessCaller(WriteCaller):
+    """A write's caller, taken as authenticated in the write unit without a statement."""
+
+    async def authenticate(self, connection: AsyncConnection) -> uuid.UUID:
+        return uuid.UUID(int=2)
 
 
-UnitUser = Annotated[uuid.UUID, Depends(_unit_user)]
+async def _unit_caller(request: Request) -> WriteCaller:
+    key_hash(request)
+    return _StatementlessCaller("floor")
+
+
+UnitCaller = Annotated[WriteCaller, Depends(_unit_caller)]
 
 
 def _conversation(conversation_id: str, response: Response) -> ConversationOut:
@@ -258,14 +265,14 @@ def unit_floor_app() -> FastAPI:
     async def create_message(
         conversation_id: str,
         body: MessageCreate,
-        user_id: UnitUser,
+        caller: UnitCaller,
         database: DatabaseDep,
         request: Request,
     ) -> Response:
-        async def add(_connection: AsyncConnection) -> StoredResponse:
+        async def add(_connection: AsyncConnection, _user_id: uuid.UUID) -> StoredResponse:
             return _created(conversation_id, body)
 
-        return await write_once(request, database, user_id, add)
+        return await write_once(request, database, caller, add)
 
     return app
 

@@ -87,7 +87,9 @@ class WriteCaller:
     statement, rather than in a read unit of its own before it: one unit per request instead
     of two (a unit costs more than the statement; ``bench/README.md``, finding 17). Only the
     key's form is checked before (:func:`_presented_key`), so a request with no key or a
-    malformed one never opens a unit.
+    malformed one never opens a unit. A well-formed but unknown key does open the write unit
+    before it is refused: on SQLite it holds the process's write turn for one indexed lookup
+    and a rollback, the price of not paying a second unit on every genuine write.
     """
 
     __slots__ = ("_key", "_user_id")
