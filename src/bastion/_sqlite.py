@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.util import await_
 
 from bastion._sqlite_inline import InlineAdaptedConnection, InlineReads, inline_driver_class
-from bastion._sqlite_inline_writes import InlineWrites
+from bastion._sqlite_inline_writes import BEGIN_WRITE, InlineWrites
 
 __all__ = ["UNIT_OPTION", "install_sqlite_listeners", "sqlite_connect_args"]
 
@@ -221,7 +221,7 @@ def install_sqlite_listeners(
         unit = connection.get_execution_options().get(UNIT_OPTION)
         if unit == READ_UNIT:
             return
-        connection.exec_driver_sql("BEGIN" if unit == SNAPSHOT_UNIT else "BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN" if unit == SNAPSHOT_UNIT else BEGIN_WRITE)
 
     if statement_timeout_s > 0:
 

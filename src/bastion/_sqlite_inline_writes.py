@@ -6,8 +6,14 @@ half-way inside a transaction rolls the whole transaction back, so it cannot sim
 on the thread — so they are admitted by their record instead:
 
 * Only inside a transaction that holds the write lock (``BEGIN IMMEDIATE`` has returned), so
-  no statement can wait for a lock. ``BEGIN``, ``COMMIT`` (which syncs the file) and
-  ``ROLLBACK`` stay on the thread.
+  no statement can wait for a lock. ``COMMIT`` (which syncs the file) and a ``ROLLBACK`` of a
+  transaction stay on the thread.
+* ``BEGIN IMMEDIATE`` itself runs on the loop with SQLite's busy timeout at zero: the
+  process's write units take turns before it (:mod:`bastion._sqlite_writer`), so it finds the
+  lock free unless another process holds it (or the WAL needs recovery); then it fails at
+  once with ``SQLITE_BUSY`` and runs again on the thread, waiting the configured timeout.
+* Calls that touch no file run on the loop at any time: making a cursor, closing cursors, and
+  the pool's ``rollback`` on return when no transaction is open (after ``COMMIT``).
 * A statement's first runs go to the thread, timed there (CPU time); once a run took under
   half the inline budget, later runs of the same SQL run on the loop.
 * An inline run that uses more CPU time than the budget sends that SQL back to the thread for
@@ -31,11 +37,14 @@ from bastion._sqlite_inline import (
     StatementSet,
 )
 
-__all__ = ["FAST_WRITES", "InlineWrites"]
+__all__ = ["BEGIN_WRITE", "FAST_WRITES", "InlineWrites"]
 
 _MAX_FAST_STATEMENTS: Final = 1024
-_INLINE_IN_TRANSACTION: Final = frozenset({"cursor", "execute", "fetchall", "close"})
-_INLINE_ANY_TIME: Final = frozenset({"close_cursors"})
+_INLINE_IN_TRANSACTION: Final = frozenset({"execute", "fetchall", "close"})
+_INLINE_ANY_TIME: Final = frozenset({"cursor", "close_cursors"})
+
+BEGIN_WRITE: Final = "BEGIN IMMEDIATE"
+"""How a write unit begins: it takes SQLite's write lock at once (see :mod:`bastion._sqlite`)."""
 
 
 FAST_WRITES: Final = StatementSet(_MAX_FAST_STATEMENTS)
@@ -50,9 +59,13 @@ class InlineWrites(InlineReads):
         connection: sqlite3.Connection | None = self._connection  # type: ignore[attr-defined]
         if kwargs or not self.bastion_ready() or connection is None:
             return await self._on_thread(fn, *args, **kwargs)
-        if name in _INLINE_ANY_TIME:
+        if name in _INLINE_ANY_TIME or (name == "rollback" and not connection.in_transaction):
             return fn(*args)
-        if name not in _INLINE_IN_TRANSACTION or not connection.in_transaction:
+        if not connection.in_transaction:
+            if name == "execute" and args and args[0] == BEGIN_WRITE:
+                return await self._begin_write(connection, fn, args)
+            return await self._on_thread(fn, *args)
+        if name not in _INLINE_IN_TRANSACTION:
             return await self._on_thread(fn, *args)
         owner = getattr(fn, "__self__", None)
         if name == "execute":
@@ -73,6 +86,21 @@ class InlineWrites(InlineReads):
         finally:
             if isinstance(sql, str):
                 _charge(sql, started)
+
+    async def _begin_write(
+        self, connection: sqlite3.Connection, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
+        """``BEGIN IMMEDIATE`` here if the lock is free, else on the thread (module docstring)."""
+        connection.execute("PRAGMA busy_timeout=0")
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            FALLBACKS["busy"] += 1
+        finally:
+            connection.execute(f"PRAGMA busy_timeout={int(self._bastion_busy_timeout_ms)}")
+        return await self._on_thread(fn, *args)
 
     async def bastion_write_soon(
         self, cursor: sqlite3.Cursor, sql: str, parameters: Any

@@ -4,6 +4,8 @@ known fast (bastion._sqlite_inline_writes)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from sqlalchemy import column, insert, select, table, text
 from sqlalchemy.engine.result import IteratorResult
 
 from bastion import Database, TransactionConflictError, UniqueViolationError, returning_rows
-from bastion._sqlite_inline import SLOW_STATEMENTS
+from bastion._sqlite_inline import FALLBACKS, SLOW_STATEMENTS
 from bastion._sqlite_inline_writes import FAST_WRITES
 from tests.conftest import make_settings
 from tests.integration.sqlite_calls import thread_calls
@@ -145,3 +147,54 @@ async def test_a_lean_write_that_fails_rolls_its_unit_back(database: Database) -
     async with database.read_connection() as connection:
         ids = (await connection.scalars(text("SELECT id FROM counter ORDER BY id"))).all()
     assert ids == [1, 5]
+
+
+async def test_a_write_unit_hops_to_the_thread_for_its_commit_only(database: Database) -> None:
+    # BEGIN IMMEDIATE, the cursors and the pool's rollback after COMMIT run on the loop.
+    update = text("UPDATE counter SET n = n + 1 WHERE id = 1")
+    async with database.write_connection() as connection:
+        await connection.execute(update)  # known fast from here on
+        driver = (await connection.get_raw_connection()).driver_connection
+    after_first = driver._bastion_queued
+    async with database.write_connection() as connection:
+        assert (await connection.get_raw_connection()).driver_connection is driver
+        at_start = await thread_calls(connection)
+        await connection.execute(update)
+        before_commit = await thread_calls(connection)
+    assert (at_start - after_first, before_commit - at_start) == (0, 0)
+    assert driver._bastion_queued - before_commit == 1  # the COMMIT
+
+
+async def test_begin_waits_on_the_thread_while_another_process_holds_the_lock(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "locked.db"
+    settings = make_settings(f"sqlite:///{path}", DB_SQLITE_BUSY_TIMEOUT=5000)
+    async with Database(settings) as db:
+        async with db.write_connection() as connection:
+            await connection.execute(text("CREATE TABLE t (n INT)"))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the write lock, held by "another process"
+        busy_before = FALLBACKS["busy"]
+
+        async def write() -> None:
+            async with db.write_connection() as connection:
+                await connection.execute(text("INSERT INTO t VALUES (1)"))
+
+        writer = asyncio.create_task(write())
+        gaps: list[float] = []
+        last = time.monotonic()
+        for _ in range(30):  # 0.3 s with the lock held: the loop must keep turning
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+        assert not writer.done()
+        other.execute("COMMIT")
+        other.close()
+        await writer
+        assert FALLBACKS["busy"] == busy_before + 1
+        # An inline BEGIN waiting out the 5 s timeout would have stalled the loop that long.
+        assert max(gaps) < 1.0
+        async with db.read_connection() as connection:
+            assert await connection.scalar(text("SELECT count(*) FROM t")) == 1
