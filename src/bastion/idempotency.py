@@ -153,6 +153,7 @@ class IdempotencyStore:
             IdempotencyKeyReusedError: the key was used before for another request.
             CommitOutcomeUnknownError: COMMIT was lost on every attempt; the client may send
                 the same request and key again later, safely.
+            TypeError: ``scope``'s function returned something other than a string.
             Whatever ``scope`` (nothing is looked up or run then) or ``work`` raises
             (nothing is stored then).
         """
@@ -202,11 +203,14 @@ class IdempotencyStore:
             nonlocal resolved
             if not isinstance(resolved, str):
                 resolved = await resolved(connection)
+                if not isinstance(resolved, str):
+                    raise TypeError(f"an idempotency scope function returned {resolved!r}")
             query = {"scope": resolved, "key": key}
             return (await connection.execute(self._lookup, query)).first()
 
         row = await database.run(database.read_connection, lookup)
-        assert isinstance(resolved, str)  # lookup resolved it before it could return
+        if not isinstance(resolved, str):  # pragma: no cover - lookup resolves it or raises
+            raise AssertionError("the idempotency scope was not resolved")
         return resolved, self._stored(row, request_hash)
 
     @staticmethod

@@ -89,7 +89,9 @@ class WriteCaller:
     key's form is checked before (:func:`_presented_key`), so a request with no key or a
     malformed one never opens a unit. A well-formed but unknown key does open the write unit
     before it is refused: on SQLite it holds the process's write turn for one indexed lookup
-    and a rollback, the price of not paying a second unit on every genuine write.
+    and a rollback, the price of not paying a second unit on every genuine write. The body,
+    the ids in the path and the ``Idempotency-Key`` header are validated before that lookup,
+    so such a request gets their 422/404/400 before its 401 (they echo nothing stored).
     """
 
     __slots__ = ("_key", "_user_id")

@@ -250,6 +250,10 @@ async def test_conversations_record_when_and_by_whom_they_were_written(
         edited = await app_client.patch(
             f"/v1/conversations/{first['id']}", json={"title": "1st"}, headers=users.alice
         )
+        # With an Idempotency-Key the caller is looked up in the key's unit, not the write's.
+        keyed = await create(
+            app_client, {**users.alice, "Idempotency-Key": "audit-1"}, title="keyed"
+        )
 
     created = [datetime.fromisoformat(str(c["created_at"])) for c in (first, second)]
     assert created[1] - created[0] == timedelta(seconds=1)
@@ -263,4 +267,12 @@ async def test_conversations_record_when_and_by_whom_they_were_written(
                 ).where(Conversation.id == uuid.UUID(str(first["id"])))
             )
         ).one()
+        keyed_row = (
+            await session.execute(
+                select(Conversation.owner_id, Conversation.created_by).where(
+                    Conversation.id == uuid.UUID(str(keyed["id"]))
+                )
+            )
+        ).one()
     assert created_by == updated_by == str(owner)
+    assert keyed_row == (owner, str(owner))

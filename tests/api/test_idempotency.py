@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bastion import Database, DatabaseSettings, IdempotencyStore, StoredResponse
+from conversations.models import idempotency_keys
 from tests.conftest import Users
 
 Client = httpx.AsyncClient
@@ -166,3 +170,23 @@ async def test_two_key_headers_are_a_400(app_client: Client, users: Users) -> No
     headers = [*users.alice.items(), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
     response = await app_client.post("/v1/conversations", json={"title": "t"}, headers=headers)
     assert response.status_code == 400
+
+
+async def test_a_scope_function_that_returns_no_string_is_refused(
+    settings: DatabaseSettings,
+) -> None:
+    ran: list[str] = []
+
+    async def scope(_connection: AsyncConnection) -> str:
+        return uuid.uuid4()  # type: ignore[return-value]  # the mistake under test
+
+    async def work(_connection: AsyncConnection) -> StoredResponse:
+        ran.append("work")
+        return StoredResponse(201, b"{}")
+
+    async with Database(settings) as database:
+        with pytest.raises(TypeError, match="idempotency scope"):
+            await IdempotencyStore(idempotency_keys).run(
+                database, scope=scope, key="k", request_hash="h", work=work
+            )
+    assert ran == []
