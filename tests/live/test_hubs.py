@@ -133,11 +133,7 @@ async def test_losing_redis_ends_subscriptions_and_they_resume_after(
 async def test_postgres_notifications_reach_another_process_in_order(
     postgres_test_url: str,
 ) -> None:
-    url = make_url(postgres_test_url)
-    channel = f"t{uuid.uuid4().hex[:12]}"
-    one = PostgresHub(url, pg_channel=channel)
-    two = PostgresHub(url, pg_channel=channel)
-    try:
+    async with _two_hubs(postgres_test_url) as (one, two):
         here = await one.subscribe("conversation:1")
         there = await two.subscribe("conversation:1")
         for n in range(100):
@@ -147,6 +143,17 @@ async def test_postgres_notifications_reach_another_process_in_order(
         assert await _take(there, 100) == expected
         with pytest.raises(ValueError, match="limit"):
             await one.publish("conversation:1", "x" * 7_001)
+
+
+@asynccontextmanager
+async def _two_hubs(postgres_test_url: str) -> AsyncIterator[tuple[PostgresHub, PostgresHub]]:
+    """Two hubs (as two processes would have) on a fresh channel, closed at the end."""
+    url = make_url(postgres_test_url)
+    channel = f"t{uuid.uuid4().hex[:12]}"
+    one = PostgresHub(url, pg_channel=channel)
+    two = PostgresHub(url, pg_channel=channel)
+    try:
+        yield one, two
     finally:
         await one.close()
         await two.close()
@@ -158,18 +165,11 @@ async def _publisher_and_listener(
 ) -> AsyncIterator[tuple[PostgresHub, Subscription]]:
     """Two hubs on a fresh channel: one to publish on (connected: its first event has gone
     out and arrived), and a subscription of the other to ``conversation:1``."""
-    url = make_url(postgres_test_url)
-    channel = f"t{uuid.uuid4().hex[:12]}"
-    publisher = PostgresHub(url, pg_channel=channel)
-    listener = PostgresHub(url, pg_channel=channel)
-    try:
+    async with _two_hubs(postgres_test_url) as (publisher, listener):
         received = await listener.subscribe("conversation:1")
         await publisher.publish("conversation:1", "first")
         assert await _take(received, 1) == ["first"]
         yield publisher, received
-    finally:
-        await publisher.close()
-        await listener.close()
 
 
 @pytest.mark.postgres
