@@ -221,7 +221,7 @@ def install_sqlite_listeners(
         unit = connection.get_execution_options().get(UNIT_OPTION)
         if unit == READ_UNIT:
             return
-        connection.exec_driver_sql("BEGIN" if unit == SNAPSHOT_UNIT else BEGIN_WRITE)
+        _send_begin(connection, "BEGIN" if unit == SNAPSHOT_UNIT else BEGIN_WRITE)
 
     if statement_timeout_s > 0:
 
@@ -230,6 +230,29 @@ def install_sqlite_listeners(
             deadline = connection.connection.info.get(_DEADLINE)
             if deadline is not None:
                 deadline[0] = time.monotonic() + statement_timeout_s
+
+
+def _send_begin(connection: Connection, sql: str) -> None:
+    """Send ``sql`` (a BEGIN) straight to the driver, its errors raised as ``execute``'s.
+
+    ``exec_driver_sql`` would build an execution context, a cursor and a result for a statement
+    that returns nothing, about a fifth of a small write unit's own cost; the driver call is all
+    it needs. (``BEGIN IMMEDIATE`` itself runs on the loop or the thread as
+    :mod:`bastion._sqlite_inline_writes` decides.) Being transaction control, it is not a
+    query: statement listeners (metrics, the slow-query log) do not see it, as they do not see
+    COMMIT. A failure goes through SQLAlchemy's own handler: translated to its exception
+    classes, ``handle_error`` listeners told, the connection invalidated on a disconnect.
+    """
+    adapted = connection.connection.dbapi_connection
+    assert adapted is not None
+    driver_connection = adapted.driver_connection
+    try:
+        try:
+            await_(driver_connection._execute(driver_connection._conn.execute, sql))
+        except Exception as error:
+            adapted._handle_exception(error)  # raises the DBAPI-shaped error
+    except Exception as error:
+        connection._handle_dbapi_exception(error, sql, (), None, None)
 
 
 def _install_deadline(dbapi_connection: Any, record: Any) -> list[float]:

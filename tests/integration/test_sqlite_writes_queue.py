@@ -13,7 +13,13 @@ import pytest
 from sqlalchemy import column, insert, select, table, text
 from sqlalchemy.engine.result import IteratorResult
 
-from bastion import Database, TransactionConflictError, UniqueViolationError, returning_rows
+from bastion import (
+    Database,
+    DatabaseUnavailableError,
+    TransactionConflictError,
+    UniqueViolationError,
+    returning_rows,
+)
 from bastion._sqlite_inline import FALLBACKS, SLOW_STATEMENTS
 from bastion._sqlite_inline_writes import FAST_WRITES
 from tests.conftest import make_settings
@@ -198,3 +204,35 @@ async def test_begin_waits_on_the_thread_while_another_process_holds_the_lock(
         assert max(gaps) < 1.0
         async with db.read_connection() as connection:
             assert await connection.scalar(text("SELECT count(*) FROM t")) == 1
+
+
+async def test_a_begin_on_a_dead_connection_is_a_disconnect_and_the_next_unit_reconnects(
+    database: Database,
+) -> None:
+    # BEGIN IMMEDIATE goes straight to the driver (bastion._sqlite's _send_begin), but its
+    # failure still goes through SQLAlchemy's handler: translated, counted by the handle_error
+    # listeners, and a dead connection invalidated rather than handed out again.
+    async with database.write_connection() as connection:
+        driver = (await connection.get_raw_connection()).driver_connection
+    await driver.close()  # the pooled write connection's driver dies while it sits in the pool
+    errors_before = database.metrics.errors
+    with pytest.raises(DatabaseUnavailableError):
+        async with database.write_connection():
+            pass
+    assert database.metrics.errors == errors_before + 1
+    async with database.write_connection() as connection:
+        assert (await connection.get_raw_connection()).driver_connection is not driver
+        await connection.execute(text("UPDATE counter SET n = 7 WHERE id = 1"))
+    async with database.read_connection() as connection:
+        assert await connection.scalar(text("SELECT n FROM counter")) == 7
+
+
+async def test_a_write_unit_counts_its_statements_as_queries_and_not_its_begin(
+    database: Database,
+) -> None:
+    # As on PostgreSQL, where asyncpg sends BEGIN itself: transaction control is not a query
+    # in the metrics, the slow-query log or a request's query count.
+    queries_before = database.metrics.queries
+    async with database.write_connection() as connection:
+        await connection.execute(text("UPDATE counter SET n = n + 1 WHERE id = 1"))
+    assert database.metrics.queries == queries_before + 1
