@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 import uuid
 from datetime import UTC, datetime
@@ -48,6 +49,19 @@ URL_MAX_LENGTH: Final = 2048
 INT_ID_MAX: Final = 2**63 - 1  # a signed 64-bit key: BIGINT on PostgreSQL, INTEGER on SQLite
 UUID_TEXT_MAX_LENGTH: Final = 36
 
+# Unicode's control characters (general category Cc) are exactly U+0000-U+001F and
+# U+007F-U+009F, and its surrogates (Cs) U+D800-U+DFFF: fixed ranges, so a character class
+# finds them in C, where a loop over unicodedata.category() took about 10 ms for a 100,000-
+# character message (holding the event loop that long). tests/unit/test_validation.py checks
+# the classes against unicodedata over every code point.
+_SURROGATES: Final = (0xD800, 0xDFFF)
+_UNSAFE_TEXT: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+"""Control characters but tab, newline and CR, and surrogates: what :func:`check_safe_text`
+refuses."""
+_LONE_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+_URL_UNSAFE: Final = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+"""Whitespace (``\\s`` matches what ``str.isspace`` accepts), control characters, surrogates."""
+
 
 def check_safe_text(value: str) -> str:
     """Return ``value`` unchanged if it holds no control character but tab, newline and CR.
@@ -56,15 +70,13 @@ def check_safe_text(value: str) -> str:
         ValueError: a NUL byte, another control character, or a lone surrogate (which cannot
             be stored as UTF-8) is present; the message gives its position.
     """
-    for position, character in enumerate(value):
-        category = unicodedata.category(character)
-        if category == "Cc" and character not in ALLOWED_CONTROL_CHARACTERS:
-            raise ValueError(
-                f"control character U+{ord(character):04X} at position {position} is not allowed"
-            )
-        if category == "Cs":
-            raise ValueError(f"lone surrogate U+{ord(character):04X} at position {position}")
-    return value
+    found = _UNSAFE_TEXT.search(value)
+    if found is None:
+        return value
+    position, code = found.start(), ord(found.group())
+    if _SURROGATES[0] <= code <= _SURROGATES[1]:
+        raise ValueError(f"lone surrogate U+{code:04X} at position {position}")
+    raise ValueError(f"control character U+{code:04X} at position {position} is not allowed")
 
 
 SafeText = Annotated[str, AfterValidator(check_safe_text)]
@@ -165,7 +177,7 @@ def _check_json_value(value: Any, *, depth: int, max_depth: int) -> None:
 def _check_json_string(value: str, depth: int) -> None:
     if "\x00" in value:
         raise ValueError(f"NUL character in a JSON string at depth {depth}")
-    if any(unicodedata.category(character) == "Cs" for character in value):
+    if _LONE_SURROGATE.search(value):
         raise ValueError(f"lone surrogate in a JSON string at depth {depth}")
 
 
@@ -182,10 +194,7 @@ def check_http_url(value: str, *, max_length: int = URL_MAX_LENGTH) -> str:
     """
     if len(value) > max_length:
         raise ValueError(f"URL is {len(value)} characters; at most {max_length} are allowed")
-    if any(
-        character.isspace() or unicodedata.category(character) in ("Cc", "Cs")
-        for character in value
-    ):
+    if _URL_UNSAFE.search(value):
         raise ValueError("URL contains whitespace or control characters")
     try:
         parts = urlsplit(value)

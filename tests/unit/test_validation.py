@@ -1,8 +1,18 @@
 """Reusable validators: they reject what the database cannot or must not hold, unchanged."""
 
+import sys
+import unicodedata
+
 import pytest
 
 from bastion import check_http_url, check_json_object, check_safe_text
+from bastion.validation import (
+    _LONE_SURROGATE,
+    _URL_UNSAFE,
+    ALLOWED_CONTROL_CHARACTERS,
+)
+
+EVERY_CHARACTER = [chr(code) for code in range(sys.maxunicode + 1)]
 
 
 @pytest.mark.parametrize(
@@ -18,6 +28,44 @@ def test_safe_text_passes_unchanged(text: str) -> None:
 def test_safe_text_refuses_control_characters_and_lone_surrogates(bad: str) -> None:
     with pytest.raises(ValueError, match=r"position|surrogate"):
         check_safe_text(bad)
+
+
+def test_safe_text_refuses_exactly_the_control_characters_and_surrogates_unicode_names() -> None:
+    # The check is a character class of fixed ranges: it must agree with unicodedata's
+    # categories on every code point, not only on the samples above.
+    refused = []
+    for character in EVERY_CHARACTER:
+        try:
+            check_safe_text(character)
+        except ValueError:
+            refused.append(character)
+    expected = [
+        character
+        for character in EVERY_CHARACTER
+        if unicodedata.category(character) == "Cs"
+        or (unicodedata.category(character) == "Cc" and character not in ALLOWED_CONTROL_CHARACTERS)
+    ]
+    assert refused == expected
+    assert len(refused) == 62 + 2048
+
+
+def test_the_url_and_json_classes_match_unicodedata_on_every_code_point() -> None:
+    everything = "".join(EVERY_CHARACTER)
+    url_refused = [found.group() for found in _URL_UNSAFE.finditer(everything)]
+    assert url_refused == [
+        character
+        for character in EVERY_CHARACTER
+        if character.isspace() or unicodedata.category(character) in ("Cc", "Cs")
+    ]
+    surrogates = [found.group() for found in _LONE_SURROGATE.finditer(everything)]
+    assert surrogates == [c for c in EVERY_CHARACTER if unicodedata.category(c) == "Cs"]
+
+
+def test_a_refusal_names_the_first_bad_character_and_its_position() -> None:
+    with pytest.raises(ValueError, match=r"control character U\+001B at position 3 "):
+        check_safe_text("abc\x1bdef\x00")
+    with pytest.raises(ValueError, match=r"lone surrogate U\+DC00 at position 1$"):
+        check_safe_text("a\udc00\x00")
 
 
 def nested(depth: int) -> dict[str, object]:
