@@ -92,7 +92,20 @@ class _ClosingConnection(sqlite3.Connection):
 
 
 class _Cursor(sqlite3.Cursor):
-    """A cursor that can carry attributes (:class:`InlineReads` notes its statement on it)."""
+    """A cursor that can carry attributes (:class:`InlineReads` notes its statement on it) and
+    leaves its connection's set of live cursors when it is closed.
+
+    A closed cursor can hold no statement, but it can stay alive for long: aiosqlite's worker
+    thread keeps a reference to the last call it ran (a cursor's ``close``, typically) until
+    it is given the next, which with statements on the event loop may be never. Left in the
+    set, it made every return to the pool close cursors again (a greenlet switch per unit).
+    """
+
+    def close(self) -> None:
+        super().close()
+        cursors = getattr(self.connection, "_cursors", None)
+        if cursors is not None:
+            cursors.discard(self)
 
 
 class _StopOnce:

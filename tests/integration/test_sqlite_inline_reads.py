@@ -142,3 +142,22 @@ async def test_a_statement_slow_once_returns_to_the_loop_after_a_fast_run(
         before = await thread_calls(connection)
         assert await connection.scalar(text(sql), {"rows": 10}) == 10
         assert await thread_calls(connection) == before  # back on the loop
+
+
+async def test_closed_cursors_leave_the_live_set_and_an_unfinished_one_is_closed_on_return(
+    database: Database,
+) -> None:
+    # The pool's return closes the connection's live cursors (an unfinished SELECT holds a
+    # read snapshot). A closed cursor must not count as live: aiosqlite's thread keeps the
+    # last one it closed alive, and every return would then close cursors again.
+    async with database.read_connection() as connection:
+        for _ in range(3):
+            assert await connection.scalar(text("SELECT 1")) == 1
+        sqlite_connection = (await connection.get_raw_connection()).driver_connection._conn
+        assert list(sqlite_connection._cursors) == []
+    async with database.read_connection() as connection:
+        assert (await connection.get_raw_connection()).driver_connection._conn is sqlite_connection
+        result = await connection.stream(text(MANY_ROWS.format(rows=1000)))
+        assert (await result.fetchmany(2)) == [(1,), (2,)]  # stops reading half-way
+        assert len(sqlite_connection._cursors) == 1
+    assert list(sqlite_connection._cursors) == []  # closed when the connection came back
