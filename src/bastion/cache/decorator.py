@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import string
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, ParamSpec, TypeVar, get_type_hints
 from urllib.parse import quote
 
@@ -133,10 +133,19 @@ def cached(
     return decorate
 
 
-def _fields(template: str) -> Iterable[str]:
+@functools.lru_cache(maxsize=1024)
+def _fields(template: str) -> tuple[str, ...]:
+    """The parameter names ``template`` uses, in order (cached: a service has few templates,
+    and :func:`cache_key` runs on every cached read and every write's invalidation).
+
+    Raises:
+        TypeError: a field that is not a plain name (``{a.b}``, ``{0}``, ``{a[0]}``).
+    """
+    names = []
     for _literal, name, _spec, _conversion in string.Formatter().parse(template):
         if name is None:
             continue
         if not name.isidentifier():
             raise TypeError(f"cache key {template!r}: use plain parameter names, not {name!r}")
-        yield name
+        names.append(name)
+    return tuple(names)
