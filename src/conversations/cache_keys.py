@@ -22,7 +22,7 @@ from typing import Final
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bastion.cache import Cache, cache_key, cached
+from bastion.cache import Cache, NullCache, cache_key, cached
 from conversations.routes._repositories import CONVERSATIONS
 from conversations.schemas import ConversationOut
 
@@ -88,4 +88,6 @@ async def conversation_changed(
     Call it after the write committed and before the response is sent. Never raises because
     Redis is down (the invalidation is applied when it answers again).
     """
+    if isinstance(cache, NullCache):
+        return  # no cache (REDIS_URL unset): no keys to build for nothing (as ``@cached`` does)
     await cache.invalidate_tags(*conversation_tags(owner_id, conversation_id))

@@ -132,7 +132,10 @@ async def announce_messages(
 
 
 async def message_created(
-    connection: HTTPConnection, owner_id: uuid.UUID, response: Response
+    connection: HTTPConnection,
+    owner_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    response: Response,
 ) -> None:
     """After ``POST …/messages``: announce the message in its 201 ``response``.
 
@@ -141,9 +144,7 @@ async def message_created(
     """
     if response.status_code != 201 or REPLAYED_HEADER in response.headers:
         return
-    body = bytes(response.body).decode()
-    conversation_id = uuid.UUID(json.loads(body)["conversation_id"])
-    await announce_messages(connection, owner_id, conversation_id, [body])
+    await announce_messages(connection, owner_id, conversation_id, [bytes(response.body).decode()])
 
 
 async def messages_created(

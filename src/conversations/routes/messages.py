@@ -115,7 +115,7 @@ async def create_message(
 
     response = await write_once(request, database, caller, add_message)
     # Committed: invalidate the conversation's cached reads, then tell its streams.
-    await message_created(request, caller.user_id, response)
+    await message_created(request, caller.user_id, cid, response)
     return response
 
 
