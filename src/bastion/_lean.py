@@ -33,7 +33,8 @@ SQLAlchemy has not cached yet (so its first run is always SQLAlchemy's), a conne
 for it, or an engine whose connection event listeners are not exactly the ones Bastion installed
 (an OpenTelemetry instrumentation, or any listener of the application's, may need the cursor and
 execution context this path does not build; they are counted once per unit, at its first
-statement).
+statement), or a connection with listeners of its own (or of the ``Connection`` class: once one
+was added there, this path stays off for the process, as SQLAlchemy's flag for it stays set).
 
 **Writes.** A write unit's connection (:meth:`Database.write_connection
 <bastion.Database.write_connection>`) is a ``LeanConnection`` too, and
@@ -250,7 +251,14 @@ class LeanConnection(AsyncConnection):
         return IteratorResult(metadata, iter(rows or ()))
 
     def _listeners_unchanged(self, sync: Connection) -> bool:
-        dispatch = sync.dispatch
+        # A listener added to this connection itself, or to the Connection class, sets
+        # _has_events there (SQLAlchemy's ConnectionEvents._listen); one added to the engine
+        # or the Engine class changes the engine's counts. Counting on the engine's dispatch,
+        # which keeps its listener collections, costs a tenth of counting on the connection's,
+        # which builds a joined collection per event on every new connection.
+        if sync._has_events:
+            return False
+        dispatch = sync.engine.dispatch
         return (
             tuple(len(getattr(dispatch, name)) for name in LEAN_EVENTS) == self._bastion_listeners
         )

@@ -201,6 +201,33 @@ async def test_a_foreign_listener_sends_statements_down_sqlalchemy_path(
     assert isinstance(again, IteratorResult)  # listener gone: lean again
 
 
+async def test_a_listener_on_the_units_own_connection_sends_its_statements_down_sqlalchemy_path(
+    database: Database,
+) -> None:
+    owner, _ids = await _seed(database)
+    statement = select(CONVERSATIONS.c.id).where(CONVERSATIONS.c.owner_id == bindparam("o"))
+    contexts: list[Any] = []
+
+    def listener(
+        _conn: Any, _cursor: Any, _sql: str, _params: Any, context: Any, _many: Any
+    ) -> None:
+        contexts.append(context)
+
+    async with database.read_connection() as connection:
+        await connection.execute(statement, {"o": owner})  # caches the result metadata
+    async with database.read_connection() as connection:
+        # Before the unit's first statement, on this connection only (not its engine).
+        event.listen(connection.sync_connection, "before_cursor_execute", listener)
+        result = await connection.execute(statement, {"o": owner})
+    assert isinstance(result, CursorResult)
+    assert len(contexts) == 1
+    assert contexts[0] is not None  # it saw SQLAlchemy's execution context
+    async with database.read_connection() as connection:
+        again = await connection.execute(statement, {"o": owner})
+    assert isinstance(again, IteratorResult)  # the next unit's connection has no listener
+    assert len(contexts) == 1
+
+
 def _failing_select(backend: str) -> Select[Any]:
     """A SELECT that succeeds for ``{"v": "1"}`` and that the database refuses at run time for
     ``{"v": "not a number"}``."""
