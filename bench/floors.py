@@ -72,7 +72,7 @@ from bench.layers import (
     reference_app,
 )
 from bench.run import MESSAGE_BODY
-from conversations.auth import WriteCaller
+from conversations.auth import PresentedKey, WriteCaller, key_guard_of
 from conversations.routes._ids import parse_conversation_id
 from conversations.routes.messages import PageCursor, PageLimit
 from conversations.schemas import ConversationOut, MessageCreate, MessageOut, MessagePage
@@ -151,7 +151,7 @@ NoUser = Annotated[uuid.UUID, Depends(_no_user)]
 
 
 async def _unit_reader(request: Request, _connection: ReadConnection) -> uuid.UUID:
-    key_hash(request)
+    _presented(request)
     return uuid.UUID(int=2)
 
 
@@ -166,8 +166,13 @@ class _StatementlessCaller(WriteCaller):
 
 
 async def _unit_caller(request: Request) -> WriteCaller:
-    key_hash(request)
-    return _StatementlessCaller("floor")
+    return _StatementlessCaller(_presented(request))
+
+
+def _presented(request: Request) -> PresentedKey:
+    """The request's key as the reference's dependencies take it: hashed, past the key guard."""
+    key = request.headers["authorization"].partition(" ")[2]
+    return PresentedKey(key, "floor", key_guard_of(request))
 
 
 UnitCaller = Annotated[WriteCaller, Depends(_unit_caller)]

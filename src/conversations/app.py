@@ -23,6 +23,7 @@ from bastion.fastapi import (
     install_error_handlers,
 )
 from conversations import MIGRATIONS
+from conversations.key_guard import DEFAULT_FAILED_KEY_RATE, KeyGuard
 from conversations.routes import conversations, messages, stream
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
@@ -37,16 +38,19 @@ def create_app(
     migrate_on_start: bool = False,
     cache_settings: CacheSettings | None = None,
     backup_settings: BackupSettings | None = None,
+    failed_key_rate: str = DEFAULT_FAILED_KEY_RATE,
 ) -> FastAPI:
     """Build the app. Settings default to the environment (``DATABASE_URL``, …).
 
     With ``migrate_on_start`` the schema is upgraded to head before the first request; with
     several workers, run ``bastion db upgrade`` once before starting them instead.
     Cache settings (``REDIS_URL``…) and backup settings (``BACKUP_DIR``…) also default to
-    the environment.
+    the environment. ``failed_key_rate`` is how many unknown or revoked API keys one client
+    address may present before it gets 429 (:mod:`conversations.key_guard`).
 
     Raises:
         ConfigurationError: a setting in the environment is invalid.
+        ValueError: ``failed_key_rate`` is not a rate such as ``"30/minute"``.
     """
     settings = settings if settings is not None else load_settings()
     cache_settings = cache_settings if cache_settings is not None else load_cache_settings()
@@ -61,6 +65,7 @@ def create_app(
             backups=backups,
         ),
     )
+    app.state.key_guard = KeyGuard(failed_key_rate)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     # Added last, so it runs first: the request id covers everything below it.

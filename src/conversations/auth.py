@@ -15,19 +15,22 @@ from typing import Annotated, Final
 from fastapi import Depends, HTTPException
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 
 from bastion import current_request
 from bastion.fastapi import ReadConnection, WriteConnection
+from conversations.key_guard import KeyGuard
 from conversations.models import ApiKey
 
 __all__ = [
     "CurrentReader",
     "CurrentWriteCaller",
     "CurrentWriter",
+    "PresentedKey",
     "WriteCaller",
     "generate_api_key",
     "hash_api_key",
+    "key_guard_of",
     "user_for_key",
 ]
 
@@ -52,14 +55,65 @@ _USER_FOR_KEY = select(ApiKey.user_id).where(
 
 async def user_for_key(connection: AsyncConnection, key: str) -> uuid.UUID | None:
     """The id of the user owning ``key``, or ``None`` if it is unknown or revoked."""
-    return await connection.scalar(_USER_FOR_KEY, {"key_hash": hash_api_key(key)})
+    return await _user_for_hash(connection, hash_api_key(key))
+
+
+async def _user_for_hash(connection: AsyncConnection, key_hash: str) -> uuid.UUID | None:
+    return await connection.scalar(_USER_FOR_KEY, {"key_hash": key_hash})
 
 
 def _unauthorized(message: str) -> HTTPException:
     return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _presented_key(request: Request) -> str:
+def key_guard_of(connection: HTTPConnection) -> KeyGuard:
+    """The app's :class:`~conversations.key_guard.KeyGuard` (made on first use if the app was
+    not built by ``create_app``, which sets its own)."""
+    state = connection.app.state
+    guard = getattr(state, "key_guard", None)
+    if not isinstance(guard, KeyGuard):
+        guard = state.key_guard = KeyGuard()
+    return guard
+
+
+class PresentedKey:
+    """A request's well-formed API key, admitted by the app's key guard, not yet looked up."""
+
+    __slots__ = ("_client", "_guard", "_key_hash")
+
+    def __init__(self, key: str, client: str, guard: KeyGuard) -> None:
+        self._key_hash = hash_api_key(key)
+        self._client = client
+        self._guard = guard
+        guard.admit(client, self._key_hash)
+
+    def __repr__(self) -> str:
+        return f"PresentedKey(client={self._client!r})"  # never the key or its hash
+
+    async def authenticate(self, connection: AsyncConnection) -> uuid.UUID:
+        """The key's user id, looked up on ``connection``; the guard is told how it went.
+
+        Raises:
+            HTTPException: 401, the key is unknown or revoked.
+        """
+        user_id = await _user_for_hash(connection, self._key_hash)
+        if user_id is None:
+            await self._guard.refused(self._client)
+            raise _unauthorized("invalid API key")
+        self._guard.accepted(self._key_hash)
+        request = current_request()
+        if request is not None:
+            request.user = str(user_id)  # who the audit columns record
+        return user_id
+
+
+def _presented_key(request: Request) -> PresentedKey:
+    """The request's key, if well formed and its address may present one.
+
+    Raises:
+        HTTPException: 401, no bearer token or a malformed one; 429, the address presented
+            too many unknown keys lately (:mod:`conversations.key_guard`).
+    """
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     key = key.strip()
@@ -67,17 +121,8 @@ def _presented_key(request: Request) -> str:
         raise _unauthorized("missing bearer token: send 'Authorization: Bearer <API key>'")
     if len(key) > MAX_KEY_LENGTH or not key.isascii():
         raise _unauthorized("invalid API key")
-    return key
-
-
-async def _authenticate(connection: AsyncConnection, key: str) -> uuid.UUID:
-    user_id = await user_for_key(connection, key)
-    if user_id is None:
-        raise _unauthorized("invalid API key")
-    request = current_request()
-    if request is not None:
-        request.user = str(user_id)  # who the audit columns record
-    return user_id
+    client = request.client.host if request.client is not None else "unknown"
+    return PresentedKey(key, client, key_guard_of(request))
 
 
 class WriteCaller:
@@ -89,14 +134,16 @@ class WriteCaller:
     key's form is checked before (:func:`_presented_key`), so a request with no key or a
     malformed one never opens a unit. A well-formed but unknown key does open the write unit
     before it is refused: on SQLite it holds the process's write turn for one indexed lookup
-    and a rollback, the price of not paying a second unit on every genuine write. The body,
+    and a rollback, the price of not paying a second unit on every genuine write; an address
+    that keeps presenting unknown keys is turned away before any unit opens
+    (:mod:`conversations.key_guard`). The body,
     the ids in the path and the ``Idempotency-Key`` header are validated before that lookup,
     so such a request gets their 422/404/400 before its 401 (they echo nothing stored).
     """
 
     __slots__ = ("_key", "_user_id")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: PresentedKey) -> None:
         self._key = key
         self._user_id: uuid.UUID | None = None
 
@@ -110,7 +157,7 @@ class WriteCaller:
             HTTPException: 401, the key is unknown or revoked.
         """
         if self._user_id is None:
-            self._user_id = await _authenticate(connection, self._key)
+            self._user_id = await self._key.authenticate(connection)
         return self._user_id
 
     @property
@@ -127,25 +174,27 @@ class WriteCaller:
 
 # The dependencies are `async def` although they never await: FastAPI runs a plain `def`
 # dependency in its threadpool, a thread hop per request.
-async def _write_caller(request: Request) -> WriteCaller:
-    return WriteCaller(_presented_key(request))
-
-
-async def _well_formed_key(request: Request) -> str:
+async def _well_formed_key(request: Request) -> PresentedKey:
     return _presented_key(request)
 
 
-async def _current_writer(
-    key: Annotated[str, Depends(_well_formed_key)], connection: WriteConnection
-) -> uuid.UUID:
+WellFormedKey = Annotated[PresentedKey, Depends(_well_formed_key)]
+
+
+async def _write_caller(key: WellFormedKey) -> WriteCaller:
+    return WriteCaller(key)
+
+
+async def _current_writer(key: WellFormedKey, connection: WriteConnection) -> uuid.UUID:
     # The key's form is checked first (declared first, solved first), so a request without a
     # usable key never opens a write unit; the lookup then runs in the route's own unit.
-    return await _authenticate(connection, key)
+    return await key.authenticate(connection)
 
 
-async def _current_reader(request: Request, connection: ReadConnection) -> uuid.UUID:
-    # ReadConnection is cached per request, so the route's own queries reuse this connection.
-    return await _authenticate(connection, _presented_key(request))
+async def _current_reader(key: WellFormedKey, connection: ReadConnection) -> uuid.UUID:
+    # As for writes: the key first, then the unit. ReadConnection is cached per request, so
+    # the route's own queries reuse this connection.
+    return await key.authenticate(connection)
 
 
 CurrentWriteCaller = Annotated[WriteCaller, Depends(_write_caller)]

@@ -139,6 +139,7 @@ _HTTP_CODES: Final[Mapping[int, str]] = {
     412: "precondition_failed",
     413: "request_too_large",
     422: "validation_error",
+    429: "too_many_requests",
 }
 
 
