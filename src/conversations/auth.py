@@ -135,7 +135,7 @@ class WriteCaller:
     malformed one never opens a unit. A well-formed but unknown key does open the write unit
     before it is refused: on SQLite it holds the process's write turn for one indexed lookup
     and a rollback, the price of not paying a second unit on every genuine write; an address
-    that keeps presenting unknown keys is turned away before any unit opens
+    that keeps presenting unknown keys is turned away before its write unit opens
     (:mod:`conversations.key_guard`). The body,
     the ids in the path and the ``Idempotency-Key`` header are validated before that lookup,
     so such a request gets their 422/404/400 before its 401 (they echo nothing stored).
@@ -173,28 +173,30 @@ class WriteCaller:
 
 
 # The dependencies are `async def` although they never await: FastAPI runs a plain `def`
-# dependency in its threadpool, a thread hop per request.
+# dependency in its threadpool, a thread hop per request. Each takes the request itself rather
+# than a shared key dependency where it can: every dependency FastAPI solves costs about as
+# much as a short statement.
+async def _write_caller(request: Request) -> WriteCaller:
+    return WriteCaller(_presented_key(request))
+
+
 async def _well_formed_key(request: Request) -> PresentedKey:
     return _presented_key(request)
 
 
-WellFormedKey = Annotated[PresentedKey, Depends(_well_formed_key)]
-
-
-async def _write_caller(key: WellFormedKey) -> WriteCaller:
-    return WriteCaller(key)
-
-
-async def _current_writer(key: WellFormedKey, connection: WriteConnection) -> uuid.UUID:
+async def _current_writer(
+    key: Annotated[PresentedKey, Depends(_well_formed_key)], connection: WriteConnection
+) -> uuid.UUID:
     # The key's form is checked first (declared first, solved first), so a request without a
     # usable key never opens a write unit; the lookup then runs in the route's own unit.
     return await key.authenticate(connection)
 
 
-async def _current_reader(key: WellFormedKey, connection: ReadConnection) -> uuid.UUID:
-    # As for writes: the key first, then the unit. ReadConnection is cached per request, so
-    # the route's own queries reuse this connection.
-    return await key.authenticate(connection)
+async def _current_reader(request: Request, connection: ReadConnection) -> uuid.UUID:
+    # ReadConnection is cached per request, so the route's own queries reuse this connection.
+    # It opens before the key is checked (a key dependency first would cost every read a
+    # dependency more); a read unit holds no write turn, and a refused key runs no statement.
+    return await _presented_key(request).authenticate(connection)
 
 
 CurrentWriteCaller = Annotated[WriteCaller, Depends(_write_caller)]

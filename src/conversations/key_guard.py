@@ -1,12 +1,13 @@
-"""Clients that keep presenting unknown API keys are turned away before any unit opens.
+"""Clients that keep presenting unknown API keys are turned away before their lookups run.
 
 A request's API key is looked up in the unit that serves it (:mod:`conversations.auth`): for
 a write, in the write unit itself, which on SQLite holds the process's one write turn. So an
 unknown key costs a unit before its 401, and a client sending unknown keys in a loop would
 queue genuine writes behind its lookups. :class:`KeyGuard` counts failed lookups per client
 address in a moving window (the ``limits`` library, in process memory, so per worker); past
-the limit that address gets 429, with ``Retry-After``, for the rest of the window, answered
-before any unit opens.
+the limit that address gets 429, with ``Retry-After``, until the window frees a slot,
+answered before the lookup (for a write, before its unit opens; a read's unit opens first, as
+its key is checked in the read's own unit).
 
 Keys that authenticated recently are let through all the same (the hashes of the last
 :data:`REMEMBERED_GOOD_KEYS` good keys, for :data:`GOOD_KEY_MEMORY_S`), so users behind the

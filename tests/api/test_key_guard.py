@@ -1,8 +1,8 @@
-"""A client address that keeps presenting unknown API keys is turned away before any unit opens.
+"""A client address that keeps presenting unknown API keys is turned away before its lookups.
 
 See :mod:`conversations.key_guard`: past the limit of failed lookups, the address gets 429 with
-``Retry-After`` (no unit opened), except for keys that authenticated recently, which are still
-looked up every time.
+``Retry-After`` (no lookup run, and for a write no unit opened), except for keys that
+authenticated recently, which are still looked up every time.
 """
 
 from __future__ import annotations
@@ -59,14 +59,17 @@ async def test_an_address_past_the_limit_is_turned_away_before_any_unit(
         for _ in range(3):
             refused = await one.post("/v1/conversations", json={"title": "x"}, headers=UNKNOWN)
             assert refused.status_code == 401
-        before = checkouts(app)
+        database: Database = app.state.database
+        units, queries = checkouts(app), database.metrics.queries
         for method, url in (("POST", "/v1/conversations"), ("GET", "/v1/conversations")):
             response = await one.request(method, url, json={"title": "x"}, headers=UNKNOWN)
             assert response.status_code == 429, response.text
             assert response.headers["retry-after"] == "1"
             assert response.json()["code"] == "too_many_requests"
             assert "unknown API keys" in response.json()["detail"]
-        assert checkouts(app) == before  # answered before any unit opened
+        # No lookup ran; the write opened no unit (a read opens its unit before its key).
+        assert database.metrics.queries == queries
+        assert checkouts(app) == units + 1
         # A key that authenticated lately still passes (users behind the same address)...
         kept = await one.post("/v1/conversations", json={"title": "kept"}, headers=users.alice)
         assert kept.status_code == 201

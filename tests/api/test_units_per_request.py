@@ -92,13 +92,7 @@ async def test_a_request_without_a_usable_key_opens_no_unit(
         {"Authorization": "Basic eA=="},
         {"Authorization": "Bearer " + "x" * 101},
     ):
-        for method, url in (
-            ("POST", one + "/messages"),
-            ("PATCH", one),
-            ("DELETE", one),
-            ("GET", one),
-            ("GET", one + "/messages"),
-        ):
+        for method, url in (("POST", one + "/messages"), ("PATCH", one), ("DELETE", one)):
             units, response = await units_of(client, app, method, url, authorization, json={})
             assert (units, response.status_code) == (0, 401), (method, authorization)
 
