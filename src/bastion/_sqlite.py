@@ -249,12 +249,16 @@ def _send_begin(connection: Connection, sql: str) -> None:
     """Send ``sql`` (a BEGIN) straight to the driver, its errors raised as ``execute``'s.
 
     ``exec_driver_sql`` would build an execution context, a cursor and a result for a statement
-    that returns nothing, about a fifth of a small write unit's own cost; the driver call is all
-    it needs. (``BEGIN IMMEDIATE`` itself runs on the loop or the thread as
-    :mod:`bastion._sqlite_inline_writes` decides.) Being transaction control, it is not a
+    that returns nothing: 4.6 % of the reference service's SQLite ``create_message``, in
+    instructions (``bench/README.md``, finding 20). The driver call is all it needs
+    (``BEGIN IMMEDIATE`` itself runs on the loop or the thread as
+    :mod:`bastion._sqlite_inline_writes` decides). Being transaction control, it is not a
     query: statement listeners (metrics, the slow-query log) do not see it, as they do not see
-    COMMIT. A failure goes through SQLAlchemy's own handler: translated to its exception
-    classes, ``handle_error`` listeners told, the connection invalidated on a disconnect.
+    COMMIT, so a BEGIN IMMEDIATE that waited for another process's write lock no longer shows
+    there as a slow statement (``FALLBACKS["busy"]`` counts such waits). A failure, a
+    cancellation included, goes through SQLAlchemy's own handler: translated to its exception
+    classes, ``handle_error`` listeners told, the connection invalidated on a disconnect or an
+    interruption.
     """
     adapted = connection.connection.dbapi_connection
     assert adapted is not None
@@ -264,8 +268,12 @@ def _send_begin(connection: Connection, sql: str) -> None:
             await_(driver_connection._execute(driver_connection._conn.execute, sql))
         except Exception as error:
             adapted._handle_exception(error)  # raises the DBAPI-shaped error
-    except Exception as error:
-        connection._handle_dbapi_exception(error, sql, (), None, None)
+    except BaseException as error:
+        # With the statement, SQLAlchemy wraps even a non-DBAPI error as a StatementError;
+        # exec_driver_sql, which had an execution context, raised those as they were.
+        is_dbapi_error = isinstance(error, connection.dialect.loaded_dbapi.Error)
+        statement = sql if is_dbapi_error else None
+        connection._handle_dbapi_exception(error, statement, (), None, None)
 
 
 def _install_deadline(dbapi_connection: Any, record: Any) -> list[float]:

@@ -236,3 +236,39 @@ async def test_a_write_unit_counts_its_statements_as_queries_and_not_its_begin(
     async with database.write_connection() as connection:
         await connection.execute(text("UPDATE counter SET n = n + 1 WHERE id = 1"))
     assert database.metrics.queries == queries_before + 1
+
+
+async def test_a_unit_cancelled_while_its_begin_waits_discards_its_connection(
+    tmp_path: Path,
+) -> None:
+    # BEGIN IMMEDIATE waits on aiosqlite's thread while another process holds the lock; a
+    # cancellation there leaves the driver connection mid-call: SQLAlchemy's handler must see
+    # it (counted, connection invalidated) rather than the pool taking the connection back.
+    path = tmp_path / "cancelled.db"
+    settings = make_settings(f"sqlite:///{path}", DB_SQLITE_BUSY_TIMEOUT=5000)
+    async with Database(settings) as db:
+        async with db.write_connection() as connection:
+            await connection.execute(text("CREATE TABLE t (n INT)"))
+            driver = (await connection.get_raw_connection()).driver_connection
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        errors_before = db.metrics.errors
+
+        async def write() -> None:
+            async with db.write_connection() as connection:
+                await connection.execute(text("INSERT INTO t VALUES (1)"))
+
+        writer = asyncio.create_task(write())
+        await asyncio.sleep(0.3)  # waiting in BEGIN IMMEDIATE, on the thread
+        writer.cancel()
+        await asyncio.sleep(0.05)  # the cancellation reaches the unit
+        other.execute("COMMIT")  # lets the thread's BEGIN end, and the discarded connection close
+        other.close()
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        assert db.metrics.errors == errors_before + 1
+        async with db.write_connection() as connection:
+            assert (await connection.get_raw_connection()).driver_connection is not driver
+            await connection.execute(text("INSERT INTO t VALUES (2)"))
+        async with db.read_connection() as connection:
+            assert (await connection.scalars(text("SELECT n FROM t"))).all() == [2]
