@@ -151,7 +151,7 @@ NoUser = Annotated[uuid.UUID, Depends(_no_user)]
 
 
 async def _unit_reader(request: Request, _connection: ReadConnection) -> uuid.UUID:
-    _presented(request)
+    await _presented(request)
     return uuid.UUID(int=2)
 
 
@@ -166,13 +166,13 @@ class _StatementlessCaller(WriteCaller):
 
 
 async def _unit_caller(request: Request) -> WriteCaller:
-    return _StatementlessCaller(_presented(request))
+    return _StatementlessCaller(await _presented(request))
 
 
-def _presented(request: Request) -> PresentedKey:
+async def _presented(request: Request) -> PresentedKey:
     """The request's key as the reference's dependencies take it: hashed, past the key guard."""
     key = request.headers["authorization"].partition(" ")[2]
-    return PresentedKey(key, "floor", key_guard_of(request))
+    return await PresentedKey.admit(key, "floor", key_guard_of(request))
 
 
 UnitCaller = Annotated[WriteCaller, Depends(_unit_caller)]

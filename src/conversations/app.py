@@ -6,6 +6,7 @@ Run it with ``uvicorn conversations.app:create_app --factory`` after
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
 from fastapi import FastAPI
@@ -38,15 +39,16 @@ def create_app(
     migrate_on_start: bool = False,
     cache_settings: CacheSettings | None = None,
     backup_settings: BackupSettings | None = None,
-    failed_key_rate: str = DEFAULT_FAILED_KEY_RATE,
+    failed_key_rate: str | None = None,
 ) -> FastAPI:
     """Build the app. Settings default to the environment (``DATABASE_URL``, …).
 
     With ``migrate_on_start`` the schema is upgraded to head before the first request; with
     several workers, run ``bastion db upgrade`` once before starting them instead.
     Cache settings (``REDIS_URL``…) and backup settings (``BACKUP_DIR``…) also default to
-    the environment. ``failed_key_rate`` is how many unknown or revoked API keys one client
-    address may present before it gets 429 (:mod:`conversations.key_guard`).
+    the environment, and so does ``failed_key_rate`` (``API_FAILED_KEY_RATE``, default
+    ``"30/minute"``): how many API keys not known good one client address may present before
+    it gets 429 (:mod:`conversations.key_guard`).
 
     Raises:
         ConfigurationError: a setting in the environment is invalid.
@@ -65,6 +67,8 @@ def create_app(
             backups=backups,
         ),
     )
+    if failed_key_rate is None:
+        failed_key_rate = os.environ.get("API_FAILED_KEY_RATE", DEFAULT_FAILED_KEY_RATE)
     app.state.key_guard = KeyGuard(failed_key_rate)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)

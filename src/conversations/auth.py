@@ -77,18 +77,30 @@ def key_guard_of(connection: HTTPConnection) -> KeyGuard:
 
 
 class PresentedKey:
-    """A request's well-formed API key, admitted by the app's key guard, not yet looked up."""
+    """A request's well-formed API key, admitted by the app's key guard, not yet looked up.
 
-    __slots__ = ("_client", "_guard", "_key_hash")
+    Make one with :meth:`admit`.
+    """
 
-    def __init__(self, key: str, client: str, guard: KeyGuard) -> None:
-        self._key_hash = hash_api_key(key)
-        self._client = client
+    __slots__ = ("_guard", "_key_hash")
+
+    def __init__(self, key_hash: str, guard: KeyGuard) -> None:
+        self._key_hash = key_hash
         self._guard = guard
-        guard.admit(client, self._key_hash)
 
     def __repr__(self) -> str:
-        return f"PresentedKey(client={self._client!r})"  # never the key or its hash
+        return "PresentedKey(...)"  # never the key or its hash
+
+    @classmethod
+    async def admit(cls, key: str, client: str | None, guard: KeyGuard) -> PresentedKey:
+        """``key``, presented from address ``client``, past ``guard``.
+
+        Raises:
+            HTTPException: 429, the address presented too many keys not known good lately.
+        """
+        key_hash = hash_api_key(key)
+        await guard.admit(client, key_hash)
+        return cls(key_hash, guard)
 
     async def authenticate(self, connection: AsyncConnection) -> uuid.UUID:
         """The key's user id, looked up on ``connection``; the guard is told how it went.
@@ -98,7 +110,7 @@ class PresentedKey:
         """
         user_id = await _user_for_hash(connection, self._key_hash)
         if user_id is None:
-            await self._guard.refused(self._client)
+            self._guard.refused(self._key_hash)
             raise _unauthorized("invalid API key")
         self._guard.accepted(self._key_hash)
         request = current_request()
@@ -107,12 +119,12 @@ class PresentedKey:
         return user_id
 
 
-def _presented_key(request: Request) -> PresentedKey:
+async def _presented_key(request: Request) -> PresentedKey:
     """The request's key, if well formed and its address may present one.
 
     Raises:
         HTTPException: 401, no bearer token or a malformed one; 429, the address presented
-            too many unknown keys lately (:mod:`conversations.key_guard`).
+            too many keys not known good lately (:mod:`conversations.key_guard`).
     """
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
@@ -121,8 +133,8 @@ def _presented_key(request: Request) -> PresentedKey:
         raise _unauthorized("missing bearer token: send 'Authorization: Bearer <API key>'")
     if len(key) > MAX_KEY_LENGTH or not key.isascii():
         raise _unauthorized("invalid API key")
-    client = request.client.host if request.client is not None else "unknown"
-    return PresentedKey(key, client, key_guard_of(request))
+    client = request.client.host if request.client is not None else None
+    return await PresentedKey.admit(key, client, key_guard_of(request))
 
 
 class WriteCaller:
@@ -172,16 +184,16 @@ class WriteCaller:
         return self._user_id
 
 
-# The dependencies are `async def` although they never await: FastAPI runs a plain `def`
-# dependency in its threadpool, a thread hop per request. Each takes the request itself rather
+# The dependencies are `async def` (FastAPI runs a plain `def` dependency in its threadpool,
+# a thread hop per request). Each takes the request itself rather
 # than a shared key dependency where it can: every dependency FastAPI solves costs about as
 # much as a short statement.
 async def _write_caller(request: Request) -> WriteCaller:
-    return WriteCaller(_presented_key(request))
+    return WriteCaller(await _presented_key(request))
 
 
 async def _well_formed_key(request: Request) -> PresentedKey:
-    return _presented_key(request)
+    return await _presented_key(request)
 
 
 async def _current_writer(
@@ -196,7 +208,7 @@ async def _current_reader(request: Request, connection: ReadConnection) -> uuid.
     # ReadConnection is cached per request, so the route's own queries reuse this connection.
     # It opens before the key is checked (a key dependency first would cost every read a
     # dependency more); a read unit holds no write turn, and a refused key runs no statement.
-    return await _presented_key(request).authenticate(connection)
+    return await (await _presented_key(request)).authenticate(connection)
 
 
 CurrentWriteCaller = Annotated[WriteCaller, Depends(_write_caller)]

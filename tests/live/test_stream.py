@@ -27,6 +27,7 @@ from conversations.live_events import message_channel
 from conversations.routes.stream import (
     CLOSE_NOT_FOUND,
     CLOSE_SLOW_CONSUMER,
+    CLOSE_TRY_LATER,
     CLOSE_UNAUTHORIZED,
 )
 from conversations.schemas import MAX_BATCH_MESSAGES
@@ -151,6 +152,35 @@ async def test_a_stream_without_a_valid_key_or_on_a_foreign_conversation_is_refu
     for conversation, headers, subprotocols, code in cases:
         socket = await _stream(worker, conversation, headers=headers, subprotocols=subprotocols)
         assert await _close_code(socket) == code, (headers, subprotocols)
+
+
+async def test_an_address_presenting_too_many_unknown_keys_is_told_to_come_back_later(
+    sqlite_template: Path, shared_redis_url: str, tmp_path: Path
+) -> None:
+    # The key guard (conversations.key_guard) counts a stream's key as it counts a request's.
+    path = tmp_path / "guarded.db"
+    shutil.copyfile(sqlite_template, path)
+    env = {
+        "REDIS_URL": shared_redis_url,
+        "CACHE_PREFIX": f"live-test:{uuid.uuid4().hex[:10]}:",
+        "API_FAILED_KEY_RATE": "2/minute",
+    }
+    async with _service(f"sqlite:///{path}", env) as service:
+        worker = service.workers[0]
+        conversation = await service.conversation(service.alice)  # alice's key: 1 of 2
+        unknown = service.headers("cv_" + "u" * 43)
+        codes = []
+        for _ in range(2):
+            socket = await _stream(worker, conversation, headers=unknown)
+            codes.append(await _close_code(socket))
+        assert codes == [CLOSE_UNAUTHORIZED, CLOSE_TRY_LATER]
+        # Alice's key authenticated on this worker: it still opens a stream.
+        async with await _stream(
+            worker, conversation, headers=service.headers(service.alice)
+        ) as socket:
+            posted = await service.post(worker, service.alice, conversation, "still here")
+            async with asyncio.timeout(20):
+                assert json.loads(await socket.recv())["id"] == posted
 
 
 async def test_a_key_in_the_subprotocol_is_accepted_and_never_echoed(service: Service) -> None:

@@ -12,7 +12,8 @@ The socket is accepted, then refused with a close code when the request cannot b
 4404  no such conversation for this user (another user's reads the same)
 4429  the client read too slowly: over ``LIVE_QUEUE_SIZE`` events behind
 1012  the server is restarting
-1013  live updates are unavailable now (hub or database down): reconnect later
+1013  live updates are unavailable now (hub or database down), or this address presented
+      too many unknown API keys lately (:mod:`conversations.key_guard`): reconnect later
 ====  ===============================================================
 
 One short read unit checks the key and the conversation, then gives its connection back:
@@ -32,13 +33,13 @@ import uuid
 from collections import deque
 from typing import Final
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bastion import BastionError, Database, NotFoundError
 from bastion.fastapi import get_database, live_hub_of
 from bastion.live import HubClosedError, LiveUnavailableError, SlowConsumerError, Subscription
-from conversations.auth import MAX_KEY_LENGTH, user_for_key
+from conversations.auth import MAX_KEY_LENGTH, PresentedKey, key_guard_of
 from conversations.live_events import message_channel
 from conversations.models import MessageSource
 from conversations.routes._ids import parse_conversation_id
@@ -82,18 +83,24 @@ async def stream_messages(websocket: WebSocket, conversation_id: str) -> None:
         return
     try:
         cid = parse_conversation_id(conversation_id)
-        async with database.read_connection() as connection:
-            owner_id = await user_for_key(connection, key)
-            found = owner_id is not None and (
-                await CONVERSATIONS.values(connection, cid, "id", scope=owner_id) is not None
-            )
     except NotFoundError:
-        found, owner_id = False, uuid.UUID(int=0)
+        await _refuse(websocket, subprotocol, CLOSE_NOT_FOUND, "conversation not found")
+        return
+    client = websocket.client.host if websocket.client is not None else None
+    try:
+        presented = await PresentedKey.admit(key, client, key_guard_of(websocket))
+    except HTTPException:  # 429: too many keys not known good from this address
+        await _refuse(websocket, subprotocol, CLOSE_TRY_LATER, "too many unknown API keys")
+        return
+    try:
+        async with database.read_connection() as connection:
+            owner_id = await presented.authenticate(connection)
+            found = await CONVERSATIONS.values(connection, cid, "id", scope=owner_id) is not None
+    except HTTPException:  # 401: unknown or revoked
+        await _refuse(websocket, subprotocol, CLOSE_UNAUTHORIZED, "invalid API key")
+        return
     except BastionError as exc:
         await _refuse(websocket, subprotocol, CLOSE_TRY_LATER, exc.code)
-        return
-    if owner_id is None:
-        await _refuse(websocket, subprotocol, CLOSE_UNAUTHORIZED, "invalid API key")
         return
     if not found:
         await _refuse(websocket, subprotocol, CLOSE_NOT_FOUND, "conversation not found")
