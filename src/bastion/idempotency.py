@@ -27,6 +27,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any, Final
 
 from pydantic import BaseModel
@@ -66,8 +67,9 @@ MAX_SCOPE_LENGTH: Final = 64
 IdempotencyScope = str | Callable[[AsyncConnection], Awaitable[str]]
 """Whose keys these are: a string, or a function that finds it on a connection.
 
-A function lets a route authenticate its caller in the unit that looks the key up, rather than
-in a unit of its own before it (it raises to refuse the caller; nothing is looked up then).
+A function lets a route authenticate its caller in the write unit that looks the key up and
+writes, rather than in a unit of its own before it (it raises to refuse the caller; nothing is
+looked up then).
 """
 
 
@@ -120,6 +122,32 @@ def request_fingerprint(method: str, path: str, body: bytes) -> str:
     return digest.hexdigest()
 
 
+class _ResolvedScope:
+    """An :data:`IdempotencyScope`, resolved to its string once (its function, if it is one,
+    runs in the first unit that needs it; a retried unit reuses the answer)."""
+
+    __slots__ = ("_scope", "value")
+
+    def __init__(self, scope: IdempotencyScope) -> None:
+        self._scope = scope
+        self.value: str | None = scope if isinstance(scope, str) else None
+
+    async def resolve(self, connection: AsyncConnection) -> str:
+        """The scope's string, finding it on ``connection`` the first time.
+
+        Raises:
+            TypeError: the scope's function returned something other than a string.
+            Whatever the scope's function raises.
+        """
+        if self.value is None:
+            assert not isinstance(self._scope, str)
+            found = await self._scope(connection)
+            if not isinstance(found, str):
+                raise TypeError(f"an idempotency scope function returned {found!r}")
+            self.value = found
+        return self.value
+
+
 class IdempotencyStore:
     """Runs writes at most once per (scope, key), and replays their stored responses."""
 
@@ -143,11 +171,14 @@ class IdempotencyStore:
         """Run ``work`` in a write unit once for this key; return its response and whether
         it was replayed rather than run now.
 
-        ``work`` must write only through the connection it gets (that is what makes the key
-        and the write commit together). Transient failures are retried as in
-        :meth:`Database.run`; an unknown COMMIT outcome is resolved by running again.
+        One write unit looks the key up, then replays what it stores or runs ``work`` and
+        stores its response. ``work`` must write only through the connection it gets (that is
+        what makes the key and the write commit together). Transient failures are retried as
+        in :meth:`Database.run`; an unknown COMMIT outcome is resolved by running again.
         ``scope`` may be a function of a connection (see :data:`IdempotencyScope`): it is
-        called once, in the read unit that looks the key up, before the lookup.
+        called once, in the unit, before the lookup. A replay takes a write unit too (on
+        SQLite, the process's write turn, for one indexed lookup): the price of not paying a
+        second unit on every first attempt.
 
         Raises:
             IdempotencyKeyReusedError: the key was used before for another request.
@@ -157,31 +188,35 @@ class IdempotencyStore:
             Whatever ``scope`` (nothing is looked up or run then) or ``work`` raises
             (nothing is stored then).
         """
-        owner, stored = await self._find(database, scope, key, request_hash)
-        if stored is not None:
-            return stored, True
+        resolved = _ResolvedScope(scope)
         attempts = database.settings.retry_attempts
         for attempt in range(1, attempts + 1):
             try:
-                response = await database.run(
+                return await database.run(
                     database.write_connection,
-                    lambda connection: self._work_then_store(
-                        connection, owner, key, request_hash, work
+                    lambda connection: self._replay_or_run(
+                        connection, resolved, key, request_hash, work
                     ),
                 )
             except CommitOutcomeUnknownError:
                 if attempt == attempts:
                     raise
-                # Safe to run again: if the lost COMMIT did land, the key collides and the
-                # stored response is replayed below.
+                # Safe to run again: if the lost COMMIT did land, the key is found this time
+                # (or collides) and the stored response is replayed.
                 logger.warning("COMMIT outcome unknown for an idempotent write; running it again")
                 continue
             except UniqueViolationError:
-                _, stored = await self._find(database, owner, key, request_hash)
+                # Another attempt with this key committed after this one looked: its answer.
+                owner = resolved.value
+                if owner is None:
+                    raise  # the scope was never resolved: not the key's violation
+                stored = await database.run(
+                    database.read_connection,
+                    partial(self._lookup_stored, scope=owner, key=key, request_hash=request_hash),
+                )
                 if stored is None:
                     raise  # a violation of the work's own, not a repeated key
                 return stored, True
-            return response, False
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def purge(self, database: Database, *, older_than: timedelta) -> int:
@@ -193,25 +228,33 @@ class IdempotencyStore:
             )
         return int(result.rowcount or 0)
 
-    async def _find(
-        self, database: Database, scope: IdempotencyScope, key: str, request_hash: str
-    ) -> tuple[str, StoredResponse | None]:
-        """The scope as a string, and the response stored under ``key`` in it (if any)."""
-        resolved = scope
+    async def _replay_or_run(
+        self,
+        connection: AsyncConnection,
+        scope: _ResolvedScope,
+        key: str,
+        request_hash: str,
+        work: Callable[[AsyncConnection], Awaitable[StoredResponse]],
+    ) -> tuple[StoredResponse, bool]:
+        """In one write unit: the stored answer if the key has one, else ``work``'s, stored."""
+        owner = await scope.resolve(connection)
+        stored = await self._lookup_stored(
+            connection, scope=owner, key=key, request_hash=request_hash
+        )
+        if stored is not None:
+            return stored, True
+        return await self._work_then_store(connection, owner, key, request_hash, work), False
 
-        async def lookup(connection: AsyncConnection) -> Any:
-            nonlocal resolved
-            if not isinstance(resolved, str):
-                resolved = await resolved(connection)
-                if not isinstance(resolved, str):
-                    raise TypeError(f"an idempotency scope function returned {resolved!r}")
-            query = {"scope": resolved, "key": key}
-            return (await connection.execute(self._lookup, query)).first()
+    async def _lookup_stored(
+        self, connection: AsyncConnection, *, scope: str, key: str, request_hash: str
+    ) -> StoredResponse | None:
+        """The response stored under ``key`` in ``scope`` (``None``: none yet).
 
-        row = await database.run(database.read_connection, lookup)
-        if not isinstance(resolved, str):  # pragma: no cover - lookup resolves it or raises
-            raise AssertionError("the idempotency scope was not resolved")
-        return resolved, self._stored(row, request_hash)
+        Raises:
+            IdempotencyKeyReusedError: the key was stored for a different request.
+        """
+        row = (await connection.execute(self._lookup, {"scope": scope, "key": key})).first()
+        return self._stored(row, request_hash)
 
     @staticmethod
     def _stored(row: Any, request_hash: str) -> StoredResponse | None:

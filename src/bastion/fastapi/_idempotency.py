@@ -59,8 +59,9 @@ async def idempotent_write(
 
     ``scope`` separates keys of different callers (use the authenticated user's id), so a
     key can only ever replay its own caller's response. It may be a function of a connection
-    that authenticates the caller: it is then called (once) in the unit that looks the key
-    up, and not at all without the header, where ``work`` can authenticate in its own unit.
+    that authenticates the caller: it is then called (once), first in the write unit that looks
+    the key up and writes, and not at all without the header, where ``work`` can authenticate
+    in its own unit.
 
     Raises:
         HTTPException: 400 for a malformed ``Idempotency-Key``.

@@ -28,9 +28,9 @@ async def write_once(
 ) -> Response:
     """Run ``work`` as the caller's idempotent, retried write and return its response.
 
-    The caller is authenticated first, in the unit that looks up the ``Idempotency-Key`` if
-    the request has one, else in the write's own unit; ``work`` gets the user id after that
-    (and ``caller.user_id`` holds it once this returns).
+    The caller is authenticated first, in the write unit, before the ``Idempotency-Key`` (if
+    the request has one) is looked up there; ``work`` gets the user id after that (and
+    ``caller.user_id`` holds it once this returns). One unit per request, replays included.
 
     Raises:
         HTTPException: 401, the key is unknown or revoked (nothing ran).
