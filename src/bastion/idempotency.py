@@ -4,15 +4,17 @@ A client that did not hear back — a timeout, a dropped connection, a 500 sayin
 outcome is unknown — cannot tell whether its write landed. If it sent an idempotency key, it
 simply sends the same request again with the same key:
 
-* the key is looked up first; if a response is stored under it, that response is replayed and
-  nothing runs;
+* the key is looked up first, in the write's own unit; if a response is stored under it,
+  that response is replayed and nothing runs;
 * otherwise the write runs, and the response is stored under the key **in the same
   transaction**, as its last statement. The key is the table's primary key, so at most one
-  transaction carrying it can ever commit: a concurrent or repeated attempt fails on the key
-  (on PostgreSQL it waits for the first to finish), rolls back, and replays the stored answer.
+  transaction carrying it can ever commit: an attempt running alongside one that commits
+  first fails on the key (on PostgreSQL it waits for the first to finish), rolls back, and
+  replays the stored answer.
 
 That also resolves an unknown COMMIT outcome without guessing: the write is simply run again;
-if the first COMMIT did land, the second attempt collides with its key and replays it.
+if the first COMMIT did land, the second attempt finds its key (or, if that COMMIT lands
+meanwhile, collides with it) and replays it.
 
 Keys are scoped (per user, typically), so one client can never replay another's response, and
 a key reused for a *different* request (another body or path) is refused rather than replayed.

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 
 import httpx
 import pytest
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion import Database, DatabaseSettings, IdempotencyStore, StoredResponse
-from conversations.models import idempotency_keys
+from conversations.auth import hash_api_key
+from conversations.models import ApiKey, idempotency_keys
 from tests.conftest import Users
 
 Client = httpx.AsyncClient
@@ -190,3 +193,57 @@ async def test_a_scope_function_that_returns_no_string_is_refused(
                 database, scope=scope, key="k", request_hash="h", work=work
             )
     assert ran == []
+
+
+async def test_a_repeat_is_found_by_its_lookup_and_its_work_does_not_run_again(
+    settings: DatabaseSettings,
+) -> None:
+    # Found by the write unit's lookup, not by colliding on the key after running the work
+    # again (which would replay too, but only after doing the work twice).
+    ran: list[int] = []
+
+    async def work(_connection: AsyncConnection) -> StoredResponse:
+        ran.append(1)
+        return StoredResponse(201, b"{}")
+
+    store = IdempotencyStore(idempotency_keys)
+    async with Database(settings) as database:
+        first = await store.run(database, scope="s", key="k", request_hash="h", work=work)
+        again = await store.run(database, scope="s", key="k", request_hash="h", work=work)
+    assert (first[1], again[1]) == (False, True)
+    assert ran == [1]
+
+
+async def test_a_repeat_replays_even_when_the_work_could_not_run_again(
+    app_client: Client, users: Users
+) -> None:
+    cid = await new_conversation(app_client, users)
+    url = f"/v1/conversations/{cid}/messages"
+    headers = keyed(users.alice, "after-delete")
+    message = {"role": "user", "content": "x"}
+    assert (await app_client.post(url, json=message, headers=headers)).status_code == 201
+    deleted = await app_client.delete(f"/v1/conversations/{cid}", headers=users.alice)
+    assert deleted.status_code == 204
+    again = await app_client.post(url, json=message, headers=headers)
+    assert again.status_code == 201  # not the 404 the work would give now
+    assert again.headers["idempotent-replayed"] == "true"
+
+
+async def test_a_caller_revoked_after_a_keyed_write_gets_401_not_its_replay(
+    app_client: Client, users: Users, settings: DatabaseSettings
+) -> None:
+    cid = await new_conversation(app_client, users)
+    url = f"/v1/conversations/{cid}/messages"
+    headers = keyed(users.alice, "before-revoke")
+    message = {"role": "user", "content": "x"}
+    assert (await app_client.post(url, json=message, headers=headers)).status_code == 201
+    key = users.alice["Authorization"].removeprefix("Bearer ")
+    async with Database(settings) as database, database.write_connection() as connection:
+        await connection.execute(
+            update(ApiKey)
+            .where(ApiKey.key_hash == hash_api_key(key))
+            .values(revoked_at=datetime.now(UTC))
+        )
+    again = await app_client.post(url, json=message, headers=headers)
+    assert again.status_code == 401
+    assert "idempotent-replayed" not in again.headers

@@ -30,7 +30,8 @@ async def write_once(
 
     The caller is authenticated first, in the write unit, before the ``Idempotency-Key`` (if
     the request has one) is looked up there; ``work`` gets the user id after that (and
-    ``caller.user_id`` holds it once this returns). One unit per request, replays included.
+    ``caller.user_id`` holds it once this returns). One unit per request, replays included (a
+    collision with a concurrent attempt adds a read unit, to fetch its answer).
 
     Raises:
         HTTPException: 401, the key is unknown or revoked (nothing ran).
