@@ -124,6 +124,18 @@ def request_fingerprint(method: str, path: str, body: bytes) -> str:
     return digest.hexdigest()
 
 
+class _Replay(Exception):  # noqa: N818 - a signal that carries the answer, not an error
+    """Raised inside a write unit that found its key's stored answer, to leave it by ROLLBACK.
+
+    Not a :class:`~bastion.errors.BastionError`: the unit neither retries it nor counts it
+    against the circuit breaker (the database answered).
+    """
+
+    def __init__(self, stored: StoredResponse) -> None:
+        super().__init__("replay")
+        self.stored = stored
+
+
 class _ResolvedScope:
     """An :data:`IdempotencyScope`, resolved to its string once (its function, if it is one,
     runs in the first unit that needs it; a retried unit reuses the answer)."""
@@ -179,8 +191,8 @@ class IdempotencyStore:
         in :meth:`Database.run`; an unknown COMMIT outcome is resolved by running again.
         ``scope`` may be a function of a connection (see :data:`IdempotencyScope`): it is
         called once, in the unit, before the lookup. A replay takes a write unit too (on
-        SQLite, the process's write turn, for one indexed lookup): the price of not paying a
-        second unit on every first attempt.
+        SQLite, the process's write turn, for one indexed lookup), which it leaves by ROLLBACK:
+        the price of not paying a second unit on every first attempt.
 
         Raises:
             IdempotencyKeyReusedError: the key was used before for another request.
@@ -194,12 +206,14 @@ class IdempotencyStore:
         attempts = database.settings.retry_attempts
         for attempt in range(1, attempts + 1):
             try:
-                return await database.run(
+                response = await database.run(
                     database.write_connection,
                     lambda connection: self._replay_or_run(
                         connection, resolved, key, request_hash, work
                     ),
                 )
+            except _Replay as replay:
+                return replay.stored, True
             except CommitOutcomeUnknownError:
                 if attempt == attempts:
                     raise
@@ -219,6 +233,7 @@ class IdempotencyStore:
                 if stored is None:
                     raise  # a violation of the work's own, not a repeated key
                 return stored, True
+            return response, False
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def purge(self, database: Database, *, older_than: timedelta) -> int:
@@ -237,15 +252,20 @@ class IdempotencyStore:
         key: str,
         request_hash: str,
         work: Callable[[AsyncConnection], Awaitable[StoredResponse]],
-    ) -> tuple[StoredResponse, bool]:
-        """In one write unit: the stored answer if the key has one, else ``work``'s, stored."""
+    ) -> StoredResponse:
+        """In one write unit: ``work``'s response, stored under the key.
+
+        Raises:
+            _Replay: the key has a stored answer (raised so the unit rolls back: a replay
+                wrote nothing, and needs no COMMIT).
+        """
         owner = await scope.resolve(connection)
         stored = await self._lookup_stored(
             connection, scope=owner, key=key, request_hash=request_hash
         )
         if stored is not None:
-            return stored, True
-        return await self._work_then_store(connection, owner, key, request_hash, work), False
+            raise _Replay(stored)
+        return await self._work_then_store(connection, owner, key, request_hash, work)
 
     async def _lookup_stored(
         self, connection: AsyncConnection, *, scope: str, key: str, request_hash: str

@@ -209,7 +209,14 @@ async def test_a_repeat_is_found_by_its_lookup_and_its_work_does_not_run_again(
     store = IdempotencyStore(idempotency_keys)
     async with Database(settings) as database:
         first = await store.run(database, scope="s", key="k", request_hash="h", work=work)
+        commits = database.metrics.registry.get_sample_value(
+            "bastion_transactions_total", {"outcome": "commit"}
+        )
         again = await store.run(database, scope="s", key="k", request_hash="h", work=work)
+        # The replay wrote nothing: its unit ends by ROLLBACK, with no COMMIT to wait for.
+        assert commits == database.metrics.registry.get_sample_value(
+            "bastion_transactions_total", {"outcome": "commit"}
+        )
     assert (first[1], again[1]) == (False, True)
     assert ran == [1]
 
