@@ -16,6 +16,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,15 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from sqlalchemy import update
 from sqlalchemy.engine import make_url
 
 from bastion import Database, DatabaseSettings
 from bastion.migrations import upgrade
 from conversations import MIGRATIONS
 from conversations.app import create_app
+from conversations.auth import hash_api_key
+from conversations.models import ApiKey
 from conversations.users import create_user
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -195,6 +199,24 @@ async def app_client(settings: DatabaseSettings) -> AsyncIterator[httpx.AsyncCli
     """An HTTP client for the reference service on ``settings``."""
     async with serve(create_app(settings)) as client:
         yield client
+
+
+def checkouts(app: FastAPI) -> float:
+    """Connections the app's units have checked out so far (one per unit of work)."""
+    database: Database = app.state.database
+    value = database.metrics.registry.get_sample_value("bastion_pool_checkout_seconds_count")
+    return float(value or 0.0)
+
+
+async def revoke_key(settings: DatabaseSettings, headers: dict[str, str]) -> None:
+    """Revoke the API key that ``headers`` present (as ``Users``' headers hold it)."""
+    key = headers["Authorization"].removeprefix("Bearer ")
+    async with Database(settings) as database, database.write_connection() as connection:
+        await connection.execute(
+            update(ApiKey)
+            .where(ApiKey.key_hash == hash_api_key(key))
+            .values(revoked_at=datetime.now(UTC))
+        )
 
 
 class Users:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
 
 import httpx
 import pytest
-from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion import Database, DatabaseSettings, IdempotencyStore, StoredResponse
-from conversations.auth import hash_api_key
-from conversations.models import ApiKey, idempotency_keys
-from tests.conftest import Users
+from conversations.models import idempotency_keys
+from tests.conftest import Users, revoke_key
 
 Client = httpx.AsyncClient
 
@@ -244,13 +241,7 @@ async def test_a_caller_revoked_after_a_keyed_write_gets_401_not_its_replay(
     headers = keyed(users.alice, "before-revoke")
     message = {"role": "user", "content": "x"}
     assert (await app_client.post(url, json=message, headers=headers)).status_code == 201
-    key = users.alice["Authorization"].removeprefix("Bearer ")
-    async with Database(settings) as database, database.write_connection() as connection:
-        await connection.execute(
-            update(ApiKey)
-            .where(ApiKey.key_hash == hash_api_key(key))
-            .values(revoked_at=datetime.now(UTC))
-        )
+    await revoke_key(settings, users.alice)
     again = await app_client.post(url, json=message, headers=headers)
     assert again.status_code == 401
     assert "idempotent-replayed" not in again.headers

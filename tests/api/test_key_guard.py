@@ -11,20 +11,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import UTC, datetime
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI, HTTPException
-from sqlalchemy import update
 
 from bastion import Database, DatabaseSettings
 from conversations.app import create_app
-from conversations.auth import hash_api_key
 from conversations.key_guard import REMEMBERED_GOOD_KEYS, KeyGuard
-from conversations.models import ApiKey
-from tests.conftest import Users
+from tests.conftest import Users, checkouts, revoke_key
 
 UNKNOWN = {"Authorization": "Bearer cv_" + "u" * 43}
 Clients = Callable[[str], httpx.AsyncClient]
@@ -47,12 +43,6 @@ def serve(settings: DatabaseSettings) -> Serve:
             yield app, client
 
     return serving
-
-
-def checkouts(app: FastAPI) -> float:
-    database: Database = app.state.database
-    value = database.metrics.registry.get_sample_value("bastion_pool_checkout_seconds_count")
-    return float(value or 0.0)
 
 
 async def test_an_address_past_the_limit_is_turned_away_but_known_keys_pass(
@@ -113,13 +103,7 @@ async def test_a_remembered_key_is_still_looked_up_and_counts_again_once_revoked
 ) -> None:
     async with serve("3/minute") as (_app, client), client("10.0.0.5") as one:
         assert (await one.get("/v1/conversations", headers=users.alice)).status_code == 200  # 1
-        alice_key = users.alice["Authorization"].removeprefix("Bearer ")
-        async with Database(settings) as database, database.write_connection() as connection:
-            await connection.execute(
-                update(ApiKey)
-                .where(ApiKey.key_hash == hash_api_key(alice_key))
-                .values(revoked_at=datetime.now(UTC))
-            )
+        await revoke_key(settings, users.alice)
         post = {"json": {"title": "x"}, "headers": users.alice}
         assert (await one.post("/v1/conversations", **post)).status_code == 401  # remembered
         assert (await one.post("/v1/conversations", **post)).status_code == 401  # 2: forgotten

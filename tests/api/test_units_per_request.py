@@ -10,18 +10,14 @@ opens; an unknown or revoked key, in the unit, which then writes nothing.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import update
 
-from bastion import Database, DatabaseSettings
+from bastion import DatabaseSettings
 from conversations.app import create_app
-from conversations.auth import hash_api_key
-from conversations.models import ApiKey
-from tests.conftest import Users, serve
+from tests.conftest import Users, checkouts, revoke_key, serve
 
 Client = httpx.AsyncClient
 
@@ -31,12 +27,6 @@ async def served(settings: DatabaseSettings) -> AsyncIterator[tuple[Client, Fast
     app = create_app(settings)
     async with serve(app) as client:
         yield client, app
-
-
-def checkouts(app: FastAPI) -> float:
-    database: Database = app.state.database
-    value = database.metrics.registry.get_sample_value("bastion_pool_checkout_seconds_count")
-    return float(value or 0.0)
 
 
 async def units_of(
@@ -103,13 +93,7 @@ async def test_an_unknown_or_revoked_key_writes_nothing_on_any_write(
     client = app_client
     created = await client.post("/v1/conversations", json={"title": "t"}, headers=users.alice)
     one = f"/v1/conversations/{created.json()['id']}"
-    bob_key = users.bob["Authorization"].removeprefix("Bearer ")
-    async with Database(settings) as database, database.write_connection() as connection:
-        await connection.execute(
-            update(ApiKey)
-            .where(ApiKey.key_hash == hash_api_key(bob_key))
-            .values(revoked_at=datetime.now(UTC))
-        )
+    await revoke_key(settings, users.bob)
     message = {"role": "user", "content": "hi"}
     writes: list[tuple[str, str, dict[str, object]]] = [
         ("POST", "/v1/conversations", {"json": {"title": "x"}}),

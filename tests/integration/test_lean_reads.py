@@ -171,9 +171,12 @@ async def test_lean_statements_are_counted_in_query_metrics(database: Database) 
     assert any("conversations" in stats.fingerprint for stats in database.metrics.top(50))
 
 
+@pytest.mark.parametrize("where", ["engine", "connection"])
 async def test_a_foreign_listener_sends_statements_down_sqlalchemy_path(
-    database: Database,
+    database: Database, where: str
 ) -> None:
+    # On the engine, or on the unit's own connection only: either way SQLAlchemy's path runs,
+    # with its execution context; once the listener is gone, the lean path again.
     owner, _ids = await _seed(database)
     statement = select(CONVERSATIONS.c.id).where(CONVERSATIONS.c.owner_id == bindparam("o"))
     contexts: list[Any] = []
@@ -186,45 +189,23 @@ async def test_a_foreign_listener_sends_statements_down_sqlalchemy_path(
     async with database.read_connection() as connection:
         await connection.execute(statement, {"o": owner})  # caches the result metadata
         engine = connection.sync_engine
-    # Listeners are checked once per unit: one added now is heeded from the next unit on.
-    event.listen(engine, "before_cursor_execute", listener)
+    if where == "engine":
+        # Listeners are checked once per unit: one added now is heeded from the next unit on.
+        event.listen(engine, "before_cursor_execute", listener)
     try:
         async with database.read_connection() as connection:
+            if where == "connection":  # before the unit's first statement, this connection only
+                event.listen(connection.sync_connection, "before_cursor_execute", listener)
             result = await connection.execute(statement, {"o": owner})
     finally:
-        event.remove(engine, "before_cursor_execute", listener)
+        if where == "engine":
+            event.remove(engine, "before_cursor_execute", listener)
     assert isinstance(result, CursorResult)
     assert len(contexts) == 1
     assert contexts[0] is not None  # it saw SQLAlchemy's execution context
     async with database.read_connection() as connection:
         again = await connection.execute(statement, {"o": owner})
-    assert isinstance(again, IteratorResult)  # listener gone: lean again
-
-
-async def test_a_listener_on_the_units_own_connection_sends_its_statements_down_sqlalchemy_path(
-    database: Database,
-) -> None:
-    owner, _ids = await _seed(database)
-    statement = select(CONVERSATIONS.c.id).where(CONVERSATIONS.c.owner_id == bindparam("o"))
-    contexts: list[Any] = []
-
-    def listener(
-        _conn: Any, _cursor: Any, _sql: str, _params: Any, context: Any, _many: Any
-    ) -> None:
-        contexts.append(context)
-
-    async with database.read_connection() as connection:
-        await connection.execute(statement, {"o": owner})  # caches the result metadata
-    async with database.read_connection() as connection:
-        # Before the unit's first statement, on this connection only (not its engine).
-        event.listen(connection.sync_connection, "before_cursor_execute", listener)
-        result = await connection.execute(statement, {"o": owner})
-    assert isinstance(result, CursorResult)
-    assert len(contexts) == 1
-    assert contexts[0] is not None  # it saw SQLAlchemy's execution context
-    async with database.read_connection() as connection:
-        again = await connection.execute(statement, {"o": owner})
-    assert isinstance(again, IteratorResult)  # the next unit's connection has no listener
+    assert isinstance(again, IteratorResult)  # listener gone (or on another connection)
     assert len(contexts) == 1
 
 

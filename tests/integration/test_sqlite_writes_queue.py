@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import column, insert, select, table, text
@@ -171,39 +172,68 @@ async def test_a_write_unit_hops_to_the_thread_for_its_commit_only(database: Dat
     assert driver._bastion_queued - before_commit == 1  # the COMMIT
 
 
-async def test_begin_waits_on_the_thread_while_another_process_holds_the_lock(
-    tmp_path: Path,
-) -> None:
+class LockedByAnotherProcess:
+    """A started Database on a file with a table ``t``, whose write lock another connection
+    holds (as another process would) until :meth:`release`."""
+
+    def __init__(self, db: Database, other: sqlite3.Connection, driver: Any) -> None:
+        self.db = db
+        self.driver = driver  # the write pool's driver connection, before the lock was taken
+        self._other: sqlite3.Connection | None = other
+
+    def insert(self, n: int) -> asyncio.Task[None]:
+        """A write unit inserting ``n`` into ``t``, started as a task (it waits for the lock)."""
+
+        async def write() -> None:
+            async with self.db.write_connection() as connection:
+                await connection.execute(text("INSERT INTO t VALUES (:n)"), {"n": n})
+
+        return asyncio.create_task(write())
+
+    def release(self) -> None:
+        if self._other is not None:
+            self._other.execute("COMMIT")
+            self._other.close()
+            self._other = None
+
+
+@pytest.fixture
+async def locked(tmp_path: Path) -> AsyncIterator[LockedByAnotherProcess]:
     path = tmp_path / "locked.db"
     settings = make_settings(f"sqlite:///{path}", DB_SQLITE_BUSY_TIMEOUT=5000)
     async with Database(settings) as db:
         async with db.write_connection() as connection:
             await connection.execute(text("CREATE TABLE t (n INT)"))
+            driver = (await connection.get_raw_connection()).driver_connection
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # the write lock, held by "another process"
-        busy_before = FALLBACKS["busy"]
+        state = LockedByAnotherProcess(db, other, driver)
+        try:
+            yield state
+        finally:
+            state.release()
 
-        async def write() -> None:
-            async with db.write_connection() as connection:
-                await connection.execute(text("INSERT INTO t VALUES (1)"))
 
-        writer = asyncio.create_task(write())
-        gaps: list[float] = []
-        last = time.monotonic()
-        for _ in range(30):  # 0.3 s with the lock held: the loop must keep turning
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-        assert not writer.done()
-        other.execute("COMMIT")
-        other.close()
-        await writer
-        assert FALLBACKS["busy"] == busy_before + 1
-        # An inline BEGIN waiting out the 5 s timeout would have stalled the loop that long.
-        assert max(gaps) < 1.0
-        async with db.read_connection() as connection:
-            assert await connection.scalar(text("SELECT count(*) FROM t")) == 1
+async def test_begin_waits_on_the_thread_while_another_process_holds_the_lock(
+    locked: LockedByAnotherProcess,
+) -> None:
+    busy_before = FALLBACKS["busy"]
+    writer = locked.insert(1)
+    gaps: list[float] = []
+    last = time.monotonic()
+    for _ in range(30):  # 0.3 s with the lock held: the loop must keep turning
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+    assert not writer.done()
+    locked.release()
+    await writer
+    assert FALLBACKS["busy"] == busy_before + 1
+    # An inline BEGIN waiting out the 5 s timeout would have stalled the loop that long.
+    assert max(gaps) < 1.0
+    async with locked.db.read_connection() as connection:
+        assert await connection.scalar(text("SELECT count(*) FROM t")) == 1
 
 
 async def test_a_begin_on_a_dead_connection_is_a_disconnect_and_the_next_unit_reconnects(
@@ -239,36 +269,23 @@ async def test_a_write_unit_counts_its_statements_as_queries_and_not_its_begin(
 
 
 async def test_a_unit_cancelled_while_its_begin_waits_discards_its_connection(
-    tmp_path: Path,
+    locked: LockedByAnotherProcess,
 ) -> None:
     # BEGIN IMMEDIATE waits on aiosqlite's thread while another process holds the lock; a
     # cancellation there leaves the driver connection mid-call: SQLAlchemy's handler must see
     # it (counted, connection invalidated) rather than the pool taking the connection back.
-    path = tmp_path / "cancelled.db"
-    settings = make_settings(f"sqlite:///{path}", DB_SQLITE_BUSY_TIMEOUT=5000)
-    async with Database(settings) as db:
-        async with db.write_connection() as connection:
-            await connection.execute(text("CREATE TABLE t (n INT)"))
-            driver = (await connection.get_raw_connection()).driver_connection
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        errors_before = db.metrics.errors
-
-        async def write() -> None:
-            async with db.write_connection() as connection:
-                await connection.execute(text("INSERT INTO t VALUES (1)"))
-
-        writer = asyncio.create_task(write())
-        await asyncio.sleep(0.3)  # waiting in BEGIN IMMEDIATE, on the thread
-        writer.cancel()
-        await asyncio.sleep(0.05)  # the cancellation reaches the unit
-        other.execute("COMMIT")  # lets the thread's BEGIN end, and the discarded connection close
-        other.close()
-        with pytest.raises(asyncio.CancelledError):
-            await writer
-        assert db.metrics.errors == errors_before + 1
-        async with db.write_connection() as connection:
-            assert (await connection.get_raw_connection()).driver_connection is not driver
-            await connection.execute(text("INSERT INTO t VALUES (2)"))
-        async with db.read_connection() as connection:
-            assert (await connection.scalars(text("SELECT n FROM t"))).all() == [2]
+    db = locked.db
+    errors_before = db.metrics.errors
+    writer = locked.insert(1)
+    await asyncio.sleep(0.3)  # waiting in BEGIN IMMEDIATE, on the thread
+    writer.cancel()
+    await asyncio.sleep(0.05)  # the cancellation reaches the unit
+    locked.release()  # lets the thread's BEGIN end, and the discarded connection close
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    assert db.metrics.errors == errors_before + 1
+    async with db.write_connection() as connection:
+        assert (await connection.get_raw_connection()).driver_connection is not locked.driver
+        await connection.execute(text("INSERT INTO t VALUES (2)"))
+    async with db.read_connection() as connection:
+        assert (await connection.scalars(text("SELECT n FROM t"))).all() == [2]
