@@ -72,7 +72,7 @@ from bench.layers import (
     reference_app,
 )
 from bench.run import MESSAGE_BODY
-from conversations.auth import PresentedKey, WriteCaller, key_guard_of
+from conversations.auth import PresentedKey, WriteCaller, hash_api_key, key_guard_of
 from conversations.routes._ids import parse_conversation_id
 from conversations.routes.messages import PageCursor, PageLimit
 from conversations.schemas import ConversationOut, MessageCreate, MessageOut, MessagePage
@@ -170,9 +170,13 @@ async def _unit_caller(request: Request) -> WriteCaller:
 
 
 async def _presented(request: Request) -> PresentedKey:
-    """The request's key as the reference's dependencies take it: hashed, past the key guard."""
+    """The request's key as the reference's dependencies take it: hashed, past the key guard,
+    and reported good to it (as a lookup that found it would), so the guard lets it by."""
     key = request.headers["authorization"].partition(" ")[2]
-    return await PresentedKey.admit(key, "floor", key_guard_of(request))
+    guard = key_guard_of(request)
+    presented = await PresentedKey.admit(key, "floor", guard)
+    guard.accepted(hash_api_key(key))
+    return presented
 
 
 UnitCaller = Annotated[WriteCaller, Depends(_unit_caller)]
