@@ -238,7 +238,10 @@ class LeanConnection(AsyncConnection):
             metadata = metadata._adapt_to_context(_Invoked(compiled, statement))  # type: ignore[arg-type]
         if sync._transaction is None:
             sync._autobegin()  # no I/O: only Bastion's read-unit begin listeners are there
-        dispatch = sync.dispatch
+        # The engine's own listener collections: with no listener on the connection or its
+        # class (checked above), they are exactly what the connection's joined dispatch would
+        # run, and SQLAlchemy builds that joined collection afresh for every new connection.
+        dispatch = sync.engine.dispatch
         dispatch.before_cursor_execute(sync, None, sql, arguments, None, False)
         try:
             rows = await self._bastion_fetch(dialect, dbapi_connection, sql, arguments)
