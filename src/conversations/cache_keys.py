@@ -67,7 +67,7 @@ async def load_conversation(
     Raises:
         NotFoundError: no such conversation for this owner (not cached: it is cheap to ask).
     """
-    return ConversationOut.model_validate(
+    return ConversationOut.from_row(
         await CONVERSATIONS.require(connection, conversation_id, scope=owner_id)
     )
 

@@ -44,7 +44,7 @@ MAX_VERSION: Final = 2**31 - 1  # conversations.version is a 32-bit integer
 
 
 def _out(row: RowMapping, response: Response | None = None) -> ConversationOut:
-    conversation = ConversationOut.model_validate(row)
+    conversation = ConversationOut.from_row(row)
     if response is not None:
         response.headers["ETag"] = _etag(conversation)
     return conversation
