@@ -171,7 +171,8 @@ async def _unit_caller(request: Request) -> WriteCaller:
 
 async def _presented(request: Request) -> PresentedKey:
     """The request's key as the reference's dependencies take it: hashed, past the key guard,
-    and reported good to it (as a lookup that found it would), so the guard lets it by."""
+    and reported good to it (as a lookup that found it would), so the guard lets it by. (The
+    report hashes the key a second time, about 1 µs the reference does not spend.)"""
     key = request.headers["authorization"].partition(" ")[2]
     guard = key_guard_of(request)
     presented = await PresentedKey.admit(key, "floor", guard)

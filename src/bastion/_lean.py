@@ -192,6 +192,9 @@ class LeanConnection(AsyncConnection):
             or sync.closed
             or sync.invalidated
             or sync._echo
+            # A listener on this connection or its class, even one added mid-unit: the joined
+            # dispatch would run it, the engine's collections below would not.
+            or sync._has_events
             or sync._execution_options.keys() - _KNOWN_OPTIONS
             or statement._execution_options  # type: ignore[attr-defined]
             or not _transaction_usable(sync)
@@ -239,8 +242,9 @@ class LeanConnection(AsyncConnection):
         if sync._transaction is None:
             sync._autobegin()  # no I/O: only Bastion's read-unit begin listeners are there
         # The engine's own listener collections: with no listener on the connection or its
-        # class (checked above), they are exactly what the connection's joined dispatch would
-        # run, and SQLAlchemy builds that joined collection afresh for every new connection.
+        # class (_has_events, checked above), they are exactly what the connection's joined
+        # dispatch would run, and SQLAlchemy builds that joined collection afresh for every
+        # new connection.
         dispatch = sync.engine.dispatch
         dispatch.before_cursor_execute(sync, None, sql, arguments, None, False)
         try:
@@ -254,13 +258,12 @@ class LeanConnection(AsyncConnection):
         return IteratorResult(metadata, iter(rows or ()))
 
     def _listeners_unchanged(self, sync: Connection) -> bool:
-        # A listener added to this connection itself, or to the Connection class, sets
-        # _has_events there (SQLAlchemy's ConnectionEvents._listen); one added to the engine
-        # or the Engine class changes the engine's counts. Counting on the engine's dispatch,
-        # which keeps its listener collections, costs a tenth of counting on the connection's,
-        # which builds a joined collection per event on every new connection.
-        if sync._has_events:
-            return False
+        # A listener added to the engine or the Engine class changes the engine's counts (one
+        # added to this connection itself, or to the Connection class, sets _has_events there,
+        # SQLAlchemy's ConnectionEvents._listen, which _lean_execute checks per statement).
+        # Counting on the engine's dispatch, which keeps its listener collections, costs a
+        # tenth of counting on the connection's, which builds a joined collection per event on
+        # every new connection.
         dispatch = sync.engine.dispatch
         return (
             tuple(len(getattr(dispatch, name)) for name in LEAN_EVENTS) == self._bastion_listeners

@@ -171,12 +171,13 @@ async def test_lean_statements_are_counted_in_query_metrics(database: Database) 
     assert any("conversations" in stats.fingerprint for stats in database.metrics.top(50))
 
 
-@pytest.mark.parametrize("where", ["engine", "connection"])
+@pytest.mark.parametrize("where", ["engine", "connection", "connection mid-unit"])
 async def test_a_foreign_listener_sends_statements_down_sqlalchemy_path(
     database: Database, where: str
 ) -> None:
-    # On the engine, or on the unit's own connection only: either way SQLAlchemy's path runs,
-    # with its execution context; once the listener is gone, the lean path again.
+    # On the engine, or on the unit's own connection only (before its first statement or
+    # after it): either way SQLAlchemy's path runs, with its execution context; once the
+    # listener is gone, the lean path again.
     owner, _ids = await _seed(database)
     statement = select(CONVERSATIONS.c.id).where(CONVERSATIONS.c.owner_id == bindparam("o"))
     contexts: list[Any] = []
@@ -194,7 +195,9 @@ async def test_a_foreign_listener_sends_statements_down_sqlalchemy_path(
         event.listen(engine, "before_cursor_execute", listener)
     try:
         async with database.read_connection() as connection:
-            if where == "connection":  # before the unit's first statement, this connection only
+            if where == "connection mid-unit":  # the lean path has run once in this unit
+                assert isinstance(await connection.execute(statement, {"o": owner}), IteratorResult)
+            if where.startswith("connection"):  # this connection only
                 event.listen(connection.sync_connection, "before_cursor_execute", listener)
             result = await connection.execute(statement, {"o": owner})
     finally:
