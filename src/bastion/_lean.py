@@ -36,6 +36,15 @@ execution context this path does not build; they are counted once per unit, at i
 statement), or a connection with listeners of its own (or of the ``Connection`` class: once one
 was added there, this path stays off for the process, as SQLAlchemy's flag for it stays set).
 
+**Read units** leave SQLAlchemy's transaction unbegun. ``execute`` would autobegin a
+nominal transaction (there is none on the server: PostgreSQL reads are AUTOCOMMIT, SQLite read
+units send no BEGIN) and roll it back at close, firing ``begin`` and ``rollback`` events whose
+per-connection listener collections cost about 3 % of a point read (``bench/README.md``,
+finding 30). After lean statements only, ``in_transaction()`` is therefore ``False``, a read
+unit's close counts no rollback in ``bastion_transactions_total``, and ``begin()`` is allowed
+where ``execute``'s autobegin would have refused it. A statement that takes SQLAlchemy's path
+autobegins as usual. The pool's reset on return still runs the driver's rollback.
+
 **Writes.** A write unit's connection (:meth:`Database.write_connection
 <bastion.Database.write_connection>`) is a ``LeanConnection`` too, and
 :meth:`LeanConnection.returning` runs an ``INSERT``/``UPDATE``/``DELETE … RETURNING`` the same
@@ -239,8 +248,13 @@ class LeanConnection(AsyncConnection):
             # The cached compiled statement was made from an equal statement object: rows must
             # also answer to this one's column objects, as execute() arranges it.
             metadata = metadata._adapt_to_context(_Invoked(compiled, statement))  # type: ignore[arg-type]
-        if sync._transaction is None:
-            sync._autobegin()  # no I/O: only Bastion's read-unit begin listeners are there
+        if sync._transaction is None and self._bastion_writes:
+            # Only in a write unit (which has begun its transaction already, so this is for
+            # completeness). A read unit has no transaction to begin on the server: PostgreSQL
+            # reads are AUTOCOMMIT and SQLite read units send no BEGIN. SQLAlchemy's autobegin
+            # would only make a nominal one, whose begin and rollback events cost a joined
+            # listener collection each per unit (see "Read units" in the module docstring).
+            sync._autobegin()
         # The engine's own listener collections: with no listener on the connection or its
         # class (_has_events, checked above), they are exactly what the connection's joined
         # dispatch would run, and SQLAlchemy builds that joined collection afresh for every

@@ -26,6 +26,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    text,
 )
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.engine.result import IteratorResult
@@ -156,6 +157,32 @@ async def test_a_statement_built_per_call_is_answered_by_its_own_columns(
         assert row._mapping[statement.selected_columns[0]] == 3
         other = await connection.execute(count_for(uuid.uuid4()))
         assert other.scalar_one() == 0
+
+
+async def test_a_read_unit_of_lean_statements_begins_no_sqlalchemy_transaction(
+    database: Database,
+) -> None:
+    # Nothing to begin or roll back on the server, so no nominal transaction either (its begin
+    # and rollback events cost a listener collection each per unit); SQLAlchemy's own path
+    # still autobegins.
+    owner, _ids = await _seed(database)
+    statement = select(CONVERSATIONS.c.id).where(CONVERSATIONS.c.owner_id == bindparam("o"))
+    registry = database.metrics.registry
+
+    def rollbacks() -> float:
+        return registry.get_sample_value("bastion_transactions_total", {"outcome": "rollback"}) or 0
+
+    async with database.read_connection() as connection:
+        await connection.execute(statement, {"o": owner})  # caches the result metadata
+    before = rollbacks()
+    async with database.read_connection() as connection:
+        result = await connection.execute(statement, {"o": owner})
+        assert isinstance(result, IteratorResult)
+        assert len(result.all()) == 3
+        assert not connection.in_transaction()
+        assert await connection.scalar(text("SELECT 1")) == 1  # SQLAlchemy's path
+        assert connection.in_transaction()
+    assert rollbacks() == before + 1  # the SQLAlchemy-path statement's nominal transaction
 
 
 async def test_lean_statements_are_counted_in_query_metrics(database: Database) -> None:
