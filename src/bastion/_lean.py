@@ -36,9 +36,10 @@ execution context this path does not build; they are counted once per unit, at i
 statement), or a connection with listeners of its own (or of the ``Connection`` class: once one
 was added there, this path stays off for the process, as SQLAlchemy's flag for it stays set).
 
-**Read units** leave SQLAlchemy's transaction unbegun. ``execute`` would autobegin a
-nominal transaction (there is none on the server: PostgreSQL reads are AUTOCOMMIT, SQLite read
-units send no BEGIN) and roll it back at close, firing ``begin`` and ``rollback`` events whose
+**Read units** leave SQLAlchemy's transaction unbegun where there is none on the server
+(PostgreSQL's AUTOCOMMIT reads, SQLite read units, which send no BEGIN; not PgBouncer's read
+units, which read in READ ONLY transactions). ``execute`` would autobegin a nominal
+transaction and roll it back at close, firing ``begin`` and ``rollback`` events whose
 per-connection listener collections cost about 3 % of a point read (``bench/README.md``,
 finding 30). After lean statements only, ``in_transaction()`` is therefore ``False``, a read
 unit's close counts no rollback in ``bastion_transactions_total``, and ``begin()`` is allowed
@@ -128,6 +129,10 @@ class LeanConnection(AsyncConnection):
 
     _bastion_writes: bool = False
     """Whether this is a write unit's connection, where :meth:`returning` may run lean."""
+
+    _bastion_autobegin: bool = True
+    """Whether a lean statement begins SQLAlchemy's transaction as ``execute`` would (not on
+    read units that have no transaction on the server)."""
 
     def __init__(self, async_engine: AsyncEngine, sync_connection: Connection | None = None):
         super().__init__(async_engine, sync_connection)
@@ -248,12 +253,12 @@ class LeanConnection(AsyncConnection):
             # The cached compiled statement was made from an equal statement object: rows must
             # also answer to this one's column objects, as execute() arranges it.
             metadata = metadata._adapt_to_context(_Invoked(compiled, statement))  # type: ignore[arg-type]
-        if sync._transaction is None and self._bastion_writes:
-            # Only in a write unit (which has begun its transaction already, so this is for
-            # completeness). A read unit has no transaction to begin on the server: PostgreSQL
-            # reads are AUTOCOMMIT and SQLite read units send no BEGIN. SQLAlchemy's autobegin
-            # would only make a nominal one, whose begin and rollback events cost a joined
-            # listener collection each per unit (see "Read units" in the module docstring).
+        if sync._transaction is None and self._bastion_autobegin:
+            # Write units (after a commit() mid-unit) and PgBouncer's read units, whose reads
+            # run in driver-level READ ONLY transactions that commit() and rollback() must
+            # reach. Other read units have no transaction on the server: autobegin would make a
+            # nominal one, whose begin and rollback events cost a joined listener collection
+            # each per unit (see "Read units" in the module docstring).
             sync._autobegin()
         # The engine's own listener collections: with no listener on the connection or its
         # class (_has_events, checked above), they are exactly what the connection's joined
@@ -421,10 +426,11 @@ _DRIVERS: Final[dict[str, tuple[Callable[[Any], bool], Callable[..., Awaitable[A
 
 
 def lean_connection_class(
-    engine: AsyncEngine, *, writes: bool = False
+    engine: AsyncEngine, *, writes: bool = False, autobegin: bool = True
 ) -> type[LeanConnection] | None:
     """The :class:`LeanConnection` class for ``engine``'s read units (``writes=True``: its
-    write units), or ``None`` (no lean path for its driver).
+    write units), or ``None`` (no lean path for its driver). ``autobegin=False``: its units
+    have no transaction on the server, and lean statements begin none in SQLAlchemy either.
 
     Call it once every listener Bastion puts on ``engine`` is in place: the counts taken now
     are what later connections compare with.
@@ -442,6 +448,7 @@ def lean_connection_class(
             "__slots__": (),
             "_bastion_listeners": counts,
             "_bastion_writes": writes,
+            "_bastion_autobegin": autobegin,
             "_bastion_ready": staticmethod(ready),
             "_bastion_fetch": staticmethod(fetch),
         },

@@ -631,7 +631,13 @@ class Database:
         )
         self._write_sessions = async_sessionmaker(engines.primary, expire_on_commit=False)
         # Last, once every listener of Bastion's is on the read engine: see bastion._lean.
-        self._lean_connections = lean_connection_class(read_engine)
+        self._lean_connections = lean_connection_class(
+            read_engine,
+            # PgBouncer's reads run in READ ONLY transactions; the others have none to begin.
+            # (Today PgBouncer's read engine carries postgresql_readonly, an execution option
+            # that keeps its statements off the lean path anyway.)
+            autobegin=self.settings.backend == "postgresql" and self.settings.pgbouncer,
+        )
         self._lean_writes = lean_connection_class(engines.primary, writes=True)
 
     async def _check_connection_budget(self) -> None:

@@ -91,7 +91,8 @@ class QueryMetrics:
             ["outcome"],
             registry=self.registry,
         )
-        # Bound once: every unit ends in one of them, and labels() is a locked lookup.
+        # Bound once: every write unit ends in one of them (and every read unit that began a
+        # transaction in SQLAlchemy, see bastion._lean), and labels() is a locked lookup.
         self._commits = transactions.labels("commit")
         self._rollbacks = transactions.labels("rollback")
         self._slow = Counter(

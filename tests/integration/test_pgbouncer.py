@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import literal, select, text
 from sqlalchemy.engine import make_url
 
 from bastion import (
@@ -96,6 +96,12 @@ async def exercise(database: Database, worker: int) -> None:
     for step in range(5):
         async with database.read_connection() as connection:
             assert await connection.scalar(text("SELECT :n + 1"), {"n": step}) == step + 1
+        async with database.read_connection() as connection:
+            # Reads here run in a READ ONLY transaction, which SQLAlchemy must know of (so that
+            # commit() and rollback() reach it), whichever path a select() takes.
+            for _ in range(2):
+                assert await connection.scalar(select(literal(step) + 1)) == step + 1
+                assert connection.in_transaction()
         async with database.write() as session:
             await session.execute(
                 text("INSERT INTO bouncer_rows (worker, step) VALUES (:w, :s)"),
