@@ -227,6 +227,13 @@ class Users:
         self.bob = {"Authorization": f"Bearer {bob}"}
 
 
+async def new_conversation(client: httpx.AsyncClient, users: Users) -> str:
+    """The id of a new conversation of alice's, made through the API."""
+    response = await client.post("/v1/conversations", json={"title": "t"}, headers=users.alice)
+    assert response.status_code == 201
+    return str(response.json()["id"])
+
+
 @pytest.fixture
 async def users(settings: DatabaseSettings) -> Users:
     async with Database(settings) as database:

@@ -11,19 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion import Database, DatabaseSettings, IdempotencyStore, StoredResponse
 from conversations.models import idempotency_keys
-from tests.conftest import Users, revoke_key
+from tests.conftest import Users, new_conversation, revoke_key
 
 Client = httpx.AsyncClient
 
 
 def keyed(headers: dict[str, str], key: str) -> dict[str, str]:
     return {**headers, "Idempotency-Key": key}
-
-
-async def new_conversation(client: Client, users: Users) -> str:
-    response = await client.post("/v1/conversations", json={"title": "t"}, headers=users.alice)
-    assert response.status_code == 201
-    return str(response.json()["id"])
 
 
 async def message_total(client: Client, users: Users, cid: str) -> int:

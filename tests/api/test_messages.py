@@ -6,15 +6,9 @@ import asyncio
 
 import httpx
 
-from tests.conftest import Users
+from tests.conftest import Users, new_conversation
 
 Client = httpx.AsyncClient
-
-
-async def new_conversation(client: Client, users: Users) -> str:
-    response = await client.post("/v1/conversations", json={"title": "t"}, headers=users.alice)
-    assert response.status_code == 201
-    return str(response.json()["id"])
 
 
 async def test_a_message_is_stored_with_its_sources_in_order(
