@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import enum
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -91,12 +92,32 @@ def add_key_command(
     typer.echo(asyncio.run(run()))
 
 
+class EventLoop(enum.StrEnum):
+    """The event loops uvicorn can serve on (its ``--loop`` values)."""
+
+    ASYNCIO = "asyncio"
+    UVLOOP = "uvloop"
+    AUTO = "auto"
+
+
 @app.command()
 def demo(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    loop: Annotated[
+        EventLoop,
+        typer.Option(
+            help="Event loop to serve on. asyncio's accepts waiting connections in a batch; "
+            "uvloop's accepts one per loop turn, so under load new clients wait (see README)."
+        ),
+    ] = EventLoop.ASYNCIO,
 ) -> None:
-    """Migrate the database, issue a key for the user 'demo', and serve the API."""
+    """Migrate the database, issue a key for the user 'demo', and serve the API.
+
+    Serves on asyncio's loop unless told otherwise: uvloop (libuv 1.45 and later) accepts one
+    new connection per turn of a busy loop, and at 64 fresh connections against the SQLite demo
+    the last waited over a second to be accepted (bench/README.md, finding 31).
+    """
     import uvicorn
 
     from conversations.app import create_app
@@ -133,7 +154,9 @@ def demo(
             ]
         )
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=_log_config())
+    uvicorn.run(
+        create_app(settings), host=host, port=port, loop=loop.value, log_config=_log_config()
+    )
 
 
 def _log_config() -> dict[str, Any]:
