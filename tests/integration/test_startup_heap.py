@@ -1,0 +1,77 @@
+"""database_lifespan freezes the start-up heap once per process, after collecting its garbage.
+
+Each case runs in a fresh interpreter: the freeze is per process, and this test process has
+started many applications already.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SCRIPT = textwrap.dedent(
+    """
+    import asyncio, gc, json, sys, weakref
+
+    from asgi_lifespan import LifespanManager
+    from fastapi import FastAPI
+
+    from bastion import DatabaseSettings
+    from bastion.fastapi import database_lifespan
+
+    class Node:
+        pass
+
+    async def main(url, freeze_heap):
+        # Start-up's garbage: a reference cycle nothing points to any more.
+        cycle = Node()
+        cycle.self = cycle
+        cycle_is_alive = weakref.ref(cycle)
+        del cycle
+        gc.disable()  # so that only the lifespan's own collection can free it
+        settings = DatabaseSettings(DATABASE_URL=url)
+        counts = [gc.get_freeze_count()]
+        for _ in range(2):
+            app = FastAPI(lifespan=database_lifespan(settings, freeze_heap=freeze_heap))
+            async with LifespanManager(app):
+                counts.append(gc.get_freeze_count())
+        print(json.dumps({"counts": counts, "garbage_freed": cycle_is_alive() is None}))
+
+    asyncio.run(main(sys.argv[1], sys.argv[2] == "on"))
+    """
+)
+
+
+def run_script(tmp_path: Path, freeze: str) -> dict[str, object]:
+    url = f"sqlite:///{tmp_path}/heap.db"
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, url, freeze],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_the_first_start_up_frees_its_garbage_and_freezes_the_rest_once(tmp_path: Path) -> None:
+    result = run_script(tmp_path, "on")
+
+    before, after_first, after_second = result["counts"]  # type: ignore[misc]
+    assert before == 0
+    assert after_first > 10_000  # modules, classes, SQLAlchemy and FastAPI objects
+    # A second freeze would add the second application's objects; without one the count can
+    # only fall, as frozen objects of the first application are freed.
+    assert after_second <= after_first
+    assert result["garbage_freed"] is True
+
+
+def test_freeze_heap_off_leaves_the_collector_alone(tmp_path: Path) -> None:
+    result = run_script(tmp_path, "off")
+
+    assert result["counts"] == [0, 0, 0]
+    assert result["garbage_freed"] is False
