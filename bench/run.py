@@ -5,7 +5,8 @@ reference service itself — ``raw``, ``naive``, ``sync``), then for every scena
 against each variant in turn, round after round (the order rotates each round), so that the
 machine's drift hits every variant alike. Ratios are medians of per-round ratios. Last,
 ``concurrency_1000``: the point read with 1000 connections, against ``bastion`` and ``raw``,
-each on uvloop (as every other scenario) and again on asyncio's loop (``*_asyncio_loop``).
+each on a fresh server on uvloop (as every other scenario) and again on asyncio's loop
+(``*_asyncio_loop``).
 
 Writes ``bench/results/latest.json`` and ``bench/results/latest.md``.
 ``BENCH_QUICK=1`` gives a short smoke run.
@@ -116,11 +117,15 @@ class Server:
             command.append("--factory")
         if variant == "bastion_cached":
             env = {**env, "REDIS_URL": REDIS_URL, "CACHE_PREFIX": f"bench-{self.port}"}
-        self.log = (workdir / f"{variant}-{loop}.log").open("w")
+        self.log = (workdir / f"{variant}-{loop}-{self.port}.log").open("w")
         self.process = subprocess.Popen(
             command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 30
@@ -140,6 +145,7 @@ class Server:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
         self.log.close()
 
 
@@ -164,11 +170,18 @@ def run_wrk(port: int, env: dict[str, str], duration_s: int, connections: int) -
     return dict(json.loads(match.group(1)))
 
 
-def summarise(backend: str, scenario: str, variant: str, rnd: int, raw: dict[str, float]) -> Result:
+def summarise(
+    backend: str,
+    scenario: str,
+    variant: str,
+    rnd: int,
+    raw: dict[str, float],
+    connections: int = CONNECTIONS,
+) -> Result:
     errors = int(raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"])
     if raw["requests"] == 0:
         # Nothing completed: every connection's request hung past the run (a stalled server).
-        errors = max(errors, CONNECTIONS)
+        errors = max(errors, connections)
     return Result(
         backend=backend,
         scenario=scenario,
@@ -210,33 +223,16 @@ async def create_postgres_database(name: str) -> str:
     return f"{base}/{name}"
 
 
-def bench_backend(
-    backend: str, workdir: Path, results: list[Result], lags: dict[str, dict[str, float]]
-) -> None:
-    if backend == "postgresql":
-        url = asyncio.run(create_postgres_database("bastion_bench"))
-    else:
-        url = f"sqlite:///{workdir}/bench.db"
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "BENCH_DATABASE_URL": url,
-        # Each variant may use 16 connections for its work (bastion: per pool), so that all
-        # four servers fit in the shared server's max_connections (100) at once.
-        "DB_POOL_SIZE": "8",
-        "DB_MAX_OVERFLOW": "8",
-        "PYTHONPATH": str(ROOT),
-    }
-    subprocess.run(
-        [sys.executable, "-m", "bench.seed", str(workdir)], env=env, cwd=ROOT, check=True
-    )
-    wrk_env = {
-        "BENCH_IDS": str(workdir / "ids.txt"),
-        "BENCH_KEY": (workdir / "key.txt").read_text().strip(),
-    }
-    servers = {variant: Server(variant, env, workdir) for variant in VARIANTS}
+def run_scenarios(
+    backend: str, env: dict[str, str], wrk_env: dict[str, str], workdir: Path
+) -> tuple[list[Result], dict[str, list[float]]]:
+    """Every scenario at 64 connections, all variants' servers up, rounds interleaved."""
+    results: list[Result] = []
     variant_lags: dict[str, list[float]] = {"bastion": [], "raw": []}
+    servers: dict[str, Server] = {}
     try:
+        for variant in VARIANTS:
+            servers[variant] = Server(variant, env, workdir)
         for scenario, scenario_env in SCENARIOS.items():
             order = [
                 variant
@@ -263,35 +259,71 @@ def bench_backend(
                         if lag is not None:
                             variant_lags[variant].append(lag)
                 order = order[1:] + order[:1]
-        scenario_env = SCENARIOS["get_conversation"]
-        # raw too: what the framework and the driver alone give at 1000 connections, so
-        # that the bastion figure can be read against what this machine allows.
-        for variant in ("bastion", "raw"):
-            raw = run_wrk(
-                servers[variant].port, {**wrk_env, **scenario_env}, CONCURRENCY_1000_S, 1000
-            )
-            result = summarise(backend, "concurrency_1000", variant, 0, raw)
-            results.append(result)
-            print(f"{backend:10} concurrency_1000 {variant}: {result}", flush=True)
     finally:
         for server in servers.values():
             server.stop()
-    # uvloop (libuv 1.45 and later) accepts one new connection per loop turn, so under load
-    # most of its concurrency_1000 figure is wrk's connections waiting to be accepted; asyncio's
-    # loop accepts them in a batch (bench/README.md, finding 31). Started only now, so that the
-    # shared server's max_connections holds every pool.
+    return results, variant_lags
+
+
+def run_concurrency_1000(
+    backend: str, env: dict[str, str], wrk_env: dict[str, str], workdir: Path
+) -> list[Result]:
+    """The point read at 1000 connections: ``bastion`` and ``raw``, each on both loops.
+
+    ``raw`` shows what the framework and the driver alone give at 1000 connections on this
+    machine. uvloop (libuv 1.45 and later) accepts one new connection per loop turn, asyncio's
+    loop a batch, and the wait shows in the p99 (bench/README.md, finding 31), so each variant
+    runs on both. Every run gets a fresh server, alone and warmed up for the same time, so
+    that the loop is the only difference; the loop that goes first alternates.
+    """
+    results = []
     point_read = {**wrk_env, **SCENARIOS["get_conversation"]}
-    for variant in ("bastion", "raw"):
-        server = Server(variant, env, workdir, loop="asyncio")
-        try:
-            run_wrk(server.port, point_read, WARMUP_S, CONNECTIONS)
-            raw = run_wrk(server.port, point_read, CONCURRENCY_1000_S, 1000)
-        finally:
-            server.stop()
-        result = summarise(backend, "concurrency_1000", f"{variant}_asyncio_loop", 0, raw)
-        results.append(result)
-        print(f"{backend:10} concurrency_1000 {variant} (asyncio's loop): {result}", flush=True)
+    for index, variant in enumerate(("bastion", "raw")):
+        loops = ("uvloop", "asyncio") if index % 2 == 0 else ("asyncio", "uvloop")
+        for loop in loops:
+            server = Server(variant, env, workdir, loop=loop)
+            try:
+                run_wrk(server.port, point_read, WARMUP_S, CONNECTIONS)
+                raw = run_wrk(server.port, point_read, CONCURRENCY_1000_S, 1000)
+            finally:
+                server.stop()
+            name = variant if loop == "uvloop" else f"{variant}_asyncio_loop"
+            result = summarise(backend, "concurrency_1000", name, 0, raw, connections=1000)
+            results.append(result)
+            print(f"{backend:10} concurrency_1000 {name}: {result}", flush=True)
+    return results
+
+
+def bench_backend(
+    backend: str, workdir: Path, results: list[Result], lags: dict[str, dict[str, float]]
+) -> None:
+    if backend == "postgresql":
+        url = asyncio.run(create_postgres_database("bastion_bench"))
+    else:
+        url = f"sqlite:///{workdir}/bench.db"
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "BENCH_DATABASE_URL": url,
+        # Each variant may use 16 connections for its work (bastion: per pool), so that all
+        # four servers fit in the shared server's max_connections (100) at once.
+        "DB_POOL_SIZE": "8",
+        "DB_MAX_OVERFLOW": "8",
+        "PYTHONPATH": str(ROOT),
+    }
     try:
+        subprocess.run(
+            [sys.executable, "-m", "bench.seed", str(workdir)], env=env, cwd=ROOT, check=True
+        )
+        wrk_env = {
+            "BENCH_IDS": str(workdir / "ids.txt"),
+            "BENCH_KEY": (workdir / "key.txt").read_text().strip(),
+        }
+        scenario_results, variant_lags = run_scenarios(backend, env, wrk_env, workdir)
+        results.extend(scenario_results)
+        # Started only after the other servers stopped, so that the shared PostgreSQL
+        # server's max_connections holds every pool.
+        results.extend(run_concurrency_1000(backend, env, wrk_env, workdir))
         results.extend(Result(**row) for row in bench_bulk(backend, url, ROUNDS))
     finally:
         if backend == "postgresql":

@@ -13,6 +13,7 @@ import asyncio
 import gc
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -49,6 +50,18 @@ TABLES = (
 )
 
 _postgres_problem: str | None = None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def environment_without_database() -> dict[str, str]:
+    """This process's environment minus DATABASE_URL and DB_*, for a command a test runs."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "DB_"))}
 
 
 def _asyncpg_dsn(url: str) -> str:

@@ -40,6 +40,7 @@ def create_app(
     cache_settings: CacheSettings | None = None,
     backup_settings: BackupSettings | None = None,
     failed_key_rate: str | None = None,
+    freeze_heap: bool = True,
 ) -> FastAPI:
     """Build the app. Settings default to the environment (``DATABASE_URL``, …).
 
@@ -48,7 +49,8 @@ def create_app(
     Cache settings (``REDIS_URL``…) and backup settings (``BACKUP_DIR``…) also default to
     the environment, and so does ``failed_key_rate`` (``API_FAILED_KEY_RATE``, default
     ``"30/minute"``): how many API keys not known good one client address may present before
-    it gets 429 (:mod:`conversations.key_guard`).
+    it gets 429 (:mod:`conversations.key_guard`). ``freeze_heap`` freezes the objects alive
+    after start-up out of the garbage collector's way (``database_lifespan``'s option).
 
     Raises:
         ConfigurationError: a setting in the environment is invalid.
@@ -65,6 +67,7 @@ def create_app(
             migrations=MIGRATIONS if migrate_on_start else None,
             cache=cache_settings,
             backups=backups,
+            freeze_heap=freeze_heap,
         ),
     )
     if failed_key_rate is None:

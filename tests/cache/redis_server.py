@@ -21,15 +21,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from bastion.cache import CacheSettings
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, free_port
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def require(problem: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bastion.migrations import head_revisions
+from tests.conftest import environment_without_database
 
 BIN = Path(sys.executable).parent
 
@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 def run(
     command: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "DB_"))}
+    full_env = environment_without_database()
     full_env.update(env or {})
     # The timeout doubles as the check that the process exits (aiosqlite's exit hang).
     return subprocess.run(

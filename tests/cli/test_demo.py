@@ -2,54 +2,78 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.conftest import environment_without_database, free_port
+
 BIN = Path(sys.executable).parent
+# uvloop's compiled loop, as mapped into a process that imported it.
+UVLOOP_EXTENSION = re.compile(r"/uvloop/[^/\n]*\.so")
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+@dataclass
+class Demo:
+    process: subprocess.Popen[bytes]
+    base: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def key(self) -> str:
+        match = re.search(r"Demo key:\s+(\S+)", self.output())
+        assert match is not None, self.output()
+        return match.group(1)
+
+    def loads_uvloop(self) -> bool:
+        """Whether uvloop's extension is mapped: uvicorn imports uvloop only to run on it."""
+        maps = Path(f"/proc/{self.process.pid}/maps").read_text()
+        return UVLOOP_EXTENSION.search(maps) is not None
+
+
+def demo_environment(tmp_path: Path) -> dict[str, str]:
+    # A directory whose name says nothing about loops: its path shows in the process's maps.
+    (tmp_path / "db").mkdir(exist_ok=True)
+    return {**environment_without_database(), "DATABASE_URL": f"sqlite:///{tmp_path}/db/demo.db"}
 
 
 @contextmanager
-def running_demo(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """The demo serving a fresh SQLite file; yields the process and its base URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "DB_"))}
-    env["DATABASE_URL"] = f"sqlite:///{tmp_path}/demo.db"
-    process = subprocess.Popen(
-        [str(BIN / "conversations"), "demo", "--port", str(port), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
+def running_demo(tmp_path: Path, *args: str) -> Iterator[Demo]:
+    """The demo serving a fresh SQLite file, its output going to a log file; stopped after."""
+    log = tmp_path / "demo.log"
+    base = f"http://127.0.0.1:{(port := free_port())}"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [str(BIN / "conversations"), "demo", "--port", str(port), *args],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=demo_environment(tmp_path),
+        )
+    demo = Demo(process, base, log)
     try:
         deadline = time.monotonic() + 30
         while True:
-            assert process.poll() is None, "the demo exited before serving"
+            assert process.poll() is None, f"the demo exited before serving:\n{demo.output()}"
             try:
                 httpx.get(f"{base}/health/live", timeout=1)
                 break
             except httpx.TransportError:
-                assert time.monotonic() < deadline, "the demo did not answer within 30 s"
+                assert time.monotonic() < deadline, f"no answer in 30 s:\n{demo.output()}"
                 time.sleep(0.1)
-        yield process, base
+        yield demo
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -58,71 +82,44 @@ def running_demo(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
 
 
-def demo_key(output: str) -> str:
-    match = re.search(r"Demo key:\s+(\S+)", output)
-    assert match is not None, output
-    return match.group(1)
-
-
-def loads_uvloop(pid: int) -> bool:
-    """Whether uvloop's extension is mapped into the process: uvicorn imports it only to use it."""
-    return "uvloop" in Path(f"/proc/{pid}/maps").read_text()
-
-
-pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
-
-
-def test_the_demo_serves_on_asyncios_loop_and_its_key_works(tmp_path: Path) -> None:
-    with running_demo(tmp_path) as (process, base):
-        on_uvloop = loads_uvloop(process.pid)
-        ready = httpx.get(f"{base}/health/ready", timeout=5).json()
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=15)
-    key = demo_key(output)
+def test_the_demo_serves_on_asyncios_loop_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    with running_demo(tmp_path) as demo:
+        on_uvloop = demo.loads_uvloop()
+        ready = httpx.get(f"{demo.base}/health/ready", timeout=5)
+        demo.process.send_signal(signal.SIGINT)
+        exit_code = demo.process.wait(timeout=15)
     assert not on_uvloop
-    assert ready["status"] == "healthy"
-    assert process.returncode == 0
-    assert key.startswith("cv_")
+    assert ready.json()["status"] == "healthy"
+    assert exit_code == 0
 
 
 def test_the_demo_key_reads_the_api(tmp_path: Path) -> None:
-    with running_demo(tmp_path) as (process, base):
-        # The banner is printed before serving starts; read it without waiting for exit.
-        assert process.stdout is not None
-        banner = ""
-        while "Demo key:" not in banner:
-            line = process.stdout.readline()
-            assert line, banner
-            banner += line
-        headers = {"Authorization": f"Bearer {demo_key(banner)}"}
-        listed = httpx.get(f"{base}/v1/conversations", headers=headers, timeout=5)
-        anonymous = httpx.get(f"{base}/v1/conversations", timeout=5)
+    with running_demo(tmp_path) as demo:
+        headers = {"Authorization": f"Bearer {demo.key()}"}
+        listed = httpx.get(f"{demo.base}/v1/conversations", headers=headers, timeout=5)
+        anonymous = httpx.get(f"{demo.base}/v1/conversations", timeout=5)
     assert listed.status_code == 200
     assert listed.json()["items"] == []
     assert anonymous.status_code == 401
 
 
 def test_the_demo_serves_on_uvloop_when_asked(tmp_path: Path) -> None:
-    with running_demo(tmp_path, "--loop", "uvloop") as (process, _):
-        assert loads_uvloop(process.pid)
+    with running_demo(tmp_path, "--loop", "uvloop") as demo:
+        assert demo.loads_uvloop()
 
 
 def test_an_unknown_loop_is_a_usage_error(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "DB_"))}
-    env["DATABASE_URL"] = f"sqlite:///{tmp_path}/demo.db"
     result = subprocess.run(
         [str(BIN / "conversations"), "demo", "--loop", "trio"],
         capture_output=True,
         text=True,
-        env=env,
+        env=demo_environment(tmp_path),
         timeout=60,
         check=False,
     )
     assert result.returncode == 2
     assert "asyncio" in result.stderr
     assert "uvloop" in result.stderr
-    assert not (tmp_path / "demo.db").exists()
+    assert not (tmp_path / "db" / "demo.db").exists()

@@ -29,17 +29,11 @@ from bastion import (
     HealthStatus,
 )
 from conversations import MIGRATIONS
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, free_port
 
 pytestmark = pytest.mark.postgres
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 
-from tests.cache.redis_server import free_port
+from tests.conftest import free_port
 
 ADMIN_TOKEN = "live-admin-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
