@@ -1,4 +1,5 @@
-"""database_lifespan(freeze_heap=True) freezes the start-up heap once per process, garbage first.
+"""database_lifespan's garbage-collector options: the start-up heap frozen once per process
+(garbage first), and the young collections' threshold; neither by default.
 
 Each case runs in a fresh interpreter: the freeze is per process, and this test process has
 started many applications already.
@@ -11,6 +12,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
+
+from bastion import DatabaseSettings
+from bastion.fastapi import database_lifespan
 
 SCRIPT = textwrap.dedent(
     """
@@ -27,7 +33,7 @@ SCRIPT = textwrap.dedent(
 
     async def main(url, freeze):
         # The option when asked for, the default otherwise.
-        options = {"freeze_heap": True} if freeze else {}
+        options = {"freeze_heap": True, "gc_young_threshold": 10_000} if freeze else {}
         # Start-up's garbage: a reference cycle nothing points to any more.
         cycle = Node()
         cycle.self = cycle
@@ -39,6 +45,7 @@ SCRIPT = textwrap.dedent(
         app = FastAPI(lifespan=database_lifespan(settings, **options))
         async with LifespanManager(app):
             counts.append(gc.get_freeze_count())
+            thresholds = gc.get_threshold()
         # Alive across a second start-up in the same process, which must not freeze it.
         marker = Node()
         app = FastAPI(lifespan=database_lifespan(settings, **options))
@@ -49,6 +56,7 @@ SCRIPT = textwrap.dedent(
             "counts": counts,
             "garbage_freed": cycle_is_alive() is None,
             "marker_frozen": marker_frozen,
+            "thresholds": thresholds,
         }))
 
     asyncio.run(main(sys.argv[1], sys.argv[2] == "on"))
@@ -77,6 +85,7 @@ def test_the_first_start_up_frees_its_garbage_and_freezes_the_rest_once(tmp_path
     assert after_first_start_up > 10_000  # modules, classes, SQLAlchemy and FastAPI objects
     assert result["garbage_freed"] is True
     assert result["marker_frozen"] is False  # the second start-up froze nothing
+    assert result["thresholds"] == [10_000, 10, 10]
 
 
 def test_by_default_the_collector_is_left_alone(tmp_path: Path) -> None:
@@ -85,3 +94,11 @@ def test_by_default_the_collector_is_left_alone(tmp_path: Path) -> None:
     assert result["counts"] == [0, 0]
     assert result["garbage_freed"] is False
     assert result["marker_frozen"] is False
+    assert result["thresholds"] == [700, 10, 10]
+
+
+@pytest.mark.parametrize("threshold", [0, -1])
+def test_a_young_threshold_below_one_is_refused_when_the_app_is_built(threshold: int) -> None:
+    settings = DatabaseSettings(DATABASE_URL="sqlite:///unused.db")
+    with pytest.raises(ValueError, match="gc_young_threshold must be at least 1"):
+        database_lifespan(settings, gc_young_threshold=threshold)
