@@ -5,8 +5,8 @@ collector tracks once it has started (the reference service: 135,558): modules, 
 compiled statements, route and model definitions. Most live as long as the process, yet every
 full (generation 2) collection walks them all. In the reference service under load
 (PostgreSQL point reads, 64 connections, asyncio's loop) one full collection held the event
-loop for about 80 ms, every few seconds; with the heap frozen the loop-lag maximum under the
-same load fell from 64 to 85 ms to 8 to 18 ms (bench/README.md, finding 32).
+loop for about 80 ms, every few seconds. With the heap frozen, the loop-lag maximum on uvloop
+at 64 connections fell from 64 to 85 ms to 8 to 18 ms (bench/README.md, finding 32).
 
 :func:`freeze_startup_heap` runs a full collection, so that start-up's garbage is freed, then
 moves every object still alive into the collector's permanent generation
