@@ -276,7 +276,7 @@ def run_concurrency_1000(
     runs on both. Every run gets a fresh server, alone and warmed up for the same time, so
     that the loop is the only difference; the loop that goes first alternates.
     """
-    results = []
+    results: list[Result] = []
     point_read = {**wrk_env, **SCENARIOS["get_conversation"]}
     for index, variant in enumerate(("bastion", "raw")):
         loops = ("uvloop", "asyncio") if index % 2 == 0 else ("asyncio", "uvloop")
