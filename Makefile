@@ -27,8 +27,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-## bench: the reference service beside raw-driver, naive and sync baselines (wrk, ~8 min;
-##        BENCH_QUICK=1 for a ~3-minute smoke run). Writes bench/results/latest.{json,md}.
+## bench: the reference service beside raw-driver, naive and sync baselines (wrk, ~9 min;
+##        BENCH_QUICK=1 for a smoke run under 2 minutes). Writes bench/results/latest.{json,md}.
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.run

@@ -33,7 +33,7 @@ BATCH = 10_000
 MESSAGES = cast(Table, Message.__table__)
 
 
-def make_rows(conversation_ids: list[uuid.UUID]) -> list[dict[str, Any]]:
+def make_rows(conversation_ids: list[uuid.UUID], count: int = ROWS) -> list[dict[str, Any]]:
     base = datetime(2026, 1, 1, tzinfo=UTC)
     return [
         {
@@ -43,7 +43,7 @@ def make_rows(conversation_ids: list[uuid.UUID]) -> list[dict[str, Any]]:
             "metadata": {"n": n},
             "created_at": base + timedelta(microseconds=n),
         }
-        for n in range(ROWS)
+        for n in range(count)
     ]
 
 
@@ -52,8 +52,8 @@ async def bastion_run(url: str, rows: list[dict[str, Any]]) -> float:
         started = time.perf_counter()
         result = await bulk_insert(database, MESSAGES, rows, batch_size=BATCH)
         elapsed = time.perf_counter() - started
-    assert result.inserted == ROWS
-    return ROWS / elapsed
+    assert result.inserted == len(rows)
+    return len(rows) / elapsed
 
 
 async def raw_postgres_run(url: str, rows: list[dict[str, Any]]) -> float:
@@ -83,7 +83,7 @@ async def raw_postgres_run(url: str, rows: list[dict[str, Any]]) -> float:
                 records=records,
                 columns=["conversation_id", "role", "content", "metadata", "created_at"],
             )
-        return ROWS / (time.perf_counter() - started)
+        return len(rows) / (time.perf_counter() - started)
     finally:
         await connection.close()
 
@@ -109,7 +109,7 @@ def raw_sqlite_run(path: str, rows: list[dict[str, Any]]) -> float:
             records,
         )
         connection.execute("COMMIT")
-        return ROWS / (time.perf_counter() - started)
+        return len(rows) / (time.perf_counter() - started)
     finally:
         connection.close()
 
@@ -124,11 +124,14 @@ async def empty_messages(url: str) -> list[uuid.UUID]:
             return [value if isinstance(value, uuid.UUID) else uuid.UUID(value) for value in ids]
 
 
-def bench_bulk(backend: str, url: str, rounds: int) -> list[dict[str, Any]]:
-    """Per-round results for the ``bastion`` and baseline variants (rows/s in ``rps``)."""
+def bench_bulk(backend: str, url: str, rounds: int, count: int = ROWS) -> list[dict[str, Any]]:
+    """Per-round results for the ``bastion`` and baseline variants (rows/s in ``rps``).
+
+    Each run inserts ``count`` messages into an emptied table.
+    """
     results: list[dict[str, Any]] = []
     conversation_ids = asyncio.run(empty_messages(url))
-    rows = make_rows(conversation_ids)
+    rows = make_rows(conversation_ids, count)
     baseline = "copy" if backend == "postgresql" else "executemany"
     for rnd in range(rounds):
         order = ["bastion", baseline] if rnd % 2 == 0 else [baseline, "bastion"]

@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,15 +46,19 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 ROUNDS = 2 if QUICK else 3
-DURATION_S = 2 if QUICK else 5
+DURATION_S = 1 if QUICK else 5
 # A second of warm-up (several hundred requests) fills the pools and the statement caches; the
-# full run stays under 10 minutes on a slow day (589 s with 2 s of warm-up).
-WARMUP_S = 1
+# full run stays under 10 minutes on a slow day (589 s with 2 s of warm-up). The quick run
+# skips it (140 s with it, against the 2 minutes asked): a smoke run's first round is warm-up.
+WARMUP_S = 0 if QUICK else 1
 THREADS = 2
 CONNECTIONS = 64
 # concurrency_1000 runs as long as the other scenarios: it runs four times per backend (two
-# variants, two loops), and 10 s each took make bench to 598 s on a slow day.
-CONCURRENCY_1000_S = DURATION_S
+# variants, two loops), and 10 s each took make bench to 598 s on a slow day. The quick run
+# gives it 2 s, so that all 1000 connections are open for most of it.
+CONCURRENCY_1000_S = 2 if QUICK else DURATION_S
+# The issue's 100,000 rows; the quick run inserts a fifth, enough to show the path works.
+BULK_ROWS = 20_000 if QUICK else 100_000
 BASTION_APP = "conversations.app:create_app"
 VARIANTS = {
     "bastion": BASTION_APP,
@@ -103,7 +109,10 @@ def free_port() -> int:
 
 
 class Server:
-    """One variant in its own uvicorn process."""
+    """One variant in its own uvicorn process, started; :meth:`wait_ready` waits for it.
+
+    Starting is separate from waiting so that several servers can import and start at once.
+    """
 
     def __init__(
         self, variant: str, env: dict[str, str], workdir: Path, loop: str = "uvloop"
@@ -121,6 +130,9 @@ class Server:
         self.process = subprocess.Popen(
             command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
+
+    def wait_ready(self) -> None:
+        """Return once the server accepts connections; stop it and raise if it does not."""
         try:
             self._wait_ready()
         except BaseException:
@@ -233,14 +245,19 @@ def run_scenarios(
     try:
         for variant in VARIANTS:
             servers[variant] = Server(variant, env, workdir)
+        for server in servers.values():
+            server.wait_ready()
         for scenario, scenario_env in SCENARIOS.items():
             order = [
                 variant
                 for variant in servers
                 if variant != "bastion_cached" or scenario in CACHED_SCENARIOS
             ]
-            for variant in order:  # warm every variant that runs this scenario up once
-                run_wrk(servers[variant].port, {**wrk_env, **scenario_env}, WARMUP_S, CONNECTIONS)
+            if WARMUP_S:  # warm up every variant that runs this scenario, once
+                for variant in order:
+                    run_wrk(
+                        servers[variant].port, {**wrk_env, **scenario_env}, WARMUP_S, CONNECTIONS
+                    )
             for rnd in range(ROUNDS):
                 for variant in order:
                     raw = run_wrk(
@@ -282,8 +299,10 @@ def run_concurrency_1000(
         loops = ("uvloop", "asyncio") if index % 2 == 0 else ("asyncio", "uvloop")
         for loop in loops:
             server = Server(variant, env, workdir, loop=loop)
+            server.wait_ready()
             try:
-                run_wrk(server.port, point_read, WARMUP_S, CONNECTIONS)
+                if WARMUP_S:
+                    run_wrk(server.port, point_read, WARMUP_S, CONNECTIONS)
                 raw = run_wrk(server.port, point_read, CONCURRENCY_1000_S, 1000)
             finally:
                 server.stop()
@@ -292,6 +311,14 @@ def run_concurrency_1000(
             results.append(result)
             print(f"{backend:10} concurrency_1000 {name}: {result}", flush=True)
     return results
+
+
+@contextmanager
+def timed_phase(backend: str, phase: str) -> Iterator[None]:
+    """Print how long a phase of the run took: where a run's minutes go."""
+    started = time.monotonic()
+    yield
+    print(f"{backend:10} {phase} took {time.monotonic() - started:.0f} s", flush=True)
 
 
 def bench_backend(
@@ -312,19 +339,24 @@ def bench_backend(
         "PYTHONPATH": str(ROOT),
     }
     try:
-        subprocess.run(
-            [sys.executable, "-m", "bench.seed", str(workdir)], env=env, cwd=ROOT, check=True
-        )
+        with timed_phase(backend, "seeding"):
+            subprocess.run(
+                [sys.executable, "-m", "bench.seed", str(workdir)], env=env, cwd=ROOT, check=True
+            )
         wrk_env = {
             "BENCH_IDS": str(workdir / "ids.txt"),
             "BENCH_KEY": (workdir / "key.txt").read_text().strip(),
         }
-        scenario_results, variant_lags = run_scenarios(backend, env, wrk_env, workdir)
+        with timed_phase(backend, "scenarios at 64 connections"):
+            scenario_results, variant_lags = run_scenarios(backend, env, wrk_env, workdir)
         results.extend(scenario_results)
         # Started only after the other servers stopped, so that the shared PostgreSQL
         # server's max_connections holds every pool.
-        results.extend(run_concurrency_1000(backend, env, wrk_env, workdir))
-        results.extend(Result(**row) for row in bench_bulk(backend, url, ROUNDS))
+        with timed_phase(backend, "concurrency_1000"):
+            results.extend(run_concurrency_1000(backend, env, wrk_env, workdir))
+        with timed_phase(backend, "bulk_insert"):
+            bulk = bench_bulk(backend, url, ROUNDS, BULK_ROWS)
+        results.extend(Result(**row) for row in bulk)
     finally:
         if backend == "postgresql":
             asyncio.run(drop_postgres_database("bastion_bench"))
