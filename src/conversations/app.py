@@ -17,6 +17,7 @@ from bastion.cache import CacheSettings, load_cache_settings
 from bastion.fastapi import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
+    TurnBudgetMiddleware,
     create_admin_router,
     create_health_router,
     create_metrics_router,
@@ -53,7 +54,8 @@ def create_app(
     the environment, and so does ``failed_key_rate`` (``API_FAILED_KEY_RATE``, default
     ``"30/minute"``): how many API keys not known good one client address may present before
     it gets 429 (:mod:`conversations.key_guard`). ``freeze_heap`` and ``gc_young_threshold``
-    are ``database_lifespan``'s options for the garbage collector, on by default here.
+    are ``database_lifespan``'s options for the garbage collector, on by default here. On
+    SQLite, requests start through :class:`~bastion.fastapi.TurnBudgetMiddleware`.
 
     Raises:
         ConfigurationError: a setting in the environment is invalid.
@@ -81,6 +83,12 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     # Added last, so it runs first: the request id covers everything below it.
     app.add_middleware(RequestContextMiddleware, n_plus_one_threshold=settings.n_plus_one_threshold)
+    if settings.backend == "sqlite":
+        # SQLite reads run on the loop without yielding, so under load one turn would run every
+        # waiting request; on PostgreSQL requests yield at each statement, and pacing their
+        # start bought no lag (bench/README.md, finding 34). Outermost: a waiting request has
+        # cost nothing but its parse.
+        app.add_middleware(TurnBudgetMiddleware)
     # The API's own routes first: Starlette tries routes in order, and every request pays for
     # each route tried before its own (the admin router alone has a dozen).
     app.include_router(conversations.router)

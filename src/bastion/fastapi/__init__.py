@@ -40,6 +40,7 @@ from bastion.fastapi._idempotency import IDEMPOTENCY_KEY_HEADER, REPLAYED_HEADER
 from bastion.fastapi._lifespan import database_lifespan
 from bastion.fastapi._metrics import create_metrics_router
 from bastion.fastapi._request_context import REQUEST_ID_HEADER, RequestContextMiddleware
+from bastion.fastapi._turn_budget import TurnBudgetMiddleware
 
 __all__ = [
     "HTTP_STATUS_BY_ERROR",
@@ -56,6 +57,7 @@ __all__ = [
     "ReadConnection",
     "ReadSession",
     "RequestContextMiddleware",
+    "TurnBudgetMiddleware",
     "WriteConnection",
     "WriteSession",
     "cache_of",

@@ -1,0 +1,71 @@
+"""The reference service paces request starts on SQLite (TurnBudgetMiddleware), and a paced
+request loses nothing: every concurrent write is stored, every read answered, in full."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+
+from bastion import DatabaseSettings
+from bastion.fastapi import TurnBudgetMiddleware
+from conversations.app import create_app
+from tests.conftest import Users, serve
+
+
+def paced_tightly(app: FastAPI) -> None:
+    """Pace ``app``'s request starts with a budget of a nanosecond: in a busy turn, every
+    request after the first waits for a later one. (Outermost, where the service puts it.)"""
+    app.user_middleware = [e for e in app.user_middleware if e.cls is not TurnBudgetMiddleware]
+    app.add_middleware(TurnBudgetMiddleware, budget_s=1e-9)
+
+
+def turn_budget_of(app: FastAPI) -> TurnBudgetMiddleware:
+    """The running app's TurnBudgetMiddleware (Starlette builds the stack on first call)."""
+    layer: Any = app.middleware_stack
+    while not isinstance(layer, TurnBudgetMiddleware):
+        layer = layer.app
+    return layer
+
+
+async def test_the_service_paces_request_starts_on_sqlite_only(
+    settings: DatabaseSettings, backend: str
+) -> None:
+    classes = [entry.cls for entry in create_app(settings).user_middleware]
+    assert (TurnBudgetMiddleware in classes) == (backend == "sqlite")
+
+
+async def test_paced_concurrent_requests_are_all_served_in_full(
+    settings: DatabaseSettings, users: Users
+) -> None:
+    app = create_app(settings)
+    paced_tightly(app)
+    async with serve(app) as client:
+        created = await client.post(
+            "/v1/conversations", json={"title": "paced"}, headers=users.alice
+        )
+        cid = created.json()["id"]
+        writes = [
+            client.post(
+                f"/v1/conversations/{cid}/messages",
+                json={"role": "user", "content": f"message {n}"},
+                headers=users.alice,
+            )
+            for n in range(30)
+        ]
+        reads = [client.get(f"/v1/conversations/{cid}", headers=users.alice)]
+        reads += [
+            client.get(f"/v1/conversations/{cid}/messages?limit=5", headers=users.alice)
+            for _ in range(30)
+        ]
+        probes = [client.get("/health/live") for _ in range(5)]
+        responses = await asyncio.gather(*writes, *reads, *probes)
+
+        assert [r.status_code for r in responses] == [201] * 30 + [200] * 36
+        budget = turn_budget_of(app)
+        assert budget.deferred > 0  # the nanosecond budget did make requests wait
+        page = await client.get(f"/v1/conversations/{cid}/messages?limit=100", headers=users.alice)
+        assert page.json()["total"] == 30
+        stored = sorted(message["content"] for message in page.json()["items"])
+        assert stored == sorted(f"message {n}" for n in range(30))
