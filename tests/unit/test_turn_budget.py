@@ -7,7 +7,10 @@ moving it, so which requests fit in a turn does not depend on the machine's spee
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -115,7 +118,7 @@ async def test_requests_over_the_budget_wait_for_later_turns_in_arrival_order() 
     )
     assert statuses == [200] * 10  # none lost
     assert [path for path, _ in app.started] == paths  # first come, first started
-    assert middleware.started == 10
+    assert middleware.paced == 10
     assert middleware.deferred == 7  # three fit in the first turn
     first_turn = app.started[0][1]
     assert [turn for _, turn in app.started[:3]] == [first_turn] * 3
@@ -160,35 +163,54 @@ async def test_short_turns_start_more_next_time() -> None:
     assert [path for path, _ in app.started] == paths
 
 
-async def test_health_probes_are_never_paced() -> None:
+@pytest.mark.parametrize("probe_path", ["/health/ready", "/metrics"])
+async def test_health_probes_and_metrics_scrapes_are_never_paced(probe_path: str) -> None:
     middleware, app, _, turns = setup()
 
     async def busy_then_probe() -> list[int]:
         calls = [asyncio.ensure_future(call(middleware, f"/r{n}")) for n in range(6)]
         await asyncio.sleep(0)  # the first three start, the rest wait
-        probe = await call(middleware, "/health/ready")
+        probe = await call(middleware, probe_path)
         return [probe, *await asyncio.gather(*calls)]
 
     statuses = await in_turns(turns, busy_then_probe)
     assert statuses == [200] * 7
     order = [path for path, _ in app.started]
-    assert order.index("/health/ready") < order.index("/r3")  # ahead of the waiting ones
-    assert middleware.started == 6  # the probe is not counted as paced
+    assert order.index(probe_path) < order.index("/r3")  # ahead of the waiting ones
+    assert middleware.paced == 6  # the probe is not counted as paced
+
+
+@contextlib.contextmanager
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """The errors the running loop reports while the block runs (a callback that raised)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        yield errors
+    finally:
+        loop.set_exception_handler(previous)
 
 
 async def test_a_request_cancelled_while_waiting_gives_its_place_to_the_next() -> None:
     middleware, app, _, turns = setup()
 
     async def cancel_one() -> list[Any]:
-        calls = [asyncio.ensure_future(call(middleware, f"/r{n}")) for n in range(6)]
-        await asyncio.sleep(0)  # r0-r2 started, r3-r5 wait
+        calls = [asyncio.ensure_future(call(middleware, f"/r{n}")) for n in range(9)]
+        await asyncio.sleep(0)  # r0-r2 started, r3-r8 wait
         calls[3].cancel()
         return await asyncio.gather(*calls, return_exceptions=True)
 
-    outcomes = await in_turns(turns, cancel_one)
+    with loop_errors() as errors:
+        outcomes = await in_turns(turns, cancel_one)
+    assert errors == []
     assert isinstance(outcomes[3], asyncio.CancelledError)
-    assert [outcome for n, outcome in enumerate(outcomes) if n != 3] == [200] * 5
-    assert [path for path, _ in app.started] == ["/r0", "/r1", "/r2", "/r4", "/r5"]
+    assert [outcome for n, outcome in enumerate(outcomes) if n != 3] == [200] * 8
+    turn_of = dict(app.started)
+    assert "/r3" not in turn_of
+    # The next turn starts three (it learnt that three fit): r4, r5 and, in r3's place, r6.
+    assert turn_of["/r6"] == turn_of["/r4"] > turn_of["/r2"]
 
     # Nothing is left waiting: the next request, in a fresh turn, starts at once.
     deferred = middleware.deferred
@@ -198,14 +220,38 @@ async def test_a_request_cancelled_while_waiting_gives_its_place_to_the_next() -
     assert middleware.deferred == deferred
 
 
+async def test_a_request_cancelled_after_its_start_was_granted_passes_it_on() -> None:
+    middleware, app, clock, turns = setup()
+
+    async def cancel_a_woken_one() -> list[Any]:
+        calls = [asyncio.ensure_future(call(middleware, f"/r{n}")) for n in range(9)]
+        await asyncio.sleep(0)  # r0-r2 started, r3-r8 wait
+        await asyncio.sleep(0)  # the per-turn callback has granted r3-r5 their start
+        calls[3].cancel()
+        clock.now += 1.0  # a long turn: the next callback starts two only (r6, r7)
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    with loop_errors() as errors:
+        outcomes = await asyncio.wait_for(in_turns(turns, cancel_a_woken_one), 1)
+    assert errors == []
+    assert isinstance(outcomes[3], asyncio.CancelledError)
+    assert [outcome for n, outcome in enumerate(outcomes) if n != 3] == [200] * 8
+    turn_of = dict(app.started)
+    assert "/r3" not in turn_of
+    # r3's granted start went to the first still waiting, r8, beside r6 and r7.
+    assert turn_of["/r8"] == turn_of["/r6"] == turn_of["/r7"]
+
+
 async def test_a_started_streaming_response_holds_nothing() -> None:
     middleware, app, _, turns = setup()
 
     async def stream_then_others() -> list[int]:
         stream = asyncio.ensure_future(call(middleware, "/stream"))
         await asyncio.sleep(0)
-        others = await asyncio.gather(*(call(middleware, f"/r{n}") for n in range(8)))
-        assert not stream.done()  # still streaming while all the others were served
+        # All served while the stream is still open: were it holding a slot, this would hang.
+        others = await asyncio.wait_for(
+            asyncio.gather(*(call(middleware, f"/r{n}") for n in range(8))), 1
+        )
         app.release_stream.set()
         return [await stream, *others]
 
@@ -222,15 +268,38 @@ def test_each_event_loop_gets_its_own_queue() -> None:
         turns.stop()
         assert sum(task.done() for task in calls) == 3
 
-    asyncio.run(abandon_waiters())
+    # Closed with its waiters still queued (no cancellation): its queue must not be the
+    # next loop's.
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(abandon_waiters())
+    finally:
+        first.close()
 
     async def serve_again() -> list[int]:
-        return await in_turns(
-            turns, lambda: asyncio.gather(*(call(middleware, f"/second{n}") for n in range(5)))
-        )
+        work = asyncio.gather(*(call(middleware, f"/second{n}") for n in range(5)))
+        return await in_turns(turns, lambda: asyncio.wait_for(work, 1))
 
     assert asyncio.run(serve_again()) == [200] * 5
     assert [path for path, _ in app.started][-5:] == [f"/second{n}" for n in range(5)]
+
+
+def test_two_loops_at_once_are_paced_apart() -> None:
+    middleware, app, _, _ = setup()
+    barrier = threading.Barrier(2)
+
+    def serve(name: str) -> list[int]:
+        async def burst() -> list[int]:
+            barrier.wait(timeout=5)  # both loops busy with the middleware at the same time
+            work = asyncio.gather(*(call(middleware, f"/{name}{n}") for n in range(20)))
+            return await asyncio.wait_for(work, 5)
+
+        return asyncio.run(burst())
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(serve, ["a", "b"]))
+    assert results == [[200] * 20, [200] * 20]
+    assert len(app.started) == 40
 
 
 async def test_lifespan_and_websocket_scopes_pass_through() -> None:
@@ -250,7 +319,15 @@ async def test_lifespan_and_websocket_scopes_pass_through() -> None:
     await middleware({"type": "lifespan"}, nothing, discard)
     await middleware({"type": "websocket", "path": "/ws"}, nothing, discard)
     assert seen == ["lifespan", "websocket"]
-    assert middleware.started == 0
+    assert middleware.paced == 0
+
+
+def test_a_single_string_of_prefixes_is_refused() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="not a string"):
+        TurnBudgetMiddleware(app, exempt_prefixes="/health")
 
 
 @pytest.mark.parametrize("budget_s", [0.0, -0.001, float("nan")])

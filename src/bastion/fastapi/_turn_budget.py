@@ -5,23 +5,30 @@ thread hop), so a read request runs from start to finish without ever yielding. 
 saturation, one loop turn then runs every request that arrived during the turn before: at 64
 connections, 64 requests and 35 ms of work. Every timer in the process (statement timeouts,
 the loop-lag monitor), every health probe and, on uvloop, every connection waiting to be
-accepted (one per turn) waits for that turn to end. bench/README.md, finding 34, measured it:
-loop-lag p99 55-85 ms, and on uvloop a client p99 of 0.8 s for a 40 ms median.
+accepted (one per turn) waits for that turn to end. bench/README.md, finding 34, measured the
+reference service's point reads at a loop-lag p99 of 64-68 ms on uvloop (85 ms on asyncio's
+loop), and on uvloop a client p99 of 0.8 s for a 40 ms median.
 
-The middleware lets requests start while the current turn has run less than ``budget_s``;
-later arrivals wait, in arrival order, and a callback scheduled once per turn starts as many
-of them as fit in a turn. How many fit is learnt from the turns themselves (one more after a
-turn under half the budget, one fewer after a turn over it), so it follows what requests
-cost without measuring them one by one. Only the start is paced: once started, a request
-runs as it would without the middleware, so a streaming response holds nothing.
+How: pacing begins at the first request after a quiet spell, or at the callback that runs
+once per turn while requests wait. Requests start at once while less than ``budget_s`` has
+passed since then and none waits; later ones wait, in arrival order, and the per-turn
+callback starts as many of them as fit in a turn. How many fit is learnt from the turns
+themselves (one more after a turn under half the budget, one fewer after a turn over it),
+so it follows what requests cost without timing them one by one. Only the start is paced:
+once started, a request runs as it would without the middleware, so a streaming response
+holds nothing. The queue is as long as the requests in flight, at most one per open
+connection with HTTP/1.1; uvicorn's ``--limit-concurrency`` caps those.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -30,20 +37,36 @@ __all__ = ["TurnBudgetMiddleware"]
 DEFAULT_BUDGET_S = 0.002
 """2 ms: the loop-lag target of the performance issue is 5 ms, and a timer waits up to about
 two turns (the rest of the turn it became due in, then the callbacks queued before it)."""
-_MOST_PER_TURN = 256
+_FIRST_PER_TURN = 4
+_MAX_PER_TURN = 256
 """A ceiling on the learnt number of starts per turn, so that a long quiet spell of short
 turns cannot grow it past what a burst could undo quickly."""
+
+
+@dataclass
+class _LoopPacing:
+    """The pacing of one event loop: its queue, its turn, and how many start per turn."""
+
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    paced_since: float = 0.0
+    ticking: bool = False
+    per_turn: int = _FIRST_PER_TURN
 
 
 class TurnBudgetMiddleware:
     """Start HTTP requests at most ``budget_s`` of loop time per turn; the rest wait their turn.
 
-    ``exempt_prefixes``: paths that are never paced (health probes, which must answer promptly
-    exactly when the service is busy). ``clock`` is the monotonic clock to measure turns with
-    (a test may pass its own).
+    >>> app.add_middleware(TurnBudgetMiddleware)  # doctest: +SKIP
+
+    ``exempt_prefixes``: paths that are never paced (health probes and metrics scrapes, which
+    must answer promptly exactly when the service is busy). ``clock`` is the monotonic clock
+    to measure turns with (a test may pass its own). Each event loop the app runs on is paced
+    on its own.
 
     Raises:
         ValueError: ``budget_s`` is not positive.
+        TypeError: ``exempt_prefixes`` is a single string (it would exempt every path that
+            starts with any one of its characters).
     """
 
     def __init__(
@@ -51,25 +74,31 @@ class TurnBudgetMiddleware:
         app: ASGIApp,
         *,
         budget_s: float = DEFAULT_BUDGET_S,
-        exempt_prefixes: Iterable[str] = ("/health",),
+        exempt_prefixes: Iterable[str] = ("/health", "/metrics"),
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if not budget_s > 0:
             raise ValueError("budget_s must be positive")
+        if isinstance(exempt_prefixes, str):
+            raise TypeError("exempt_prefixes takes a collection of path prefixes, not a string")
         self.app = app
         self.budget_s = budget_s
         self.exempt_prefixes = tuple(exempt_prefixes)
         self._clock = clock
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._turn_started = 0.0
-        self._ticking = False
-        self.per_turn = 4
-        """How many waiting requests the next turn starts (learnt; see the module docstring)."""
-        self.started = 0
+        # Per loop, and forgotten with it: two loops may serve the app at once (two threads).
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPacing] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.paced = 0
         """HTTP requests that came through the pacing (not exempt ones)."""
         self.deferred = 0
         """Of those, how many had to wait for a later turn."""
+
+    @property
+    def per_turn(self) -> int:
+        """How many waiting requests the running loop's next turn starts (learnt)."""
+        pacing = self._loops.get(asyncio.get_running_loop())
+        return _FIRST_PER_TURN if pacing is None else pacing.per_turn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(self.exempt_prefixes):
@@ -83,48 +112,61 @@ class TurnBudgetMiddleware:
         one waits, else when a later turn starts it.
 
         Raises:
-            asyncio.CancelledError: the request was cancelled while it waited (it leaves the
-                queue; its place goes to the next).
+            asyncio.CancelledError: the request was cancelled while it waited. It leaves the
+                queue; if it had already been started, the next waiting request starts in
+                its place.
         """
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            # A new loop (a test client's, a restarted server's): the old one's waiters and
-            # turn are not this one's.
-            self._loop = loop
-            self._waiters.clear()
-            self._ticking = False
-        self.started += 1
-        if not self._ticking:
-            self._turn_started = self._clock()
-            self._ticking = True
-            loop.call_soon(self._next_turn)
-        elif not self._waiters and self._clock() - self._turn_started <= self.budget_s:
+        pacing = self._loops.get(loop)
+        if pacing is None:
+            pacing = self._loops[loop] = _LoopPacing()
+        self.paced += 1
+        if not pacing.ticking:
+            pacing.paced_since = self._clock()
+            pacing.ticking = True
+            loop.call_soon(self._next_turn, pacing)
             return
-        else:
-            self.deferred += 1
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(waiter)
+        if not pacing.waiters and self._clock() - pacing.paced_since <= self.budget_s:
+            return
+        self.deferred += 1
+        waiter: asyncio.Future[None] = loop.create_future()
+        pacing.waiters.append(waiter)
+        try:
             await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                with contextlib.suppress(ValueError):  # the per-turn callback may have popped it
+                    pacing.waiters.remove(waiter)
+            else:  # started, then cancelled before it ran: its start goes to the next
+                _start_next(pacing)
+            raise
 
-    def _next_turn(self) -> None:
+    def _next_turn(self, pacing: _LoopPacing) -> None:
         """Once per turn while requests wait: learn from the turn that ended, start the next
         ones."""
         now = self._clock()
-        turn_s = now - self._turn_started
+        turn_s = now - pacing.paced_since
         if turn_s > self.budget_s:
-            self.per_turn = max(1, self.per_turn - 1)
+            pacing.per_turn = max(1, pacing.per_turn - 1)
         elif turn_s < self.budget_s / 2:
-            self.per_turn = min(_MOST_PER_TURN, self.per_turn + 1)
-        self._turn_started = now
-        if not self._waiters:
-            self._ticking = False
+            pacing.per_turn = min(_MAX_PER_TURN, pacing.per_turn + 1)
+        pacing.paced_since = now
+        if not pacing.waiters:
+            pacing.ticking = False
             return
         # Scheduled before the wake-ups, so that next turn it runs before the requests woken
         # now, and measures the turn they run in.
-        asyncio.get_running_loop().call_soon(self._next_turn)
-        woken = 0
-        while self._waiters and woken < self.per_turn:
-            waiter = self._waiters.popleft()
-            if not waiter.done():  # a cancelled request's place goes to the next
-                waiter.set_result(None)
-                woken += 1
+        asyncio.get_running_loop().call_soon(self._next_turn, pacing)
+        for _ in range(pacing.per_turn):
+            if not _start_next(pacing):
+                break
+
+
+def _start_next(pacing: _LoopPacing) -> bool:
+    """Start the first waiting request still waiting; whether there was one."""
+    while pacing.waiters:
+        waiter = pacing.waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+            return True
+    return False
