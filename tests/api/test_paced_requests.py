@@ -69,3 +69,37 @@ async def test_paced_concurrent_requests_are_all_served_in_full(
         assert page.json()["total"] == 30
         stored = sorted(message["content"] for message in page.json()["items"])
         assert stored == sorted(f"message {n}" for n in range(30))
+
+
+async def test_the_pacing_counters_are_scraped_with_the_database_metrics(
+    settings: DatabaseSettings, users: Users
+) -> None:
+    app = create_app(settings)
+    paced_tightly(app)
+    async with serve(app) as client:
+        cid = await client.post("/v1/conversations", json={"title": "m"}, headers=users.alice)
+        reads = [
+            client.get(f"/v1/conversations/{cid.json()['id']}", headers=users.alice)
+            for _ in range(20)
+        ]
+        assert {r.status_code for r in await asyncio.gather(*reads)} == {200}
+        budget = turn_budget_of(app)
+        scraped = (await client.get("/metrics")).text
+
+    assert f"bastion_requests_paced_total {float(budget.paced)}" in scraped
+    assert f"bastion_requests_deferred_total {float(budget.deferred)}" in scraped
+    assert budget.paced == 21  # the POST and the 20 reads; /metrics is not paced
+    assert budget.deferred > 0
+    assert "bastion_pool_checkout_seconds_count" in scraped  # the Database's, still there
+
+
+async def test_without_the_middleware_the_metrics_have_no_pacing_counters(
+    settings: DatabaseSettings, users: Users
+) -> None:
+    app = create_app(settings)
+    app.user_middleware = [e for e in app.user_middleware if e.cls is not TurnBudgetMiddleware]
+    async with serve(app) as client:
+        assert (await client.get("/v1/conversations", headers=users.alice)).status_code == 200
+        scraped = (await client.get("/metrics")).text
+    assert "bastion_requests_paced" not in scraped
+    assert "bastion_pool_checkout_seconds_count" in scraped

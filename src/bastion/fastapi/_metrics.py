@@ -16,13 +16,17 @@ def create_metrics_router(*, path: str = "/metrics") -> APIRouter:
     """A router serving ``GET {path}`` for Prometheus to scrape.
 
     It shows statement fingerprints (never values), counts and pool gauges: nothing secret,
-    but the shape of your schema, so serve it where only your scraper can reach it.
+    but the shape of your schema, so serve it where only your scraper can reach it. With
+    :class:`~bastion.fastapi.TurnBudgetMiddleware` in the app, its counters follow.
     """
     router = APIRouter(tags=["metrics"])
 
     @router.get(path, include_in_schema=False)
     async def metrics(request: Request) -> Response:
-        registry = database_of(request).metrics.registry
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest(database_of(request).metrics.registry)
+        turn_budget = getattr(request.app.state, "turn_budget", None)
+        if turn_budget is not None:
+            body += generate_latest(turn_budget.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return router

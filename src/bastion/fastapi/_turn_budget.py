@@ -27,9 +27,12 @@ import contextlib
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["TurnBudgetMiddleware"]
@@ -61,7 +64,9 @@ class TurnBudgetMiddleware:
     ``exempt_prefixes``: paths that are never paced (health probes and metrics scrapes, which
     must answer promptly exactly when the service is busy). ``clock`` is the monotonic clock
     to measure turns with (a test may pass its own). Each event loop the app runs on is paced
-    on its own.
+    on its own. Its counters are in :attr:`registry`, which ``create_metrics_router``'s
+    ``/metrics`` serves beside the Database's once the middleware has seen a request
+    (it leaves itself on ``app.state.turn_budget``).
 
     Raises:
         ValueError: ``budget_s`` is not positive.
@@ -93,6 +98,10 @@ class TurnBudgetMiddleware:
         """HTTP requests that came through the pacing (not exempt ones)."""
         self.deferred = 0
         """Of those, how many had to wait for a later turn."""
+        self._on_app_state = False
+        self.registry = CollectorRegistry(auto_describe=True)
+        """``bastion_requests_paced_total`` and ``bastion_requests_deferred_total``."""
+        self.registry.register(_PacingCollector(self))
 
     @property
     def per_turn(self) -> int:
@@ -101,7 +110,14 @@ class TurnBudgetMiddleware:
         return _FIRST_PER_TURN if pacing is None else pacing.per_turn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.exempt_prefixes):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self._on_app_state and "app" in scope:
+            # Where the metrics route finds the counters (Starlette puts the app in the scope).
+            scope["app"].state.turn_budget = self
+            self._on_app_state = True
+        if scope["path"].startswith(self.exempt_prefixes):
             await self.app(scope, receive, send)
             return
         await self._admit()
@@ -170,3 +186,22 @@ def _start_next(pacing: _LoopPacing) -> bool:
             waiter.set_result(None)
             return True
     return False
+
+
+class _PacingCollector(Collector):
+    """The middleware's counters, read when scraped (no lock on the request path)."""
+
+    def __init__(self, middleware: TurnBudgetMiddleware) -> None:
+        self._middleware = middleware
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "bastion_requests_paced",
+            "HTTP requests whose start went through the turn budget.",
+            value=self._middleware.paced,
+        )
+        yield CounterMetricFamily(
+            "bastion_requests_deferred",
+            "Paced requests that waited for a later event-loop turn to start.",
+            value=self._middleware.deferred,
+        )
