@@ -16,6 +16,7 @@ from bastion.backup import BackupSettings, load_backup_settings
 from bastion.cache import CacheSettings, load_cache_settings
 from bastion.fastapi import (
     BodySizeLimitMiddleware,
+    InFlightLimitMiddleware,
     RequestContextMiddleware,
     TurnBudgetMiddleware,
     create_admin_router,
@@ -34,6 +35,9 @@ __all__ = ["MAX_BODY_BYTES", "create_app"]
 MAX_BODY_BYTES: Final = 1024 * 1024
 # Young collections every 10,000 allocations instead of 700 (bench/README.md, finding 33).
 GC_YOUNG_THRESHOLD: Final = 10_000
+# On PostgreSQL: requests run at once; the service's statements are indexed lookups of well
+# under a millisecond, so 8 keep a core busy (bench/README.md, finding 35).
+MAX_REQUESTS_IN_FLIGHT: Final = 8
 
 
 def create_app(
@@ -55,7 +59,9 @@ def create_app(
     ``"30/minute"``): how many API keys not known good one client address may present before
     it gets 429 (:mod:`conversations.key_guard`). ``freeze_heap`` and ``gc_young_threshold``
     are ``database_lifespan``'s options for the garbage collector, on by default here. On
-    SQLite, requests start through :class:`~bastion.fastapi.TurnBudgetMiddleware`.
+    SQLite, requests start through :class:`~bastion.fastapi.TurnBudgetMiddleware`; on
+    PostgreSQL, at most ``MAX_REQUESTS_IN_FLIGHT`` run at once
+    (:class:`~bastion.fastapi.InFlightLimitMiddleware`).
 
     Raises:
         ConfigurationError: a setting in the environment is invalid.
@@ -83,12 +89,15 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     # Added last, so it runs first: the request id covers everything below it.
     app.add_middleware(RequestContextMiddleware, n_plus_one_threshold=settings.n_plus_one_threshold)
+    # Outermost, so that a waiting request has cost nothing but its parse.
     if settings.backend == "sqlite":
         # SQLite reads run on the loop without yielding, so under load one turn would run every
-        # waiting request; on PostgreSQL requests yield at each statement, and pacing their
-        # start bought no lag (bench/README.md, finding 34). Outermost: a waiting request has
-        # cost nothing but its parse.
+        # waiting request (bench/README.md, finding 34).
         app.add_middleware(TurnBudgetMiddleware)
+    else:
+        # PostgreSQL requests yield at each statement, so a turn runs a step of every request
+        # in flight: fewer in flight, shorter turns (finding 35).
+        app.add_middleware(InFlightLimitMiddleware, max_in_flight=MAX_REQUESTS_IN_FLIGHT)
     # The API's own routes first: Starlette tries routes in order, and every request pays for
     # each route tried before its own (the admin router alone has a dozen).
     app.include_router(conversations.router)

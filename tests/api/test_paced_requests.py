@@ -1,5 +1,6 @@
-"""The reference service paces request starts on SQLite (TurnBudgetMiddleware), and a paced
-request loses nothing: every concurrent write is stored, every read answered, in full."""
+"""The reference service paces request starts on SQLite (TurnBudgetMiddleware) and limits
+requests in flight on PostgreSQL (InFlightLimitMiddleware), and a paced or limited request
+loses nothing: every concurrent write is stored, every read answered, in full."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from bastion import DatabaseSettings
-from bastion.fastapi import TurnBudgetMiddleware
+from bastion.fastapi import InFlightLimitMiddleware, TurnBudgetMiddleware
 from conversations.app import create_app
 from tests.conftest import Users, serve
 
@@ -29,11 +30,44 @@ def turn_budget_of(app: FastAPI) -> TurnBudgetMiddleware:
     return layer
 
 
-async def test_the_service_paces_request_starts_on_sqlite_only(
+async def test_the_service_paces_starts_on_sqlite_and_limits_in_flight_on_postgresql(
     settings: DatabaseSettings, backend: str
 ) -> None:
     classes = [entry.cls for entry in create_app(settings).user_middleware]
     assert (TurnBudgetMiddleware in classes) == (backend == "sqlite")
+    assert (InFlightLimitMiddleware in classes) == (backend == "postgresql")
+
+
+async def test_requests_limited_to_one_in_flight_are_all_served_in_full(
+    settings: DatabaseSettings, users: Users
+) -> None:
+    app = create_app(settings)
+    app.user_middleware = [
+        e
+        for e in app.user_middleware
+        if e.cls not in (TurnBudgetMiddleware, InFlightLimitMiddleware)
+    ]
+    app.add_middleware(InFlightLimitMiddleware, max_in_flight=1)
+    async with serve(app) as client:
+        created = await client.post("/v1/conversations", json={"title": "one"}, headers=users.alice)
+        cid = created.json()["id"]
+        writes = [
+            client.post(
+                f"/v1/conversations/{cid}/messages",
+                json={"role": "user", "content": f"message {n}"},
+                headers=users.alice,
+            )
+            for n in range(20)
+        ]
+        reads = [client.get(f"/v1/conversations/{cid}", headers=users.alice) for _ in range(20)]
+        responses = await asyncio.gather(*writes, *reads, client.get("/health/live"))
+        assert [r.status_code for r in responses] == [201] * 20 + [200] * 21
+        page = await client.get(f"/v1/conversations/{cid}/messages?limit=100", headers=users.alice)
+    assert page.json()["total"] == 20
+    limit: Any = app.middleware_stack
+    while not isinstance(limit, InFlightLimitMiddleware):
+        limit = limit.app
+    assert limit.waited > 0  # one at a time: the others did wait
 
 
 async def test_paced_concurrent_requests_are_all_served_in_full(

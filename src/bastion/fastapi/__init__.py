@@ -37,6 +37,7 @@ from bastion.fastapi._errors import (
 )
 from bastion.fastapi._health import create_health_router
 from bastion.fastapi._idempotency import IDEMPOTENCY_KEY_HEADER, REPLAYED_HEADER, idempotent_write
+from bastion.fastapi._in_flight_limit import InFlightLimitMiddleware
 from bastion.fastapi._lifespan import database_lifespan
 from bastion.fastapi._metrics import create_metrics_router
 from bastion.fastapi._request_context import REQUEST_ID_HEADER, RequestContextMiddleware
@@ -52,6 +53,7 @@ __all__ = [
     "CacheDep",
     "CacheInvalidations",
     "DatabaseDep",
+    "InFlightLimitMiddleware",
     "InvalidateAfterCommit",
     "LiveHubDep",
     "ReadConnection",

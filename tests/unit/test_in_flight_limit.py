@@ -1,0 +1,231 @@
+"""InFlightLimitMiddleware: at most N requests run at once, in arrival order, losing none;
+a slow body, a streaming response, an error or a cancellation holds no place."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from bastion.fastapi import InFlightLimitMiddleware
+
+
+class GatedApp:
+    """Records how many requests run at once and in what order they start. A request runs
+    until the test opens its gate (``/free``, ``/health`` and ``/metrics`` paths run straight
+    through); ``/stream``
+    starts its response first; ``/boom`` raises; a request with a body reads it first."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most_at_once = 0
+        self.started: list[str] = []
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def gate(self, path: str) -> asyncio.Event:
+        return self.gates.setdefault(path, asyncio.Event())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if any(name == b"content-length" for name, _ in scope["headers"]):
+            while (await receive()).get("more_body", False):
+                pass
+        self.started.append(path)
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            if path == "/boom":
+                raise RuntimeError("the app failed")
+            if path == "/stream":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+            if not path.startswith(("/free", "/health", "/metrics")):
+                await self.gate(path).wait()
+            else:
+                await asyncio.sleep(0)  # yields, as real work does, so that requests overlap
+            if path != "/stream":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+        finally:
+            self.running -= 1
+
+
+async def call(
+    middleware: InFlightLimitMiddleware,
+    path: str,
+    body_chunks: asyncio.Queue[bytes | None] | None = None,
+) -> int:
+    """One request of ``path``; with ``body_chunks``, a body sent chunk by chunk as the test
+    puts them in (``None`` ends it). Its status."""
+    headers = [(b"content-length", b"10")] if body_chunks is not None else []
+    scope: Scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if body_chunks is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        chunk = await body_chunks.get()
+        return {"type": "http.request", "body": chunk or b"", "more_body": chunk is not None}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await middleware(scope, receive, send)
+    return int(sent[0]["status"])
+
+
+async def settle() -> None:
+    """Let every runnable task run until it waits."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_at_most_the_limit_run_at_once_and_the_rest_start_in_arrival_order() -> None:
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=3)
+    paths = [f"/r{n}" for n in range(10)]
+    calls = [asyncio.ensure_future(call(middleware, path)) for path in paths]
+    await settle()
+    assert app.started == paths[:3]
+    for path in paths:
+        app.gate(path).set()
+        await settle()
+    assert await asyncio.gather(*calls) == [200] * 10
+    assert app.started == paths
+    assert app.most_at_once == 3
+    assert (middleware.limited, middleware.waited) == (10, 7)
+
+
+async def test_a_slow_body_holds_no_place() -> None:
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+    upload = asyncio.ensure_future(call(middleware, "/free/upload", chunks))
+    await chunks.put(b"12345")  # half the body; the rest is slow to come
+    await settle()
+    # Served while the upload is still sending: the upload has not taken the only place.
+    assert await asyncio.wait_for(call(middleware, "/free/other"), 1) == 200
+    await chunks.put(b"67890")
+    await chunks.put(None)
+    assert await asyncio.wait_for(upload, 1) == 200
+    assert app.started == ["/free/other", "/free/upload"]
+
+
+async def test_a_streaming_response_gives_its_place_back_when_it_starts() -> None:
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+    stream = asyncio.ensure_future(call(middleware, "/stream"))
+    await settle()
+    assert await asyncio.wait_for(call(middleware, "/free/next"), 1) == 200
+    app.gate("/stream").set()
+    assert await stream == 200
+
+
+async def test_health_probes_and_metrics_scrapes_pass_when_every_place_is_taken() -> None:
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+    busy = asyncio.ensure_future(call(middleware, "/busy"))
+    await settle()
+    assert await asyncio.wait_for(call(middleware, "/health/ready"), 1) == 200
+    assert await asyncio.wait_for(call(middleware, "/metrics/free"), 1) == 200
+    app.gate("/busy").set()
+    assert await busy == 200
+    assert middleware.limited == 1
+
+
+async def test_a_failing_request_or_a_cancelled_wait_keeps_no_place() -> None:
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+    with pytest.raises(RuntimeError, match="the app failed"):
+        await call(middleware, "/boom")
+
+    busy = asyncio.ensure_future(call(middleware, "/busy"))
+    await settle()
+    waiting = asyncio.ensure_future(call(middleware, "/free/cancelled"))
+    await settle()
+    waiting.cancel()
+    await settle()
+    app.gate("/busy").set()
+    assert await asyncio.wait_for(busy, 1) == 200
+    # The only place is free again: both the failure and the cancelled wait gave it back.
+    assert await asyncio.wait_for(call(middleware, "/free/after"), 1) == 200
+    assert "/free/cancelled" not in app.started
+
+
+def test_two_loops_at_once_have_their_own_places() -> None:
+    barrier = threading.Barrier(2)
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=2)
+
+    def serve(name: str) -> list[int]:
+        async def burst() -> list[int]:
+            barrier.wait(timeout=5)
+            work = asyncio.gather(*(call(middleware, f"/free/{name}{n}") for n in range(20)))
+            return await asyncio.wait_for(work, 5)
+
+        return asyncio.run(burst())
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(serve, ["a", "b"])) == [[200] * 20, [200] * 20]
+
+
+@pytest.mark.parametrize(
+    ("headers", "has_body"),
+    [
+        ([], False),
+        ([(b"content-length", b"0")], False),
+        ([(b"content-length", b"12")], True),
+        ([(b"transfer-encoding", b"chunked")], True),
+    ],
+)
+async def test_a_request_takes_its_place_before_the_app_runs_unless_it_has_a_body(
+    headers: list[tuple[bytes, bytes]], has_body: bool
+) -> None:
+    entered: list[str] = []
+    gate = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        entered.append(scope["path"])
+        if scope["path"] == "/busy":
+            await gate.wait()
+        else:
+            await receive()  # a body's last chunk: the place is taken here
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    busy = asyncio.ensure_future(
+        middleware({"type": "http", "path": "/busy", "headers": []}, receive, send)
+    )
+    await settle()
+    request = asyncio.ensure_future(
+        middleware({"type": "http", "path": "/x", "headers": headers}, receive, send)
+    )
+    await settle()
+    # With the only place taken, a request with a body is let in to read it; one without
+    # waits outside.
+    assert ("/x" in entered) is has_body
+    assert not request.done()
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(busy, request), 1)
+    assert entered == ["/busy", "/x"]
+    assert middleware.waited == 1
+
+
+def test_bad_settings_are_refused() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="at least 1"):
+        InFlightLimitMiddleware(app, max_in_flight=0)
+    with pytest.raises(TypeError, match="not a string"):
+        InFlightLimitMiddleware(app, max_in_flight=1, exempt_prefixes="/health")
