@@ -1,5 +1,6 @@
 """InFlightLimitMiddleware: at most N requests run at once, in arrival order, losing none;
-a slow body, a streaming response, an error or a cancellation holds no place."""
+a slow body, a streaming response, an error or a cancellation holds no place, and announcing
+a body a route never reads does not slip past the limit."""
 
 from __future__ import annotations
 
@@ -150,9 +151,18 @@ async def test_a_failing_request_or_a_cancelled_wait_keeps_no_place() -> None:
     await settle()
     app.gate("/busy").set()
     assert await asyncio.wait_for(busy, 1) == 200
-    # The only place is free again: both the failure and the cancelled wait gave it back.
+    # The only place is free again: both the failure and the cancelled wait gave it back...
     assert await asyncio.wait_for(call(middleware, "/free/after"), 1) == 200
     assert "/free/cancelled" not in app.started
+    # ...and there is still only one: nothing gave back a place it did not hold.
+    app.most_at_once = 0
+    both = [asyncio.ensure_future(call(middleware, path)) for path in ("/g1", "/g2")]
+    await settle()
+    assert app.running == 1
+    app.gate("/g1").set()
+    app.gate("/g2").set()
+    assert await asyncio.wait_for(asyncio.gather(*both), 1) == [200, 200]
+    assert app.most_at_once == 1
 
 
 def test_two_loops_at_once_have_their_own_places() -> None:
@@ -177,14 +187,15 @@ def test_two_loops_at_once_have_their_own_places() -> None:
     [
         ([], False),
         ([(b"content-length", b"0")], False),
-        ([(b"content-length", b"12")], True),
+        ([(b"content-length", b"5")], True),
         ([(b"transfer-encoding", b"chunked")], True),
     ],
 )
-async def test_a_request_takes_its_place_before_the_app_runs_unless_it_has_a_body(
+async def test_a_body_is_read_before_the_wait_and_the_app_runs_only_with_a_place(
     headers: list[tuple[bytes, bytes]], has_body: bool
 ) -> None:
     entered: list[str] = []
+    bodies: list[bytes] = []
     gate = asyncio.Event()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -192,40 +203,98 @@ async def test_a_request_takes_its_place_before_the_app_runs_unless_it_has_a_bod
         if scope["path"] == "/busy":
             await gate.wait()
         else:
-            await receive()  # a body's last chunk: the place is taken here
+            bodies.append((await receive()).get("body", b""))  # replayed in full
         await send({"type": "http.response.start", "status": 200, "headers": []})
 
     middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+    received: list[str] = []
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        received.append("body")
+        return {"type": "http.request", "body": b"hello", "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
         return None
 
-    busy = asyncio.ensure_future(
-        middleware({"type": "http", "path": "/busy", "headers": []}, receive, send)
-    )
+    def request(path: str, headers: list[tuple[bytes, bytes]]) -> asyncio.Future[None]:
+        return asyncio.ensure_future(
+            middleware({"type": "http", "path": path, "headers": headers}, receive, send)
+        )
+
+    busy = request("/busy", [])
     await settle()
-    request = asyncio.ensure_future(
-        middleware({"type": "http", "path": "/x", "headers": headers}, receive, send)
-    )
+    waiting = request("/x", headers)
     await settle()
-    # With the only place taken, a request with a body is let in to read it; one without
-    # waits outside.
-    assert ("/x" in entered) is has_body
-    assert not request.done()
+    # With the only place taken, the app has not seen /x; its body, if any, is already read.
+    assert entered == ["/busy"]
+    assert received == (["body"] if has_body else [])
     gate.set()
-    await asyncio.wait_for(asyncio.gather(busy, request), 1)
+    await asyncio.wait_for(asyncio.gather(busy, waiting), 1)
     assert entered == ["/busy", "/x"]
+    assert bodies == [b"hello"]
     assert middleware.waited == 1
+
+
+async def test_announcing_a_body_the_route_never_reads_does_not_slip_past_the_limit() -> None:
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+
+    async def announced_body(path: str) -> None:
+        # GatedApp reads a body only with content-length; this one says chunked and is not read.
+        scope: Scope = {"type": "http", "path": path, "headers": [(b"transfer-encoding", b"x")]}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"x", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            return None
+
+        await middleware(scope, receive, send)
+
+    calls = [asyncio.ensure_future(announced_body(f"/s{n}")) for n in range(3)]
+    await settle()
+    assert app.running == 1
+    for n in range(3):
+        app.gate(f"/s{n}").set()
+    await asyncio.wait_for(asyncio.gather(*calls), 1)
+    assert app.most_at_once == 1
+
+
+async def test_a_body_over_the_read_ahead_is_passed_on_whole() -> None:
+    chunks = [b"a" * 4, b"b" * 4, b"c" * 4, b"d" * 4]
+    got: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            got.append(message["body"])
+            if not message["more_body"]:
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1, max_body_bytes=6)
+    pending = list(chunks)
+
+    async def receive() -> dict[str, Any]:
+        body = pending.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    await middleware(
+        {"type": "http", "path": "/big", "headers": [(b"content-length", b"16")]}, receive, send
+    )
+    assert got == chunks  # nothing lost or repeated across the read-ahead's end
 
 
 def test_bad_settings_are_refused() -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         return None
 
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
         InFlightLimitMiddleware(app, max_in_flight=0)
+    with pytest.raises(ValueError, match="max_body_bytes must be at least 1"):
+        InFlightLimitMiddleware(app, max_in_flight=1, max_body_bytes=0)
     with pytest.raises(TypeError, match="not a string"):
         InFlightLimitMiddleware(app, max_in_flight=1, exempt_prefixes="/health")

@@ -2,15 +2,21 @@
 
 Why: on PostgreSQL a request yields at every statement, so under load each turn of the event
 loop runs one step of every request in flight. With 64 in flight, turns grew to several
-milliseconds and the loop-lag p99 to 6-15 ms; with 8 in flight at most, the same load gave
-2-3 ms, the same or more requests per second, and a lower p99 (bench/README.md, finding 35).
-The others wait in arrival order, which also keeps the latency of a saturated service fair.
+milliseconds and the loop-lag p99 to 6-13 ms; with 8 in flight at most, the same load gave
+2-4 ms, about the same requests per second, and a lower p99 (bench/README.md, finding 35).
+The others wait first come, first served, which also keeps a saturated service's latency
+fair.
 
-A request takes its place once its body has arrived (at once when it has none), so a client
-that sends its body slowly holds no place while it does; it gives the place back when its
-response starts, so a streaming response holds none either. The price: no more than
-``max_in_flight`` requests wait on the database at once, so with slow statements the limit,
-not the CPU, sets the throughput (``max_in_flight`` / the time a request takes).
+A request announcing a body has it read first, up to ``max_body_bytes``, and replayed to the
+app: so a client sending its body slowly holds no place while it does, and a client cannot
+slip past the limit by announcing a body its route never reads. A request gives its place
+back when its response starts, so a streaming response holds none; work the app does after
+that (a ``yield`` dependency's teardown, background tasks) is not counted. The price: no more
+than ``max_in_flight`` requests wait on the database at once, so with slow statements the
+limit, not the CPU, sets the throughput (``max_in_flight`` / the time a request takes). The
+queue has no bound of its own: it holds at most one request per open connection with HTTP/1.1
+(uvicorn's ``--limit-concurrency`` caps those), and a request whose client has gone still
+runs when its turn comes.
 """
 
 from __future__ import annotations
@@ -23,18 +29,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["InFlightLimitMiddleware"]
 
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+"""How much of a body is read before the request waits for its place; the rest, if any, is
+read by the app once it runs (and refused by a body size limit inside, if there is one)."""
+
 
 class InFlightLimitMiddleware:
-    """Run at most ``max_in_flight`` HTTP requests at once; the rest wait in arrival order.
+    """Run at most ``max_in_flight`` HTTP requests at once; the rest wait, first come, first
+    served.
 
     >>> app.add_middleware(InFlightLimitMiddleware, max_in_flight=8)  # doctest: +SKIP
 
     ``exempt_prefixes``: paths never limited (health probes and metrics scrapes, which must
     answer promptly exactly when the service is busy). Each event loop the app runs on has
-    its own places.
+    its own places. A route must not wait for another request of the same service while it
+    runs: with every place taken, that request would never start.
 
     Raises:
-        ValueError: ``max_in_flight`` is below 1.
+        ValueError: ``max_in_flight`` or ``max_body_bytes`` is below 1.
         TypeError: ``exempt_prefixes`` is a single string (it would exempt every path that
             starts with any one of its characters).
     """
@@ -45,22 +57,26 @@ class InFlightLimitMiddleware:
         *,
         max_in_flight: int,
         exempt_prefixes: Iterable[str] = ("/health", "/metrics"),
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be at least 1")
         if isinstance(exempt_prefixes, str):
             raise TypeError("exempt_prefixes takes a collection of path prefixes, not a string")
         self.app = app
         self.max_in_flight = max_in_flight
+        self.max_body_bytes = max_body_bytes
         self.exempt_prefixes = tuple(exempt_prefixes)
-        # asyncio.Semaphore binds to the first loop that waits on it.
-        self._places: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-            weakref.WeakKeyDictionary()
-        )
+        # asyncio's semaphores bind to the first loop that waits on them.
+        self._places: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.BoundedSemaphore
+        ] = weakref.WeakKeyDictionary()
         self.limited = 0
         """HTTP requests that came through the limit (not exempt ones)."""
         self.waited = 0
-        """Of those, how many found every place taken and waited."""
+        """Of those, how many found every place taken and waited (cancelled waits too)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(self.exempt_prefixes):
@@ -69,17 +85,14 @@ class InFlightLimitMiddleware:
         loop = asyncio.get_running_loop()
         places = self._places.get(loop)
         if places is None:
-            places = self._places[loop] = asyncio.Semaphore(self.max_in_flight)
+            places = self._places[loop] = asyncio.BoundedSemaphore(self.max_in_flight)
         self.limited += 1
-        holding = False
-
-        async def take_a_place() -> None:
-            nonlocal holding
-            if not holding:
-                if places.locked():
-                    self.waited += 1
-                await places.acquire()
-                holding = True
+        if _has_body(scope):
+            receive = await _read_ahead(receive, self.max_body_bytes)
+        if places.locked():
+            self.waited += 1
+        await places.acquire()
+        holding = True
 
         def give_it_back() -> None:
             nonlocal holding
@@ -87,25 +100,35 @@ class InFlightLimitMiddleware:
                 holding = False
                 places.release()
 
-        async def receive_then_take_a_place() -> Message:
-            message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                await take_a_place()  # the whole body is here: the work starts now
-            return message
-
         async def send_and_give_back(message: Message) -> None:
             if message["type"] == "http.response.start":
                 give_it_back()
             await send(message)
 
         try:
-            if _has_body(scope):
-                await self.app(scope, receive_then_take_a_place, send_and_give_back)
-            else:
-                await take_a_place()
-                await self.app(scope, receive, send_and_give_back)
+            await self.app(scope, receive, send_and_give_back)
         finally:
             give_it_back()
+
+
+async def _read_ahead(receive: Receive, max_bytes: int) -> Receive:
+    """Read the request's body (up to ``max_bytes``, or until the client goes) and return a
+    ``receive`` that replays what was read, then goes on from ``receive``."""
+    read: list[Message] = []
+    size = 0
+    while size <= max_bytes:
+        message = await receive()
+        read.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            break
+        size += len(message.get("body", b""))
+
+    async def replay() -> Message:
+        if read:
+            return read.pop(0)
+        return await receive()
+
+    return replay
 
 
 def _has_body(scope: Scope) -> bool:
