@@ -27,6 +27,8 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bastion.fastapi._exempt_paths import exempt_prefixes_of, is_exempt
+
 __all__ = ["InFlightLimitMiddleware"]
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -63,12 +65,10 @@ class InFlightLimitMiddleware:
             raise ValueError("max_in_flight must be at least 1")
         if max_body_bytes < 1:
             raise ValueError("max_body_bytes must be at least 1")
-        if isinstance(exempt_prefixes, str):
-            raise TypeError("exempt_prefixes takes a collection of path prefixes, not a string")
         self.app = app
         self.max_in_flight = max_in_flight
         self.max_body_bytes = max_body_bytes
-        self.exempt_prefixes = tuple(exempt_prefixes)
+        self.exempt_prefixes = exempt_prefixes_of(exempt_prefixes)
         # asyncio's semaphores bind to the first loop that waits on them.
         self._places: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, asyncio.BoundedSemaphore
@@ -79,7 +79,7 @@ class InFlightLimitMiddleware:
         """Of those, how many found every place taken and waited (cancelled waits too)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.exempt_prefixes):
+        if scope["type"] != "http" or is_exempt(scope, self.exempt_prefixes):
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()

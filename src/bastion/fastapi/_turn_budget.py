@@ -35,6 +35,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bastion.fastapi._exempt_paths import exempt_prefixes_of, is_exempt
+
 __all__ = ["TurnBudgetMiddleware"]
 
 DEFAULT_BUDGET_S = 0.002
@@ -84,11 +86,9 @@ class TurnBudgetMiddleware:
     ) -> None:
         if not budget_s > 0:
             raise ValueError("budget_s must be positive")
-        if isinstance(exempt_prefixes, str):
-            raise TypeError("exempt_prefixes takes a collection of path prefixes, not a string")
         self.app = app
         self.budget_s = budget_s
-        self.exempt_prefixes = tuple(exempt_prefixes)
+        self.exempt_prefixes = exempt_prefixes_of(exempt_prefixes)
         self._clock = clock
         # Per loop, and forgotten with it: two loops may serve the app at once (two threads).
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPacing] = (
@@ -117,7 +117,7 @@ class TurnBudgetMiddleware:
             # Where the metrics route finds the counters (Starlette puts the app in the scope).
             scope["app"].state.turn_budget = self
             self._on_app_state = True
-        if scope["path"].startswith(self.exempt_prefixes):
+        if is_exempt(scope, self.exempt_prefixes):
             await self.app(scope, receive, send)
             return
         await self._admit()
