@@ -75,6 +75,7 @@ def main() -> None:
             [sys.executable, "-m", "bench.seed", str(workdir)], env=env, cwd=ROOT, check=True
         )
         server = Server("bastion", env, workdir)
+        server.wait_ready()  # else wrk meets a closed port and the soak measures nothing
         wrk_env = {
             **os.environ,
             "BENCH_IDS": str(workdir / "ids.txt"),
@@ -121,17 +122,25 @@ def main() -> None:
     peak_rss = max((s["rss_mib"] for s in after_first_minute), default=0.0)
     growth = (peak_rss - baseline_rss) / baseline_rss if baseline_rss else 0.0
     allowed = 2 * (POOL_SIZE + MAX_OVERFLOW)
+    load_summary = json.loads(summary_line.split(" ", 1)[1]) if summary_line else None
+    # A soak passes only on a load that ran: without this, a server that never answered
+    # passed with no samples at all.
+    load_ran = bool(load_summary and load_summary["requests"] > 0) and len(after_first_minute) >= 2
     peak_connections = max((s["server_connections"] for s in samples), default=0)
     report = {
         "duration_s": DURATION_S,
         "samples": samples,
-        "wrk": json.loads(summary_line.split(" ", 1)[1]) if summary_line else None,
+        "wrk": load_summary,
+        "load_ran": load_ran,
         "rss_growth_after_first_minute": round(growth, 4),
         "peak_server_connections": peak_connections,
         "connections_allowed": allowed,
         "idle_pool_checked_out": idle_checked_out,
         "idle_server_connections": idle_connections,
-        "passed": growth < 0.05 and peak_connections <= allowed and idle_checked_out == 0,
+        "passed": load_ran
+        and growth < 0.05
+        and peak_connections <= allowed
+        and idle_checked_out == 0,
     }
     asyncio.run(drop_postgres_database("bastion_soak"))
     RESULTS.mkdir(parents=True, exist_ok=True)
