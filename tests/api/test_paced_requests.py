@@ -5,29 +5,62 @@ loses nothing: every concurrent write is stored, every read answered, in full.""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
 from fastapi import FastAPI
 
 from bastion import DatabaseSettings
 from bastion.fastapi import InFlightLimitMiddleware, TurnBudgetMiddleware
 from conversations.app import create_app
-from tests.conftest import Users, serve
+from tests.conftest import Users, new_conversation, serve
+
+MiddlewareT = TypeVar("MiddlewareT")
 
 
-def paced_tightly(app: FastAPI) -> None:
-    """Pace ``app``'s request starts with a budget of a nanosecond: in a busy turn, every
-    request after the first waits for a later one. (Outermost, where the service puts it.)"""
-    app.user_middleware = [e for e in app.user_middleware if e.cls is not TurnBudgetMiddleware]
-    app.add_middleware(TurnBudgetMiddleware, budget_s=1e-9)
+def with_only(app: FastAPI, middleware: type[Any], **options: Any) -> FastAPI:
+    """``app`` with ``middleware`` (built with ``options``) in place of the service's pacing
+    or limiting middleware, outermost, where the service puts it."""
+    app.user_middleware = [
+        entry
+        for entry in app.user_middleware
+        if entry.cls not in (TurnBudgetMiddleware, InFlightLimitMiddleware)
+    ]
+    app.add_middleware(middleware, **options)
+    return app
 
 
-def turn_budget_of(app: FastAPI) -> TurnBudgetMiddleware:
-    """The running app's TurnBudgetMiddleware (Starlette builds the stack on first call)."""
+def paced_tightly(app: FastAPI) -> FastAPI:
+    """``app`` pacing request starts with a budget of a nanosecond: in a busy turn, every
+    request after the first waits for a later one."""
+    return with_only(app, TurnBudgetMiddleware, budget_s=1e-9)
+
+
+def running(app: FastAPI, middleware: type[MiddlewareT]) -> MiddlewareT:
+    """The running app's instance of ``middleware`` (Starlette builds the stack on first
+    call)."""
     layer: Any = app.middleware_stack
-    while not isinstance(layer, TurnBudgetMiddleware):
+    while not isinstance(layer, middleware):
         layer = layer.app
     return layer
+
+
+def add_messages(client: httpx.AsyncClient, users: Users, cid: str, count: int) -> list[Any]:
+    """``count`` requests adding a message each to conversation ``cid`` (not yet awaited)."""
+    return [
+        client.post(
+            f"/v1/conversations/{cid}/messages",
+            json={"role": "user", "content": f"message {n}"},
+            headers=users.alice,
+        )
+        for n in range(count)
+    ]
+
+
+async def stored_contents(client: httpx.AsyncClient, users: Users, cid: str) -> list[str]:
+    """The contents of conversation ``cid``'s messages, sorted."""
+    page = await client.get(f"/v1/conversations/{cid}/messages?limit=100", headers=users.alice)
+    return sorted(message["content"] for message in page.json()["items"])
 
 
 async def test_the_service_paces_starts_on_sqlite_and_limits_in_flight_on_postgresql(
@@ -41,53 +74,26 @@ async def test_the_service_paces_starts_on_sqlite_and_limits_in_flight_on_postgr
 async def test_requests_limited_to_one_in_flight_are_all_served_in_full(
     settings: DatabaseSettings, users: Users
 ) -> None:
-    app = create_app(settings)
-    app.user_middleware = [
-        e
-        for e in app.user_middleware
-        if e.cls not in (TurnBudgetMiddleware, InFlightLimitMiddleware)
-    ]
-    app.add_middleware(InFlightLimitMiddleware, max_in_flight=1)
+    app = with_only(create_app(settings), InFlightLimitMiddleware, max_in_flight=1)
     async with serve(app) as client:
-        created = await client.post("/v1/conversations", json={"title": "one"}, headers=users.alice)
-        cid = created.json()["id"]
-        writes = [
-            client.post(
-                f"/v1/conversations/{cid}/messages",
-                json={"role": "user", "content": f"message {n}"},
-                headers=users.alice,
-            )
-            for n in range(20)
-        ]
+        cid = await new_conversation(client, users)
+        writes = add_messages(client, users, cid, 20)
         reads = [client.get(f"/v1/conversations/{cid}", headers=users.alice) for _ in range(20)]
         responses = await asyncio.gather(*writes, *reads, client.get("/health/live"))
         assert [r.status_code for r in responses] == [201] * 20 + [200] * 21
-        page = await client.get(f"/v1/conversations/{cid}/messages?limit=100", headers=users.alice)
-    assert page.json()["total"] == 20
-    limit: Any = app.middleware_stack
-    while not isinstance(limit, InFlightLimitMiddleware):
-        limit = limit.app
-    assert limit.waited > 0  # one at a time: the others did wait
+        assert await stored_contents(client, users, cid) == sorted(
+            f"message {n}" for n in range(20)
+        )
+    assert running(app, InFlightLimitMiddleware).waited > 0  # one at a time: others waited
 
 
 async def test_paced_concurrent_requests_are_all_served_in_full(
     settings: DatabaseSettings, users: Users
 ) -> None:
-    app = create_app(settings)
-    paced_tightly(app)
+    app = paced_tightly(create_app(settings))
     async with serve(app) as client:
-        created = await client.post(
-            "/v1/conversations", json={"title": "paced"}, headers=users.alice
-        )
-        cid = created.json()["id"]
-        writes = [
-            client.post(
-                f"/v1/conversations/{cid}/messages",
-                json={"role": "user", "content": f"message {n}"},
-                headers=users.alice,
-            )
-            for n in range(30)
-        ]
+        cid = await new_conversation(client, users)
+        writes = add_messages(client, users, cid, 30)
         reads = [client.get(f"/v1/conversations/{cid}", headers=users.alice)]
         reads += [
             client.get(f"/v1/conversations/{cid}/messages?limit=5", headers=users.alice)
@@ -97,27 +103,22 @@ async def test_paced_concurrent_requests_are_all_served_in_full(
         responses = await asyncio.gather(*writes, *reads, *probes)
 
         assert [r.status_code for r in responses] == [201] * 30 + [200] * 36
-        budget = turn_budget_of(app)
-        assert budget.deferred > 0  # the nanosecond budget did make requests wait
-        page = await client.get(f"/v1/conversations/{cid}/messages?limit=100", headers=users.alice)
-        assert page.json()["total"] == 30
-        stored = sorted(message["content"] for message in page.json()["items"])
-        assert stored == sorted(f"message {n}" for n in range(30))
+        # the nanosecond budget did make requests wait
+        assert running(app, TurnBudgetMiddleware).deferred > 0
+        assert await stored_contents(client, users, cid) == sorted(
+            f"message {n}" for n in range(30)
+        )
 
 
 async def test_the_pacing_counters_are_scraped_with_the_database_metrics(
     settings: DatabaseSettings, users: Users
 ) -> None:
-    app = create_app(settings)
-    paced_tightly(app)
+    app = paced_tightly(create_app(settings))
     async with serve(app) as client:
-        cid = await client.post("/v1/conversations", json={"title": "m"}, headers=users.alice)
-        reads = [
-            client.get(f"/v1/conversations/{cid.json()['id']}", headers=users.alice)
-            for _ in range(20)
-        ]
+        cid = await new_conversation(client, users)
+        reads = [client.get(f"/v1/conversations/{cid}", headers=users.alice) for _ in range(20)]
         assert {r.status_code for r in await asyncio.gather(*reads)} == {200}
-        budget = turn_budget_of(app)
+        budget = running(app, TurnBudgetMiddleware)
         scraped = (await client.get("/metrics")).text
 
     assert f"bastion_requests_paced_total {float(budget.paced)}" in scraped
