@@ -138,3 +138,23 @@ async def test_without_the_middleware_the_metrics_have_no_pacing_counters(
         scraped = (await client.get("/metrics")).text
     assert "bastion_requests_paced" not in scraped
     assert "bastion_pool_checkout_seconds_count" in scraped
+
+
+async def test_the_limit_counters_are_scraped_with_the_database_metrics(
+    settings: DatabaseSettings, users: Users
+) -> None:
+    app = with_only(create_app(settings), InFlightLimitMiddleware, max_in_flight=1)
+    async with serve(app) as client:
+        cid = await new_conversation(client, users)
+        # Writes: on SQLite a read runs through without yielding, so no one would wait.
+        writes = add_messages(client, users, cid, 10)
+        assert {r.status_code for r in await asyncio.gather(*writes)} == {201}
+        limit = running(app, InFlightLimitMiddleware)
+        scraped = (await client.get("/metrics")).text
+
+    assert limit.limited == 11  # the conversation and 10 messages; /metrics is not limited
+    assert limit.waited > 0
+    assert f"bastion_requests_limited_total {float(limit.limited)}" in scraped
+    assert f"bastion_requests_waited_total {float(limit.waited)}" in scraped
+    assert "bastion_requests_paced" not in scraped  # the other middleware is not there
+    assert "bastion_pool_checkout_seconds_count" in scraped

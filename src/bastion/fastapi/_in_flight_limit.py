@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.fastapi._exempt_paths import exempt_prefixes_of, is_exempt
+from bastion.fastapi._metrics import serve_metrics_of
 
 __all__ = ["InFlightLimitMiddleware"]
 
@@ -77,9 +81,22 @@ class InFlightLimitMiddleware:
         """HTTP requests that came through the limit (not exempt ones)."""
         self.waited = 0
         """Of those, how many found every place taken and waited (cancelled waits too)."""
+        self._metrics_served = False
+        self.registry = CollectorRegistry(auto_describe=True)
+        """``bastion_requests_limited_total`` and ``bastion_requests_waited_total``, which
+        ``create_metrics_router``'s ``/metrics`` serves once the middleware has seen a
+        request."""
+        self.registry.register(_LimitCollector(self))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_exempt(scope, self.exempt_prefixes):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self._metrics_served and "app" in scope:
+            # Starlette puts the app in the scope: its metrics route then serves the counters.
+            serve_metrics_of(scope["app"], self.registry)
+            self._metrics_served = True
+        if is_exempt(scope, self.exempt_prefixes):
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
@@ -139,3 +156,22 @@ def _has_body(scope: Scope) -> bool:
         if name == b"transfer-encoding":
             return True
     return False
+
+
+class _LimitCollector(Collector):
+    """The middleware's counters, read when scraped (no lock on the request path)."""
+
+    def __init__(self, middleware: InFlightLimitMiddleware) -> None:
+        self._middleware = middleware
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "bastion_requests_limited",
+            "HTTP requests that went through the in-flight limit.",
+            value=self._middleware.limited,
+        )
+        yield CounterMetricFamily(
+            "bastion_requests_waited",
+            "Limited requests that found every place taken and waited.",
+            value=self._middleware.waited,
+        )

@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion.fastapi._exempt_paths import exempt_prefixes_of, is_exempt
+from bastion.fastapi._metrics import serve_metrics_of
 
 __all__ = ["TurnBudgetMiddleware"]
 
@@ -67,8 +68,7 @@ class TurnBudgetMiddleware:
     must answer promptly exactly when the service is busy). ``clock`` is the monotonic clock
     to measure turns with (a test may pass its own). Each event loop the app runs on is paced
     on its own. Its counters are in :attr:`registry`, which ``create_metrics_router``'s
-    ``/metrics`` serves beside the Database's once the middleware has seen a request
-    (it leaves itself on ``app.state.turn_budget``).
+    ``/metrics`` serves beside the Database's once the middleware has seen a request.
 
     Raises:
         ValueError: ``budget_s`` is not positive.
@@ -98,7 +98,7 @@ class TurnBudgetMiddleware:
         """HTTP requests that came through the pacing (not exempt ones)."""
         self.deferred = 0
         """Of those, how many had to wait for a later turn."""
-        self._on_app_state = False
+        self._metrics_served = False
         self.registry = CollectorRegistry(auto_describe=True)
         """``bastion_requests_paced_total`` and ``bastion_requests_deferred_total``."""
         self.registry.register(_PacingCollector(self))
@@ -113,10 +113,10 @@ class TurnBudgetMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._on_app_state and "app" in scope:
-            # Where the metrics route finds the counters (Starlette puts the app in the scope).
-            scope["app"].state.turn_budget = self
-            self._on_app_state = True
+        if not self._metrics_served and "app" in scope:
+            # Starlette puts the app in the scope: its metrics route then serves the counters.
+            serve_metrics_of(scope["app"], self.registry)
+            self._metrics_served = True
         if is_exempt(scope, self.exempt_prefixes):
             await self.app(scope, receive, send)
             return
