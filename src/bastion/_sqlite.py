@@ -40,6 +40,7 @@ SNAPSHOT_UNIT: Final = "snapshot"
 # a statement within a millisecond or so of its deadline, rarely enough to cost nothing.
 _PROGRESS_STEPS: Final = 10_000
 _DEADLINE: Final = "bastion_deadline"
+_NO_DEADLINE: Final = float("inf")
 
 
 class _ClosingConnection(sqlite3.Connection):
@@ -59,9 +60,26 @@ class _ClosingConnection(sqlite3.Connection):
     Normal-path cost: one weak reference per cursor, about 1 µs per statement.
     """
 
+    bastion_deadline: list[float] | None = None
+    """The statement deadline cell of :func:`_install_deadline`, if it installed one."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cursors: weakref.WeakSet[sqlite3.Cursor] = weakref.WeakSet()
+
+    # COMMIT and ROLLBACK are transaction control, not statements: the statement timeout does
+    # not apply to them, nor to the BEGIN of the connection's next unit (the pool's reset on
+    # return rolls back, so a connection rests with no deadline). Left in place, the last
+    # statement's deadline would: SQLite calls the progress handler every so many steps
+    # summed over runs of a cached statement, so now and then inside a BEGIN or COMMIT, and
+    # one that came over DB_STATEMENT_TIMEOUT after that statement was interrupted.
+    def commit(self) -> None:
+        _lift_deadline(self.bastion_deadline)
+        super().commit()
+
+    def rollback(self) -> None:
+        _lift_deadline(self.bastion_deadline)
+        super().rollback()
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         if not args and "factory" not in kwargs:
@@ -193,7 +211,7 @@ def install_sqlite_listeners(
         deadline = (
             _install_deadline(dbapi_connection, record)
             if statement_timeout_s > 0 or inline
-            else [float("inf"), float("inf")]
+            else [_NO_DEADLINE, _NO_DEADLINE]
         )
         # None: the driver never emits BEGIN/COMMIT on its own; see the module docstring.
         dbapi_connection.isolation_level = None
@@ -286,8 +304,11 @@ def _install_deadline(dbapi_connection: Any, record: Any) -> list[float]:
     """
     # One mutable cell per connection: set in the event loop before each statement, read by
     # SQLite's progress handler in aiosqlite's thread while the statement runs.
-    deadline = [float("inf"), float("inf")]
+    deadline = [_NO_DEADLINE, _NO_DEADLINE]
     record.info[_DEADLINE] = deadline
+    driver = getattr(dbapi_connection.driver_connection, "_connection", None)
+    if isinstance(driver, _ClosingConnection):
+        driver.bastion_deadline = deadline
 
     def past_deadline() -> bool:
         return time.monotonic() > deadline[0] or time.thread_time() > deadline[1]
@@ -296,3 +317,10 @@ def _install_deadline(dbapi_connection: Any, record: Any) -> list[float]:
     # inside SQLAlchemy's greenlet, hence await_.
     await_(dbapi_connection.driver_connection.set_progress_handler(past_deadline, _PROGRESS_STEPS))
     return deadline
+
+
+def _lift_deadline(deadline: list[float] | None) -> None:
+    """No statement deadline until the next statement sets one (``deadline``: the cell of
+    :func:`_install_deadline`, or ``None`` where there is none)."""
+    if deadline is not None:
+        deadline[0] = _NO_DEADLINE
