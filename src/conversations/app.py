@@ -61,7 +61,8 @@ def create_app(
     are ``database_lifespan``'s options for the garbage collector, on by default here. On
     SQLite, requests start through :class:`~bastion.fastapi.TurnBudgetMiddleware`; on
     PostgreSQL, at most ``MAX_REQUESTS_IN_FLIGHT`` run at once
-    (:class:`~bastion.fastapi.InFlightLimitMiddleware`).
+    (:class:`~bastion.fastapi.InFlightLimitMiddleware`), and one that waited
+    ``DB_POOL_TIMEOUT`` for its turn is answered 503.
 
     Raises:
         ConfigurationError: a setting in the environment is invalid.
@@ -97,7 +98,13 @@ def create_app(
     else:
         # PostgreSQL requests yield at each statement, so a turn runs a step of every request
         # in flight: fewer in flight, shorter turns (finding 35).
-        app.add_middleware(InFlightLimitMiddleware, max_in_flight=MAX_REQUESTS_IN_FLIGHT)
+        # A request waits for its place no longer than for a pool connection: both are waits
+        # for the database, and a backlog is answered 503 rather than served late.
+        app.add_middleware(
+            InFlightLimitMiddleware,
+            max_in_flight=MAX_REQUESTS_IN_FLIGHT,
+            max_wait_s=settings.pool_timeout_s,
+        )
     # The API's own routes first: Starlette tries routes in order, and every request pays for
     # each route tried before its own (the admin router alone has a dozen).
     app.include_router(conversations.router)

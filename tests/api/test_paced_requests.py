@@ -66,9 +66,14 @@ async def stored_contents(client: httpx.AsyncClient, users: Users, cid: str) -> 
 async def test_the_service_paces_starts_on_sqlite_and_limits_in_flight_on_postgresql(
     settings: DatabaseSettings, backend: str
 ) -> None:
-    classes = [entry.cls for entry in create_app(settings).user_middleware]
+    entries = create_app(settings).user_middleware
+    classes = [entry.cls for entry in entries]
     assert (TurnBudgetMiddleware in classes) == (backend == "sqlite")
     assert (InFlightLimitMiddleware in classes) == (backend == "postgresql")
+    for entry in entries:
+        if entry.cls is InFlightLimitMiddleware:
+            # A request waits for its place no longer than for a pool connection.
+            assert entry.kwargs["max_wait_s"] == settings.pool_timeout_s
 
 
 async def test_requests_limited_to_one_in_flight_are_all_served_in_full(
@@ -156,5 +161,7 @@ async def test_the_limit_counters_are_scraped_with_the_database_metrics(
     assert limit.waited > 0
     assert f"bastion_requests_limited_total {float(limit.limited)}" in scraped
     assert f"bastion_requests_waited_total {float(limit.waited)}" in scraped
+    assert "bastion_requests_shed_total 0.0" in scraped
+    assert "bastion_requests_abandoned_total 0.0" in scraped
     assert "bastion_requests_paced" not in scraped  # the other middleware is not there
     assert "bastion_pool_checkout_seconds_count" in scraped

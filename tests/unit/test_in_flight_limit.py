@@ -1,10 +1,12 @@
 """InFlightLimitMiddleware: at most N requests run at once, in arrival order, losing none;
-a slow body, a streaming response, an error or a cancellation holds no place, and announcing
-a body a route never reads does not slip past the limit."""
+a slow body, a streaming response, an error or a cancellation holds no place, announcing
+a body a route never reads does not slip past the limit, a request whose client left while it
+waited is dropped, and one that waited ``max_wait_s`` is answered 503."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +27,7 @@ class GatedApp:
         self.running = 0
         self.most_at_once = 0
         self.started: list[str] = []
+        self.received: dict[str, dict[str, Any]] = {}
         self.gates: dict[str, asyncio.Event] = {}
 
     def gate(self, path: str) -> asyncio.Event:
@@ -35,6 +38,8 @@ class GatedApp:
         if any(name == b"content-length" for name, _ in scope["headers"]):
             while (await receive()).get("more_body", False):
                 pass
+        else:
+            self.received[path] = await receive()  # a bodiless request's one message
         self.started.append(path)
         self.running += 1
         self.most_at_once = max(self.most_at_once, self.running)
@@ -76,6 +81,34 @@ async def call(
 
     await middleware(scope, receive, send)
     return int(sent[0]["status"])
+
+
+class Client:
+    """The server's side of one bodiless request whose client may leave: ``receive`` gives
+    the request, then waits, as a server's does, until the client leaves (``leave``), and
+    then says so at once."""
+
+    def __init__(self, path: str) -> None:
+        self.scope: Scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+        self.sent: list[dict[str, Any]] = []
+        self._left = asyncio.Event()
+        self._request_given = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._request_given:
+            self._request_given = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self._left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    def leave(self) -> None:
+        self._left.set()
+
+    async def request(self, middleware: InFlightLimitMiddleware) -> None:
+        await middleware(self.scope, self.receive, self.send)
 
 
 async def settle() -> None:
@@ -288,12 +321,63 @@ async def test_a_body_over_the_read_ahead_is_passed_on_whole() -> None:
     assert got == chunks  # nothing lost or repeated across the read-ahead's end
 
 
+async def test_a_request_whose_client_left_while_it_waited_is_dropped_unserved() -> None:
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+    busy = asyncio.ensure_future(call(middleware, "/busy"))
+    await settle()
+    leaves, stays = Client("/leaves"), Client("/stays")
+    waiting = [asyncio.ensure_future(client.request(middleware)) for client in (leaves, stays)]
+    await settle()
+
+    leaves.leave()
+    app.gate("/busy").set()
+    app.gate("/stays").set()
+    await asyncio.wait_for(asyncio.gather(busy, *waiting), 1)
+
+    assert app.started == ["/busy", "/stays"]
+    assert leaves.sent == []
+    assert stays.sent[0]["status"] == 200
+    # The request the middleware looked at on the way is the app's, unchanged.
+    assert app.received["/stays"] == {"type": "http.request", "body": b"", "more_body": False}
+    assert (middleware.waited, middleware.abandoned) == (2, 1)
+    assert await asyncio.wait_for(call(middleware, "/free/next"), 1) == 200  # the place is free
+
+
+async def test_a_request_that_waited_max_wait_s_is_answered_503_and_never_runs() -> None:
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1, max_wait_s=0.05)
+    busy = asyncio.ensure_future(call(middleware, "/busy"))
+    await settle()
+    late = Client("/late")
+
+    await asyncio.wait_for(late.request(middleware), 2)
+
+    start, body = late.sent
+    assert start["status"] == 503
+    assert dict(start["headers"])[b"retry-after"] == b"1"
+    assert json.loads(body["body"])["code"] == "overloaded"
+    assert "/late" not in app.started
+    assert middleware.shed == 1
+    app.gate("/busy").set()
+    assert await asyncio.wait_for(busy, 1) == 200
+    # Shedding kept no place and gave back none it did not hold: still exactly one.
+    both = [asyncio.ensure_future(call(middleware, path)) for path in ("/g1", "/g2")]
+    await settle()
+    assert app.running == 1
+    app.gate("/g1").set()
+    app.gate("/g2").set()
+    assert await asyncio.wait_for(asyncio.gather(*both), 1) == [200, 200]
+
+
 def test_bad_settings_are_refused() -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         return None
 
     with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
         InFlightLimitMiddleware(app, max_in_flight=0)
+    with pytest.raises(ValueError, match="max_wait_s must be positive"):
+        InFlightLimitMiddleware(app, max_in_flight=1, max_wait_s=0)
     with pytest.raises(ValueError, match="max_body_bytes must be at least 1"):
         InFlightLimitMiddleware(app, max_in_flight=1, max_body_bytes=0)
     with pytest.raises(TypeError, match="not a string"):

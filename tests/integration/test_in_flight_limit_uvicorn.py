@@ -1,0 +1,125 @@
+"""InFlightLimitMiddleware behind a real uvicorn: a client that hangs up while its request
+waits for a place is found gone when the place comes, and its request never runs.
+
+The middleware asks the server without waiting (a receive whose wait is cancelled before it
+starts); this checks that uvicorn's HTTP implementations answer such a receive at once with
+the disconnect, and with nothing while the client is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from bastion.fastapi import InFlightLimitMiddleware
+from tests.conftest import free_port
+
+
+class HeldApp:
+    """Answers 200 to each request; ``/held`` only once the test lets it go."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        self.started.append(scope["path"])
+        if scope["path"] == "/held":
+            await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@asynccontextmanager
+async def serving(middleware: InFlightLimitMiddleware, http: str) -> AsyncIterator[uvicorn.Server]:
+    config = uvicorn.Config(
+        middleware,
+        host="127.0.0.1",
+        port=free_port(),
+        http=http,
+        lifespan="off",
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not task.done(), "the server did not start"
+            await asyncio.sleep(0.01)
+        yield server
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def send_get(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def until(condition: object, what: str) -> None:
+    """Wait (up to 5 s) until ``condition()`` holds."""
+    for _ in range(500):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"never happened: {what}")
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_request_whose_client_hung_up_while_waiting_never_runs(http: str) -> None:
+    app = HeldApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+    async with serving(middleware, http) as server:
+        port = server.config.port
+        held_reader, held_writer = await send_get(port, "/held")
+        await until(lambda: app.started == ["/held"], "the first request runs")
+        _, gone_writer = await send_get(port, "/gone")
+        await until(lambda: middleware.waited == 1, "the second request waits")
+
+        gone_writer.close()
+        await gone_writer.wait_closed()
+        await until(lambda: len(server.server_state.connections) == 1, "uvicorn sees it go")
+        app.release.set()
+
+        assert (await held_reader.readline()).startswith(b"HTTP/1.1 200")
+        after_reader, after_writer = await send_get(port, "/after")
+        assert (await after_reader.readline()).startswith(b"HTTP/1.1 200")
+        for writer in (held_writer, after_writer):
+            writer.close()
+            await writer.wait_closed()
+
+    assert app.started == ["/held", "/after"]
+    assert middleware.abandoned == 1
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_client_still_there_after_its_wait_is_served(http: str) -> None:
+    app = HeldApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+    async with serving(middleware, http) as server:
+        port = server.config.port
+        held_reader, held_writer = await send_get(port, "/held")
+        await until(lambda: app.started == ["/held"], "the first request runs")
+        waiting_reader, waiting_writer = await send_get(port, "/waiting")
+        await until(lambda: middleware.waited == 1, "the second request waits")
+
+        app.release.set()
+
+        assert (await held_reader.readline()).startswith(b"HTTP/1.1 200")
+        assert (await waiting_reader.readline()).startswith(b"HTTP/1.1 200")
+        for writer in (held_writer, waiting_writer):
+            writer.close()
+            await writer.wait_closed()
+
+    assert app.started == ["/held", "/waiting"]
+    assert middleware.abandoned == 0
