@@ -49,6 +49,7 @@ __all__ = [
     "IntegrityViolationError",
     "NotFoundError",
     "NotNullViolationError",
+    "OverloadedError",
     "PoolTimeoutError",
     "QueryError",
     "ReadOnlyViolationError",
@@ -134,6 +135,16 @@ class CircuitOpenError(DatabaseUnavailableError):
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class OverloadedError(BastionError):
+    """The request waited for its turn to run as long as it may, and did not run: too many
+    were ahead of it (:class:`~bastion.fastapi.InFlightLimitMiddleware`'s ``max_wait_s``).
+
+    Over HTTP it is a 503 with ``Retry-After``: nothing was done, so it is safe to repeat.
+    """
+
+    code = "overloaded"
 
 
 class TransactionConflictError(BastionError):

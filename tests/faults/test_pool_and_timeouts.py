@@ -57,7 +57,14 @@ async def test_an_exhausted_pool_answers_503_after_the_pool_timeout_and_recovers
         elapsed = time.monotonic() - started
 
         assert {response.status_code for response in responses} == {503}
-        assert {response.json()["code"] for response in responses} == {"pool_timeout"}
+        codes = {response.json()["code"] for response in responses}
+        if backend == "postgresql":
+            # The reference service runs 8 requests at once there; the rest wait for a place
+            # no longer than DB_POOL_TIMEOUT either, and are answered "overloaded".
+            assert "pool_timeout" in codes
+            assert codes <= {"pool_timeout", "overloaded"}
+        else:
+            assert codes == {"pool_timeout"}
         assert all(response.headers["retry-after"] == "1" for response in responses)
         assert elapsed < 0.5 + 2.0, f"waited {elapsed:.2f}s for a 0.5s pool timeout"
 

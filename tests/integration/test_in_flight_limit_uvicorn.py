@@ -1,9 +1,10 @@
 """InFlightLimitMiddleware behind a real uvicorn: a client that hangs up while its request
 waits for a place is found gone when the place comes, and its request never runs.
 
-The middleware asks the server without waiting (a receive whose wait is cancelled before it
-starts); this checks that uvicorn's HTTP implementations answer such a receive at once with
-the disconnect, and with nothing while the client is there.
+The middleware asks the server without waiting: it steps the server's receive coroutine once
+and closes it if it starts to wait. This checks that uvicorn's HTTP implementations answer
+such a look at once with the disconnect, with nothing while the client is there, and that the
+app can still receive afterwards.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ class HeldApp:
 
     def __init__(self) -> None:
         self.started: list[str] = []
+        self.received: dict[str, dict[str, object]] = {}
         self.release = asyncio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         self.started.append(scope["path"])
+        self.received[scope["path"]] = await receive()  # a GET's one message
         if scope["path"] == "/held":
             await self.release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -122,4 +125,5 @@ async def test_a_client_still_there_after_its_wait_is_served(http: str) -> None:
             await writer.wait_closed()
 
     assert app.started == ["/held", "/waiting"]
+    assert app.received["/waiting"] == {"type": "http.request", "body": b"", "more_body": False}
     assert middleware.abandoned == 0

@@ -88,16 +88,18 @@ class Client:
     the request, then waits, as a server's does, until the client leaves (``leave``), and
     then says so at once."""
 
-    def __init__(self, path: str) -> None:
-        self.scope: Scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+    def __init__(self, path: str, body: bytes = b"") -> None:
+        headers = [(b"content-length", str(len(body)).encode())] if body else []
+        self.scope: Scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
         self.sent: list[dict[str, Any]] = []
+        self._body = body
         self._left = asyncio.Event()
         self._request_given = False
 
     async def receive(self) -> dict[str, Any]:
         if not self._request_given:
             self._request_given = True
-            return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": self._body, "more_body": False}
         await self._left.wait()
         return {"type": "http.disconnect"}
 
@@ -342,6 +344,24 @@ async def test_a_request_whose_client_left_while_it_waited_is_dropped_unserved()
     assert app.received["/stays"] == {"type": "http.request", "body": b"", "more_body": False}
     assert (middleware.waited, middleware.abandoned) == (2, 1)
     assert await asyncio.wait_for(call(middleware, "/free/next"), 1) == 200  # the place is free
+
+
+async def test_a_request_with_a_body_whose_client_left_while_it_waited_is_dropped_too() -> None:
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
+    busy = asyncio.ensure_future(call(middleware, "/busy"))
+    await settle()
+    leaves, stays = Client("/leaves", b"a body"), Client("/free/stays", b"a body")
+    waiting = [asyncio.ensure_future(client.request(middleware)) for client in (leaves, stays)]
+    await settle()
+
+    leaves.leave()
+    app.gate("/busy").set()
+    await asyncio.wait_for(asyncio.gather(busy, *waiting), 1)
+
+    assert app.started == ["/busy", "/free/stays"]  # the app read the body it was handed
+    assert leaves.sent == []
+    assert middleware.abandoned == 1
 
 
 async def test_a_request_that_waited_max_wait_s_is_answered_503_and_never_runs() -> None:

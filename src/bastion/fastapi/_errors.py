@@ -28,6 +28,7 @@ from bastion.errors import (
     DatabaseUnavailableError,
     IntegrityViolationError,
     NotFoundError,
+    OverloadedError,
     QueryError,
     StaleVersionError,
     StatementTimeoutError,
@@ -58,6 +59,7 @@ HTTP_STATUS_BY_ERROR: Final[Mapping[type[BastionError], int]] = {
     BackupStoreError: 503,
     IntegrityViolationError: 422,
     DatabaseUnavailableError: 503,
+    OverloadedError: 503,
     TransactionConflictError: 503,
     StatementTimeoutError: 503,
     # Not 503: a client told to retry would repeat a write that may already have landed.

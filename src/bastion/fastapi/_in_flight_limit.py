@@ -34,18 +34,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import cast
+from typing import Final, cast
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bastion.fastapi._errors import RETRY_AFTER_S
+from bastion.errors import OverloadedError
+from bastion.fastapi._errors import error_response
 from bastion.fastapi._exempt_paths import exempt_prefixes_of, is_exempt
 from bastion.fastapi._metrics import serve_metrics_of
 
@@ -62,12 +62,17 @@ class InFlightLimitMiddleware:
 
     >>> app.add_middleware(InFlightLimitMiddleware, max_in_flight=8)  # doctest: +SKIP
 
+    Add it outermost (last), so that the ``receive`` it gets is the server's own: the look for
+    a client gone steps that coroutine once by hand, which another middleware's wrapper (one
+    that runs ``receive`` in a task group, say) may not survive without losing a message.
+
     ``max_wait_s``: how long a request may wait for a place before it is answered 503
-    (``None``: as long as it takes). A request whose client is found gone when its place comes
-    is dropped (module docstring). ``exempt_prefixes``: paths never limited (health probes and
-    metrics scrapes, which must answer promptly exactly when the service is busy). Each event
-    loop the app runs on has its own places. A route must not wait for another request of the
-    same service while it runs: with every place taken, that request would never start.
+    :class:`~bastion.OverloadedError` (``None``: as long as it takes). A request whose client
+    is found gone when its place comes is dropped (module docstring). ``exempt_prefixes``:
+    paths never limited (health probes and metrics scrapes, which must answer promptly exactly
+    when the service is busy). Each event loop the app runs on has its own places. A route
+    must not wait for another request of the same service while it runs: with every place
+    taken, that request would never start.
 
     Raises:
         ValueError: ``max_in_flight`` or ``max_body_bytes`` is below 1, or ``max_wait_s`` is
@@ -140,7 +145,9 @@ class InFlightLimitMiddleware:
             self.waited += 1
             if not await _wait_for(places, self.max_wait_s):
                 self.shed += 1
-                await _answer_overloaded(send)
+                # Not logged one by one: under overload that would be a line per request;
+                # bastion_requests_shed_total counts them.
+                await error_response(OverloadedError(_OVERLOADED))(scope, receive, send)
                 return
         else:
             await places.acquire()  # at once: a place is free and no one waits
@@ -159,10 +166,12 @@ class InFlightLimitMiddleware:
 
         try:
             # Clients give up while they wait; one that did is not worth the work.
-            if waits and await replay.client_gone():
+            if waits and replay.client_gone():
                 self.abandoned += 1
                 return
-            await self.app(scope, replay, send_and_give_back)
+            # The server's own receive when nothing was read ahead: one call less per message.
+            app_receive = replay if replay.holds_messages else receive
+            await self.app(scope, app_receive, send_and_give_back)
         finally:
             give_it_back()
 
@@ -180,20 +189,7 @@ async def _wait_for(places: asyncio.BoundedSemaphore, max_wait_s: float | None) 
     return True
 
 
-_OVERLOADED_BODY = json.dumps(
-    {"detail": "the service is busy; try again shortly", "code": "overloaded"}
-).encode()
-
-
-async def _answer_overloaded(send: Send) -> None:
-    """503 with ``Retry-After``, in the shape of every Bastion error body."""
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(_OVERLOADED_BODY)).encode()),
-        (b"retry-after", str(RETRY_AFTER_S).encode()),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": _OVERLOADED_BODY})
+_OVERLOADED: Final = "the service is busy: too many requests were ahead of this one; try again"
 
 
 class _Replay:
@@ -220,7 +216,12 @@ class _Replay:
                 return
             size += len(message.get("body", b""))
 
-    async def client_gone(self) -> bool:
+    @property
+    def holds_messages(self) -> bool:
+        """Whether messages read ahead wait to be handed to the app."""
+        return bool(self._read)
+
+    def client_gone(self) -> bool:
         """Whether the server already knows the client disconnected, asked without waiting;
         what is read on the way (a bodiless request's empty ``http.request``) is kept."""
         # At most two looks: a request's last body message not read yet, then the disconnect.
