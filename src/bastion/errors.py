@@ -8,6 +8,7 @@
     ├── DatabaseUnavailableError    the database cannot be reached now: retry later (503)
     │   ├── PoolTimeoutError        no free connection within DB_POOL_TIMEOUT (503)
     │   └── CircuitOpenError        recent attempts all failed; refused at once (503)
+    ├── OverloadedError             waited for a turn to run as long as it may; nothing ran (503)
     ├── TransactionConflictError    serialization failure, deadlock, busy: re-run the unit (503)
     ├── StatementTimeoutError       a statement ran past DB_STATEMENT_TIMEOUT; cancelled (503)
     ├── CommitOutcomeUnknownError   the connection died during COMMIT: the write may or may
