@@ -40,9 +40,14 @@ from bastion.fastapi._metrics import serve_metrics_of
 
 __all__ = ["TurnBudgetMiddleware"]
 
-DEFAULT_BUDGET_S = 0.002
-"""2 ms: the loop-lag target of the performance issue is 5 ms, and a timer waits up to about
-two turns (the rest of the turn it became due in, then the callbacks queued before it)."""
+DEFAULT_BUDGET_S = 0.001
+"""1 ms: the loop-lag target of the performance issue is 5 ms, and a timer waits up to about
+two turns (the rest of the turn it became due in, then the callbacks queued before it). Turns
+this short also let uvloop, which accepts one connection per turn, take in a thousand new
+connections faster: against 2 ms, the reference service's SQLite point read at 1,000
+connections had a p99 of 0.65-1.09 s instead of 0.68-1.70 s (8 fresh servers each), at the
+same req/s at 64 connections and a loop-lag p99 of 1-3 ms instead of 3-5 (bench/README.md,
+finding 39)."""
 _FIRST_PER_TURN = 4
 _MAX_PER_TURN = 256
 """A ceiling on the learnt number of starts per turn, so that a long quiet spell of short
