@@ -74,6 +74,8 @@ async def test_the_service_paces_starts_on_sqlite_and_limits_in_flight_on_postgr
         if entry.cls is InFlightLimitMiddleware:
             # A request waits for its place no longer than for a pool connection.
             assert entry.kwargs["max_wait_s"] == settings.pool_timeout_s
+            # The limit follows how long requests take, within a range.
+            assert entry.kwargs["min_in_flight"] < entry.kwargs["max_in_flight"]
 
 
 async def test_requests_limited_to_one_in_flight_are_all_served_in_full(
@@ -160,6 +162,7 @@ async def test_the_limit_counters_are_scraped_with_the_database_metrics(
     assert limit.limited == 11  # the conversation and 10 messages; /metrics is not limited
     assert limit.waited > 0
     assert f"bastion_requests_limited_total {float(limit.limited)}" in scraped
+    assert f"bastion_requests_in_flight_limit {float(sum(limit.limits()))}" in scraped
     assert f"bastion_requests_waited_total {float(limit.waited)}" in scraped
     assert "bastion_requests_shed_total 0.0" in scraped
     assert "bastion_requests_abandoned_total 0.0" in scraped

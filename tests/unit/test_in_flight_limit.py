@@ -390,12 +390,32 @@ async def test_a_request_that_waited_max_wait_s_is_answered_503_and_never_runs()
     assert await asyncio.wait_for(asyncio.gather(*both), 1) == [200, 200]
 
 
+async def test_with_a_range_the_limit_starts_at_its_low_end() -> None:
+    app = GatedApp()
+    middleware = InFlightLimitMiddleware(app, min_in_flight=2, max_in_flight=8)
+    paths = [f"/r{n}" for n in range(4)]
+    calls = [asyncio.ensure_future(call(middleware, path)) for path in paths]
+    await settle()
+
+    assert app.started == paths[:2]
+    assert middleware.limits() == [2]
+    for path in paths:
+        app.gate(path).set()
+        await settle()
+    assert await asyncio.gather(*calls) == [200] * 4
+    assert app.most_at_once == 2
+
+
 def test_bad_settings_are_refused() -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         return None
 
     with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
         InFlightLimitMiddleware(app, max_in_flight=0)
+    with pytest.raises(ValueError, match="min_in_flight must be between 1 and max_in_flight"):
+        InFlightLimitMiddleware(app, max_in_flight=4, min_in_flight=0)
+    with pytest.raises(ValueError, match="min_in_flight must be between 1 and max_in_flight"):
+        InFlightLimitMiddleware(app, max_in_flight=4, min_in_flight=5)
     with pytest.raises(ValueError, match="max_wait_s must be positive"):
         InFlightLimitMiddleware(app, max_in_flight=1, max_wait_s=0)
     with pytest.raises(ValueError, match="max_body_bytes must be at least 1"):

@@ -13,7 +13,10 @@ slip past the limit by announcing a body its route never reads. A request gives 
 back when its response starts, so a streaming response holds none; work the app does after
 that (a ``yield`` dependency's teardown, background tasks) is not counted. The price: no more
 than ``max_in_flight`` requests wait on the database at once, so with slow statements the
-limit, not the CPU, sets the throughput (``max_in_flight`` / the time a request takes).
+limit, not the CPU, sets the throughput (``max_in_flight`` / the time a request takes). Given
+``min_in_flight`` as well, the limit moves between the two by how long requests take
+(:mod:`bastion.fastapi._adaptive_places`): where more in flight only makes each take longer
+it stays low, where it does not (requests that wait on the database) it grows.
 
 Under overload the queue is kept honest two ways:
 
@@ -34,17 +37,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Final, cast
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.errors import OverloadedError
+from bastion.fastapi._adaptive_places import AdaptivePlaces
 from bastion.fastapi._errors import error_response
 from bastion.fastapi._exempt_paths import exempt_prefixes_of, is_exempt
 from bastion.fastapi._metrics import serve_metrics_of
@@ -61,10 +66,16 @@ class InFlightLimitMiddleware:
     served.
 
     >>> app.add_middleware(InFlightLimitMiddleware, max_in_flight=8)  # doctest: +SKIP
+    >>> app.add_middleware(  # doctest: +SKIP
+    ...     InFlightLimitMiddleware, min_in_flight=4, max_in_flight=64
+    ... )
 
     Add it outermost (last), so that the ``receive`` it gets is the server's own: the look for
     a client gone steps that coroutine once by hand, which another middleware's wrapper (one
     that runs ``receive`` in a task group, say) may not survive without losing a message.
+
+    With ``min_in_flight`` below ``max_in_flight``, the limit starts there and moves between
+    the two by how long requests take (module docstring).
 
     ``max_wait_s``: how long a request may wait for a place before it is answered 503
     :class:`~bastion.OverloadedError` (``None``: as long as it takes). A request whose client
@@ -75,8 +86,8 @@ class InFlightLimitMiddleware:
     taken, that request would never start.
 
     Raises:
-        ValueError: ``max_in_flight`` or ``max_body_bytes`` is below 1, or ``max_wait_s`` is
-            not positive.
+        ValueError: ``max_in_flight`` or ``max_body_bytes`` is below 1, ``min_in_flight`` is
+            below 1 or above ``max_in_flight``, or ``max_wait_s`` is not positive.
         TypeError: ``exempt_prefixes`` is a single string (it would exempt every path that
             starts with any one of its characters).
     """
@@ -86,25 +97,29 @@ class InFlightLimitMiddleware:
         app: ASGIApp,
         *,
         max_in_flight: int,
+        min_in_flight: int | None = None,
         exempt_prefixes: Iterable[str] = ("/health", "/metrics"),
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_wait_s: float | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if min_in_flight is not None and not 1 <= min_in_flight <= max_in_flight:
+            raise ValueError("min_in_flight must be between 1 and max_in_flight")
         if max_wait_s is not None and not max_wait_s > 0:
             raise ValueError("max_wait_s must be positive (or None: no limit)")
         if max_body_bytes < 1:
             raise ValueError("max_body_bytes must be at least 1")
         self.app = app
         self.max_in_flight = max_in_flight
+        self.min_in_flight = max_in_flight if min_in_flight is None else min_in_flight
         self.max_body_bytes = max_body_bytes
         self.max_wait_s = max_wait_s
         self.exempt_prefixes = exempt_prefixes_of(exempt_prefixes)
         # asyncio's semaphores bind to the first loop that waits on them.
-        self._places: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, asyncio.BoundedSemaphore
-        ] = weakref.WeakKeyDictionary()
+        self._places: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Places] = (
+            weakref.WeakKeyDictionary()
+        )
         self.limited = 0
         """HTTP requests that came through the limit (not exempt ones)."""
         self.waited = 0
@@ -121,6 +136,18 @@ class InFlightLimitMiddleware:
         request."""
         self.registry.register(_LimitCollector(self))
 
+    def _new_places(self) -> _Places:
+        if self.min_in_flight < self.max_in_flight:
+            return AdaptivePlaces(least=self.min_in_flight, most=self.max_in_flight)
+        return asyncio.BoundedSemaphore(self.max_in_flight)
+
+    def limits(self) -> list[int]:
+        """The current limit of each event loop the middleware has served on."""
+        return [
+            places.limit if isinstance(places, AdaptivePlaces) else self.max_in_flight
+            for places in list(self._places.values())
+        ]
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -135,7 +162,7 @@ class InFlightLimitMiddleware:
         loop = asyncio.get_running_loop()
         places = self._places.get(loop)
         if places is None:
-            places = self._places[loop] = asyncio.BoundedSemaphore(self.max_in_flight)
+            places = self._places[loop] = self._new_places()
         self.limited += 1
         replay = _Replay(receive)
         if _has_body(scope):
@@ -152,12 +179,17 @@ class InFlightLimitMiddleware:
         else:
             await places.acquire()  # at once: a place is free and no one waits
         holding = True
+        ran = False
+        adaptive = places if isinstance(places, AdaptivePlaces) else None
+        started = time.perf_counter() if adaptive is not None else 0.0
 
         def give_it_back() -> None:
             nonlocal holding
             if holding:
                 holding = False
                 places.release()
+                if adaptive is not None and ran:
+                    adaptive.observe(time.perf_counter() - started)
 
         async def send_and_give_back(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -171,12 +203,13 @@ class InFlightLimitMiddleware:
                 return
             # The server's own receive when nothing was read ahead: one call less per message.
             app_receive = replay if replay.holds_messages else receive
+            ran = True
             await self.app(scope, app_receive, send_and_give_back)
         finally:
             give_it_back()
 
 
-async def _wait_for(places: asyncio.BoundedSemaphore, max_wait_s: float | None) -> bool:
+async def _wait_for(places: _Places, max_wait_s: float | None) -> bool:
     """Take a place, waiting at most ``max_wait_s``; whether one was taken."""
     if max_wait_s is None:
         await places.acquire()
@@ -190,6 +223,10 @@ async def _wait_for(places: asyncio.BoundedSemaphore, max_wait_s: float | None) 
 
 
 _OVERLOADED: Final = "the service is busy: too many requests were ahead of this one; try again"
+
+
+_Places = asyncio.BoundedSemaphore | AdaptivePlaces
+"""A loop's places: a fixed number, or one that follows how long requests take."""
 
 
 class _Replay:
@@ -276,7 +313,7 @@ class _LimitCollector(Collector):
     def __init__(self, middleware: InFlightLimitMiddleware) -> None:
         self._middleware = middleware
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         yield CounterMetricFamily(
             "bastion_requests_limited",
             "HTTP requests that went through the in-flight limit.",
@@ -286,6 +323,12 @@ class _LimitCollector(Collector):
             "bastion_requests_waited",
             "Limited requests that found every place taken and waited.",
             value=self._middleware.waited,
+        )
+        limits = self._middleware.limits()
+        yield GaugeMetricFamily(
+            "bastion_requests_in_flight_limit",
+            "How many limited requests may run at once now (summed over event loops).",
+            value=sum(limits) if limits else self._middleware.min_in_flight,
         )
         yield CounterMetricFamily(
             "bastion_requests_shed",
