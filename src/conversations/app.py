@@ -36,10 +36,11 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 # Young collections every 10,000 allocations instead of 700 (bench/README.md, finding 33).
 GC_YOUNG_THRESHOLD: Final = 10_000
 # On PostgreSQL: how many requests run at once, between these two, as many as do not slow each
-# other down: about 8 for the service's sub-millisecond statements, more where requests wait
-# on the database (bench/README.md, findings 35 and 40).
+# other down. Where the CPU is the bottleneck the limit falls to its floor, and 8 is what kept
+# the service's sub-millisecond statements at full speed (4 cost throughput); where requests
+# wait on the database it grows (bench/README.md, findings 35 and 40).
 MAX_REQUESTS_IN_FLIGHT: Final = 64
-MIN_REQUESTS_IN_FLIGHT: Final = 4
+MIN_REQUESTS_IN_FLIGHT: Final = 8
 
 
 def create_app(
