@@ -35,12 +35,11 @@ __all__ = ["MAX_BODY_BYTES", "create_app"]
 MAX_BODY_BYTES: Final = 1024 * 1024
 # Young collections every 10,000 allocations instead of 700 (bench/README.md, finding 33).
 GC_YOUNG_THRESHOLD: Final = 10_000
-# On PostgreSQL: how many requests run at once, between these two, as many as do not slow each
-# other down. Where the CPU is the bottleneck the limit falls to its floor, and 8 is what kept
-# the service's sub-millisecond statements at full speed (4 cost throughput); where requests
-# wait on the database it grows (bench/README.md, findings 35 and 40).
-MAX_REQUESTS_IN_FLIGHT: Final = 64
-MIN_REQUESTS_IN_FLIGHT: Final = 8
+# On PostgreSQL: requests run at once; the service's statements are indexed lookups of well
+# under a millisecond, so 8 keep a core busy (bench/README.md, finding 35). Not a range
+# (min_in_flight): during an outage requests fail fast, the limit climbs, and the service then
+# took twice as long to recover under 200 writers (finding 40).
+MAX_REQUESTS_IN_FLIGHT: Final = 8
 
 
 def create_app(
@@ -63,8 +62,7 @@ def create_app(
     it gets 429 (:mod:`conversations.key_guard`). ``freeze_heap`` and ``gc_young_threshold``
     are ``database_lifespan``'s options for the garbage collector, on by default here. On
     SQLite, requests start through :class:`~bastion.fastapi.TurnBudgetMiddleware`; on
-    PostgreSQL, between ``MIN_REQUESTS_IN_FLIGHT`` and ``MAX_REQUESTS_IN_FLIGHT`` run at once,
-    as many as keep requests from slowing each other down
+    PostgreSQL, at most ``MAX_REQUESTS_IN_FLIGHT`` run at once
     (:class:`~bastion.fastapi.InFlightLimitMiddleware`), and one that waited
     ``DB_POOL_TIMEOUT`` for its turn is answered 503.
 
@@ -106,7 +104,6 @@ def create_app(
         # for the database, and a backlog is answered 503 rather than served late.
         app.add_middleware(
             InFlightLimitMiddleware,
-            min_in_flight=MIN_REQUESTS_IN_FLIGHT,
             max_in_flight=MAX_REQUESTS_IN_FLIGHT,
             max_wait_s=settings.pool_timeout_s,
         )

@@ -74,8 +74,8 @@ async def test_the_service_paces_starts_on_sqlite_and_limits_in_flight_on_postgr
         if entry.cls is InFlightLimitMiddleware:
             # A request waits for its place no longer than for a pool connection.
             assert entry.kwargs["max_wait_s"] == settings.pool_timeout_s
-            # The limit follows how long requests take, within a range.
-            assert entry.kwargs["min_in_flight"] < entry.kwargs["max_in_flight"]
+            # A fixed limit: a range climbs during an outage and slows recovery (finding 40).
+            assert "min_in_flight" not in entry.kwargs
 
 
 async def test_requests_limited_to_one_in_flight_are_all_served_in_full(
