@@ -10,6 +10,7 @@ app can still receive afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -78,52 +79,73 @@ async def until(condition: object, what: str) -> None:
     pytest.fail(f"never happened: {what}")
 
 
-@pytest.mark.parametrize("http", ["httptools", "h11"])
-async def test_a_request_whose_client_hung_up_while_waiting_never_runs(http: str) -> None:
+class OneHeldOneWaiting:
+    """A real uvicorn in front of a limit of one place: ``/held`` holds it, a second request
+    (``second``) waits behind it."""
+
+    def __init__(self, server: uvicorn.Server, app: HeldApp, middleware: InFlightLimitMiddleware):
+        self.server = server
+        self.app = app
+        self.middleware = middleware
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def get(self, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await send_get(self.server.config.port, path)
+        self.writers.append(writer)
+        return reader, writer
+
+
+@asynccontextmanager
+async def one_held_one_waiting(
+    http: str, second: str
+) -> AsyncIterator[
+    tuple[OneHeldOneWaiting, asyncio.StreamReader, asyncio.StreamReader, asyncio.StreamWriter]
+]:
+    """The set-up above; the held request's reader and the waiting request's reader and
+    writer. Every connection still open is closed on the way out."""
     app = HeldApp()
     middleware = InFlightLimitMiddleware(app, max_in_flight=1)
     async with serving(middleware, http) as server:
-        port = server.config.port
-        held_reader, held_writer = await send_get(port, "/held")
+        stack = OneHeldOneWaiting(server, app, middleware)
+        held_reader, _ = await stack.get("/held")
         await until(lambda: app.started == ["/held"], "the first request runs")
-        _, gone_writer = await send_get(port, "/gone")
+        second_reader, second_writer = await stack.get(second)
         await until(lambda: middleware.waited == 1, "the second request waits")
+        try:
+            yield stack, held_reader, second_reader, second_writer
+        finally:
+            for writer in stack.writers:
+                if not writer.is_closing():
+                    writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
 
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_request_whose_client_hung_up_while_waiting_never_runs(http: str) -> None:
+    async with one_held_one_waiting(http, "/gone") as (stack, held_reader, _, gone_writer):
         gone_writer.close()
         await gone_writer.wait_closed()
-        await until(lambda: len(server.server_state.connections) == 1, "uvicorn sees it go")
-        app.release.set()
+        await until(lambda: len(stack.server.server_state.connections) == 1, "uvicorn sees it go")
+        stack.app.release.set()
 
         assert (await held_reader.readline()).startswith(b"HTTP/1.1 200")
-        after_reader, after_writer = await send_get(port, "/after")
+        after_reader, _ = await stack.get("/after")
         assert (await after_reader.readline()).startswith(b"HTTP/1.1 200")
-        for writer in (held_writer, after_writer):
-            writer.close()
-            await writer.wait_closed()
 
-    assert app.started == ["/held", "/after"]
-    assert middleware.abandoned == 1
+    assert stack.app.started == ["/held", "/after"]
+    assert stack.middleware.abandoned == 1
 
 
 @pytest.mark.parametrize("http", ["httptools", "h11"])
 async def test_a_client_still_there_after_its_wait_is_served(http: str) -> None:
-    app = HeldApp()
-    middleware = InFlightLimitMiddleware(app, max_in_flight=1)
-    async with serving(middleware, http) as server:
-        port = server.config.port
-        held_reader, held_writer = await send_get(port, "/held")
-        await until(lambda: app.started == ["/held"], "the first request runs")
-        waiting_reader, waiting_writer = await send_get(port, "/waiting")
-        await until(lambda: middleware.waited == 1, "the second request waits")
-
-        app.release.set()
+    async with one_held_one_waiting(http, "/waiting") as (stack, held_reader, waiting_reader, _):
+        stack.app.release.set()
 
         assert (await held_reader.readline()).startswith(b"HTTP/1.1 200")
         assert (await waiting_reader.readline()).startswith(b"HTTP/1.1 200")
-        for writer in (held_writer, waiting_writer):
-            writer.close()
-            await writer.wait_closed()
 
-    assert app.started == ["/held", "/waiting"]
-    assert app.received["/waiting"] == {"type": "http.request", "body": b"", "more_body": False}
-    assert middleware.abandoned == 0
+    assert stack.app.started == ["/held", "/waiting"]
+    request = {"type": "http.request", "body": b"", "more_body": False}
+    assert stack.app.received["/waiting"] == request
+    assert stack.middleware.abandoned == 0
