@@ -43,7 +43,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Final, cast
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,8 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bastion.errors import OverloadedError
 from bastion.fastapi._adaptive_places import AdaptivePlaces
 from bastion.fastapi._errors import error_response
-from bastion.fastapi._exempt_paths import exempt_prefixes_of, is_exempt
-from bastion.fastapi._metrics import serve_metrics_of
+from bastion.fastapi._held_requests import HeldRequests
 
 __all__ = ["InFlightLimitMiddleware"]
 
@@ -115,7 +113,6 @@ class InFlightLimitMiddleware:
         self.min_in_flight = max_in_flight if min_in_flight is None else min_in_flight
         self.max_body_bytes = max_body_bytes
         self.max_wait_s = max_wait_s
-        self.exempt_prefixes = exempt_prefixes_of(exempt_prefixes)
         # asyncio's semaphores bind to the first loop that waits on them.
         self._places: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Places] = (
             weakref.WeakKeyDictionary()
@@ -128,13 +125,13 @@ class InFlightLimitMiddleware:
         """Of those, how many waited ``max_wait_s`` and were answered 503."""
         self.abandoned = 0
         """Of those, how many were dropped: their client had gone when their place came."""
-        self._metrics_served = False
-        self.registry = CollectorRegistry(auto_describe=True)
+        self._held = HeldRequests(exempt_prefixes, _LimitCollector(self))
+        self.exempt_prefixes = self._held.exempt_prefixes
+        self.registry = self._held.registry
         """``bastion_requests_limited_total``, ``bastion_requests_waited_total``,
         ``bastion_requests_shed_total`` and ``bastion_requests_abandoned_total``, which
         ``create_metrics_router``'s ``/metrics`` serves once the middleware has seen a
         request."""
-        self.registry.register(_LimitCollector(self))
 
     def _new_places(self) -> _Places:
         if self.min_in_flight < self.max_in_flight:
@@ -149,14 +146,7 @@ class InFlightLimitMiddleware:
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if not self._metrics_served and "app" in scope:
-            # Starlette puts the app in the scope: its metrics route then serves the counters.
-            serve_metrics_of(scope["app"], self.registry)
-            self._metrics_served = True
-        if is_exempt(scope, self.exempt_prefixes):
+        if self._held.pass_straight(scope):
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()

@@ -30,13 +30,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bastion.fastapi._exempt_paths import exempt_prefixes_of, is_exempt
-from bastion.fastapi._metrics import serve_metrics_of
+from bastion.fastapi._held_requests import HeldRequests
 
 __all__ = ["TurnBudgetMiddleware"]
 
@@ -93,7 +91,6 @@ class TurnBudgetMiddleware:
             raise ValueError("budget_s must be positive")
         self.app = app
         self.budget_s = budget_s
-        self.exempt_prefixes = exempt_prefixes_of(exempt_prefixes)
         self._clock = clock
         # Per loop, and forgotten with it: two loops may serve the app at once (two threads).
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPacing] = (
@@ -103,10 +100,10 @@ class TurnBudgetMiddleware:
         """HTTP requests that came through the pacing (not exempt ones)."""
         self.deferred = 0
         """Of those, how many had to wait for a later turn."""
-        self._metrics_served = False
-        self.registry = CollectorRegistry(auto_describe=True)
+        self._held = HeldRequests(exempt_prefixes, _PacingCollector(self))
+        self.exempt_prefixes = self._held.exempt_prefixes
+        self.registry = self._held.registry
         """``bastion_requests_paced_total`` and ``bastion_requests_deferred_total``."""
-        self.registry.register(_PacingCollector(self))
 
     @property
     def per_turn(self) -> int:
@@ -115,14 +112,7 @@ class TurnBudgetMiddleware:
         return _FIRST_PER_TURN if pacing is None else pacing.per_turn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if not self._metrics_served and "app" in scope:
-            # Starlette puts the app in the scope: its metrics route then serves the counters.
-            serve_metrics_of(scope["app"], self.registry)
-            self._metrics_served = True
-        if is_exempt(scope, self.exempt_prefixes):
+        if self._held.pass_straight(scope):
             await self.app(scope, receive, send)
             return
         await self._admit()
