@@ -1,0 +1,312 @@
+"""uvloop that accepts every waiting connection in one turn, as asyncio's loop does.
+
+uvloop runs on libuv, and since libuv 1.45 ("unix: don't accept() connections in a loop",
+libuv/libuv#3696) a listening socket gets one ``accept`` per turn of the loop. A turn of a
+busy server lasts milliseconds, so clients that connect while it is busy wait in the kernel's
+accept queue, one turn each, and that wait is part of their first request's latency: with the
+reference service under 1,000 new connections, the last was accepted 3 s after the first
+(bench/README.md, finding 31). asyncio's own loop accepts up to the backlog in one turn.
+
+:class:`BatchAcceptingLoop` is uvloop with its TCP ``create_server`` replaced: the listening
+socket is watched with ``add_reader``, every readiness accepts until the queue is empty (at
+most ``backlog`` at a time), and each accepted socket is handed to uvloop's
+``connect_accepted_socket``, so the connections themselves are uvloop's transports. Unix
+sockets (``create_unix_server``) keep uvloop's own accept.
+
+Serve with it by naming the factory as uvicorn's loop::
+
+    uvicorn conversations.app:create_app --factory --loop bastion.event_loop:new_event_loop
+
+Needs uvloop (``pip install uvloop``, part of ``uvicorn[standard]``); importing this module
+without it raises :class:`ImportError` with that hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl as ssl_module
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+try:
+    import uvloop
+except ImportError as exc:  # pragma: no cover - uvloop is part of the service extra
+    raise ImportError(
+        "bastion.event_loop needs uvloop: pip install uvloop (or uvicorn[standard])"
+    ) from exc
+
+__all__ = ["BatchAcceptingLoop", "BatchAcceptingServer", "new_event_loop"]
+
+logger = logging.getLogger("bastion.event_loop")
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+# Out of file descriptors or kernel memory: accepting again at once would fail again and spin
+# the loop, so the listener pauses for a second, as asyncio's loop does.
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_RETRY_DELAY_S = 1.0
+
+
+class BatchAcceptingServer(asyncio.AbstractServer):
+    """A TCP server on a uvloop loop that accepts every waiting connection per readiness.
+
+    Made by :meth:`BatchAcceptingLoop.create_server`; it behaves as asyncio's ``Server`` does:
+    ``close()`` stops accepting and closes the listening sockets, ``wait_closed()`` returns
+    once connections accepted before the close have been handed to their protocols.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listeners: Sequence[socket.socket],
+        protocol_factory: ProtocolFactory,
+        backlog: int,
+        ssl: ssl_module.SSLContext | None,
+        ssl_handshake_timeout: float | None,
+        ssl_shutdown_timeout: float | None,
+    ) -> None:
+        self._loop = loop
+        self._listeners = list(listeners)
+        self._protocol_factory = protocol_factory
+        self._backlog = backlog
+        self._ssl = ssl
+        self._ssl_timeouts: dict[str, float] = {}
+        if ssl_handshake_timeout is not None:
+            self._ssl_timeouts["ssl_handshake_timeout"] = ssl_handshake_timeout
+        if ssl_shutdown_timeout is not None:
+            self._ssl_timeouts["ssl_shutdown_timeout"] = ssl_shutdown_timeout
+        self._serving = False
+        self._closed = False
+        self._handing_over: set[asyncio.Task[None]] = set()
+        self._serving_forever: asyncio.Future[None] | None = None
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets (empty once closed)."""
+        return () if self._closed else tuple(self._listeners)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        """Start accepting (a second call does nothing).
+
+        Raises:
+            RuntimeError: the server was closed.
+        """
+        self._start()
+
+    async def serve_forever(self) -> None:
+        """Accept until the server is closed or this call is cancelled (then it closes).
+
+        Raises:
+            RuntimeError: the server was closed, or another ``serve_forever`` is running.
+        """
+        if self._serving_forever is not None:
+            raise RuntimeError("serve_forever is already running")
+        self._start()
+        self._serving_forever = self._loop.create_future()
+        try:
+            await self._serving_forever
+        except asyncio.CancelledError:
+            self.close()
+            await self.wait_closed()
+            raise
+        finally:
+            self._serving_forever = None
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets; open connections stay open."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_watching()
+        self._serving = False
+        for listener in self._listeners:
+            listener.close()
+        if self._serving_forever is not None and not self._serving_forever.done():
+            self._serving_forever.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until every socket accepted so far has been handed to its protocol.
+
+        It does not wait for those connections to end: uvicorn waits for them itself.
+        """
+        while self._handing_over:
+            await asyncio.wait(set(self._handing_over))
+
+    def _start(self) -> None:
+        if self._closed:
+            raise RuntimeError("the server is closed")
+        if self._serving:
+            return
+        self._serving = True
+        for listener in self._listeners:
+            listener.listen(self._backlog)
+            self._watch(listener)
+
+    def _watch(self, listener: socket.socket) -> None:
+        self._loop.add_reader(listener.fileno(), self._accept_waiting, listener)
+
+    def _stop_watching(self) -> None:
+        if self._serving:
+            for listener in self._listeners:
+                self._loop.remove_reader(listener.fileno())
+
+    def _accept_waiting(self, listener: socket.socket) -> None:
+        """Accept what the queue holds, up to ``backlog`` connections, in this turn."""
+        for _ in range(self._backlog):
+            try:
+                connection, _address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in _RESOURCE_ERRORS:
+                    self._pause(listener, error)
+                    return
+                # The client gave up before its connection was accepted (ECONNABORTED and
+                # the like): that connection is gone, the next may not be.
+                continue
+            self._hand_over(connection)
+
+    def _pause(self, listener: socket.socket, error: OSError) -> None:
+        logger.error(
+            "accepting a connection failed (%s); accepting again in %.0f s",
+            error.strerror,
+            ACCEPT_RETRY_DELAY_S,
+        )
+        self._loop.remove_reader(listener.fileno())
+        self._loop.call_later(ACCEPT_RETRY_DELAY_S, self._resume, listener)
+
+    def _resume(self, listener: socket.socket) -> None:
+        if self._serving:
+            self._watch(listener)
+
+    def _hand_over(self, connection: socket.socket) -> None:
+        connection.setblocking(False)
+        task = self._loop.create_task(self._connect(connection))
+        self._handing_over.add(task)
+        task.add_done_callback(self._handing_over.discard)
+
+    async def _connect(self, connection: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                self._protocol_factory,
+                connection,
+                ssl=self._ssl,
+                **self._ssl_timeouts,
+            )
+        except Exception as error:
+            # A TLS handshake that failed or a client that reset: that one socket is closed,
+            # and the server goes on.
+            logger.debug("an accepted connection could not be set up: %r", error)
+            connection.close()
+
+
+class BatchAcceptingLoop(uvloop.Loop):
+    """uvloop whose TCP servers accept every waiting connection per turn (module docstring)."""
+
+    async def create_server(  # type: ignore[override]
+        self,
+        protocol_factory: ProtocolFactory,
+        host: str | Sequence[str] | None = None,
+        port: int | None = None,
+        *,
+        family: int = socket.AF_UNSPEC,
+        flags: int = socket.AI_PASSIVE,
+        sock: socket.socket | None = None,
+        backlog: int = 100,
+        ssl: ssl_module.SSLContext | None = None,
+        reuse_address: bool | None = None,
+        reuse_port: bool | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+        start_serving: bool = True,
+    ) -> BatchAcceptingServer:
+        """Bind (or take ``sock``) and serve, as ``loop.create_server`` does.
+
+        Raises:
+            ValueError: both ``sock`` and ``host``/``port`` given, or neither.
+            OSError: an address could not be bound (the message names it).
+        """
+        if sock is not None:
+            if host is not None or port is not None:
+                raise ValueError("host/port and sock can not be specified at the same time")
+            if sock.type != socket.SOCK_STREAM:
+                raise ValueError(f"A Stream Socket was expected, got {sock!r}")
+            listeners = [sock]
+        elif host is None and port is None:
+            raise ValueError("Neither host/port nor sock were specified")
+        else:
+            listeners = await self._bind(host, port, family, flags, reuse_address, reuse_port)
+        for listener in listeners:
+            listener.setblocking(False)
+        server = BatchAcceptingServer(
+            self,
+            listeners,
+            protocol_factory,
+            backlog,
+            ssl,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        )
+        if start_serving:
+            await server.start_serving()
+        return server
+
+    async def _bind(
+        self,
+        host: str | Sequence[str] | None,
+        port: int | None,
+        family: int,
+        flags: int,
+        reuse_address: bool | None,
+        reuse_port: bool | None,
+    ) -> list[socket.socket]:
+        """One listening socket per address ``host`` resolves to, as asyncio binds them."""
+        hosts: Iterable[str | None] = [host] if host is None or isinstance(host, str) else host
+        addresses: list[tuple[Any, ...]] = []
+        for one_host in hosts:
+            infos = await self.getaddrinfo(
+                one_host, port, family=family, type=socket.SOCK_STREAM, flags=flags
+            )
+            addresses.extend(info for info in infos if info not in addresses)
+        listeners: list[socket.socket] = []
+        try:
+            for address_family, kind, protocol, _name, address in addresses:
+                listener = socket.socket(address_family, kind, protocol)
+                listeners.append(listener)
+                if reuse_address is not False:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if address_family == socket.AF_INET6:
+                    # As asyncio does: a v6 socket serves v6 only, the v4 address has its own.
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    listener.bind(address)
+                except OSError as error:
+                    raise OSError(
+                        error.errno,
+                        f"error while attempting to bind on address {address!r}: "
+                        f"{(error.strerror or str(error)).lower()}",
+                    ) from None
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            raise
+        return listeners
+
+
+def new_event_loop() -> BatchAcceptingLoop:
+    """A new :class:`BatchAcceptingLoop`: the factory to give uvicorn's ``--loop``.
+
+    >>> new_event_loop().run_until_complete(main())  # doctest: +SKIP
+    """
+    return BatchAcceptingLoop()
