@@ -8,6 +8,10 @@ machine's drift hits every variant alike. Ratios are medians of per-round ratios
 each on a fresh server on uvloop (as every other scenario) and again on asyncio's loop
 (``*_asyncio_loop``).
 
+"uvloop" means stock uvloop for the baselines and Bastion's batch-accepting uvloop
+(``bastion.event_loop``) for the reference service, the loop its README says to serve it on:
+stock uvloop accepts one new connection per loop turn (bench/README.md, findings 31 and 41).
+
 Writes ``bench/results/latest.json`` and ``bench/results/latest.md``.
 ``BENCH_QUICK=1`` gives a short smoke run.
 """
@@ -60,6 +64,8 @@ CONCURRENCY_1000_S = 2 if QUICK else DURATION_S
 # The issue's 100,000 rows; the quick run inserts a fifth, enough to show the path works.
 BULK_ROWS = 20_000 if QUICK else 100_000
 BASTION_APP = "conversations.app:create_app"
+BASTION_UVLOOP = "bastion.event_loop:new_event_loop"
+"""What ``--loop uvloop`` becomes for the reference service (module docstring)."""
 VARIANTS = {
     "bastion": BASTION_APP,
     # The same service with its Redis cache on (REDIS_URL): reads served from the cache.
@@ -121,12 +127,14 @@ class Server:
         self.port = free_port()
         target = VARIANTS[variant]
         command = [sys.executable, "-m", "uvicorn", target, "--port", str(self.port)]
-        command += ["--log-level", "warning", "--no-access-log", "--loop", loop]
         if target == BASTION_APP:
             command.append("--factory")
+            if loop == "uvloop":
+                loop = BASTION_UVLOOP
+        command += ["--log-level", "warning", "--no-access-log", "--loop", loop]
         if variant == "bastion_cached":
             env = {**env, "REDIS_URL": REDIS_URL, "CACHE_PREFIX": f"bench-{self.port}"}
-        self.log = (workdir / f"{variant}-{loop}-{self.port}.log").open("w")
+        self.log = (workdir / f"{variant}-{loop.split(':')[0]}-{self.port}.log").open("w")
         self.process = subprocess.Popen(
             command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )

@@ -93,11 +93,27 @@ def add_key_command(
 
 
 class EventLoop(enum.StrEnum):
-    """The event loops uvicorn can serve on (its ``--loop`` values)."""
+    """The event loops the demo can serve on."""
 
     ASYNCIO = "asyncio"
     UVLOOP = "uvloop"
     AUTO = "auto"
+
+    @property
+    def uvicorn_loop(self) -> str:
+        """uvicorn's ``--loop`` for this choice: uvloop is Bastion's batch-accepting one."""
+        if self is EventLoop.UVLOOP:
+            return "bastion.event_loop:new_event_loop"
+        return self.value
+
+    @property
+    def description(self) -> str:
+        """What the demo's banner says about the loop."""
+        if self is EventLoop.UVLOOP:
+            return "uvloop, accepting connections in batches (bastion.event_loop)"
+        if self is EventLoop.AUTO:
+            return "uvicorn's choice (stock uvloop when installed)"
+        return "asyncio's"
 
 
 @app.command()
@@ -107,15 +123,17 @@ def demo(
     loop: Annotated[
         EventLoop,
         typer.Option(
-            help="Event loop to serve on. asyncio's accepts waiting connections in a batch; "
-            "uvloop's accepts one per loop turn, so under load new clients wait (see README)."
+            help="Event loop to serve on. uvloop is Bastion's, which accepts waiting "
+            "connections in a batch as asyncio's does; 'auto' is uvicorn's choice, stock "
+            "uvloop, which accepts one per loop turn (see README)."
         ),
     ] = EventLoop.ASYNCIO,
 ) -> None:
     """Migrate the database, issue a key for the user 'demo', and serve the API.
 
-    Serves on asyncio's loop unless told otherwise: uvloop (libuv 1.45 and later) accepts one
-    new connection per turn of a busy loop, and at 64 fresh connections against the SQLite demo
+    Serves on asyncio's loop unless told otherwise. ``--loop uvloop`` serves on
+    :mod:`bastion.event_loop`'s uvloop: stock uvloop (libuv 1.45 and later) accepts one new
+    connection per turn of a busy loop, and at 64 fresh connections against the SQLite demo
     the last waited over a second to be accepted (bench/README.md, finding 31).
     """
     import uvicorn
@@ -145,6 +163,7 @@ def demo(
                 f"  API:       {base}/v1/conversations",
                 f"  Docs:      {base}/docs",
                 f"  Demo key:  {key}",
+                f"  Loop:      {loop.description}",
                 "",
                 "Try it:",
                 f'  export KEY="{key}"',
@@ -155,7 +174,11 @@ def demo(
         )
     )
     uvicorn.run(
-        create_app(settings), host=host, port=port, loop=loop.value, log_config=_log_config()
+        create_app(settings),
+        host=host,
+        port=port,
+        loop=loop.uvicorn_loop,
+        log_config=_log_config(),
     )
 
 

@@ -87,10 +87,12 @@ def running_demo(tmp_path: Path, *args: str) -> Iterator[Demo]:
 def test_the_demo_serves_on_asyncios_loop_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     with running_demo(tmp_path) as demo:
         on_uvloop = demo.loads_uvloop()
+        banner = demo.output()
         ready = httpx.get(f"{demo.base}/health/ready", timeout=5)
         demo.process.send_signal(signal.SIGINT)
         exit_code = demo.process.wait(timeout=15)
     assert not on_uvloop
+    assert "Loop:      asyncio's" in banner
     assert ready.json()["status"] == "healthy"
     assert exit_code == 0
 
@@ -105,9 +107,10 @@ def test_the_demo_key_reads_the_api(tmp_path: Path) -> None:
     assert anonymous.status_code == 401
 
 
-def test_the_demo_serves_on_uvloop_when_asked(tmp_path: Path) -> None:
+def test_the_demo_serves_on_bastions_uvloop_when_asked(tmp_path: Path) -> None:
     with running_demo(tmp_path, "--loop", "uvloop") as demo:
         assert demo.loads_uvloop()
+        assert "Loop:      uvloop, accepting connections in batches" in demo.output()
 
 
 def test_an_unknown_loop_is_a_usage_error(tmp_path: Path) -> None:
