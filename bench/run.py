@@ -421,6 +421,9 @@ def write_markdown(report: dict[str, object], path: Path) -> None:
         f"# Benchmark results ({report['mode']}: {report['rounds']} rounds of "
         f"{report['duration_s']} s, wrk -t{THREADS} -c{CONNECTIONS})",
         "",
+        "Loops: `bastion` and `bastion_cached` on Bastion's uvloop (bastion.event_loop), the "
+        "baselines on stock uvloop; `*_asyncio_loop` on asyncio's.",
+        "",
         "| backend | scenario | variant | req/s (bulk: rows/s) | p50 ms | p99 ms | errors |",
         "|---|---|---|---:|---:|---:|---:|",
     ]

@@ -28,6 +28,7 @@ import errno
 import logging
 import socket
 import ssl as ssl_module
+from asyncio.trsock import TransportSocket
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -45,8 +46,12 @@ logger = logging.getLogger("bastion.event_loop")
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 # Out of file descriptors or kernel memory: accepting again at once would fail again and spin
-# the loop, so the listener pauses for a second, as asyncio's loop does.
+# the loop, so the listener pauses for a second, as asyncio's loop does. Any other error but
+# a client's own (below) pauses it too, and is reported.
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The client went away, or a firewall refused it, before its connection was accepted: that
+# connection is gone, the next one may be fine.
+_CLIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 ACCEPT_RETRY_DELAY_S = 1.0
 
 
@@ -54,8 +59,9 @@ class BatchAcceptingServer(asyncio.AbstractServer):
     """A TCP server on a uvloop loop that accepts every waiting connection per readiness.
 
     Made by :meth:`BatchAcceptingLoop.create_server`; it behaves as asyncio's ``Server`` does:
-    ``close()`` stops accepting and closes the listening sockets, ``wait_closed()`` returns
-    once connections accepted before the close have been handed to their protocols.
+    ``close()`` stops accepting and closes the listening sockets (connections already set up
+    stay open; those still being set up, such as TLS handshakes, are dropped), and
+    ``wait_closed()`` returns once the server is closed and nothing is being set up.
     """
 
     def __init__(
@@ -71,6 +77,8 @@ class BatchAcceptingServer(asyncio.AbstractServer):
         self._loop = loop
         self._listeners = list(listeners)
         self._protocol_factory = protocol_factory
+        # At least one accept per readiness, or a readable listener would spin the loop.
+        self._accepts_per_turn = max(1, backlog)
         self._backlog = backlog
         self._ssl = ssl
         self._ssl_timeouts: dict[str, float] = {}
@@ -79,14 +87,19 @@ class BatchAcceptingServer(asyncio.AbstractServer):
         if ssl_shutdown_timeout is not None:
             self._ssl_timeouts["ssl_shutdown_timeout"] = ssl_shutdown_timeout
         self._serving = False
-        self._closed = False
+        self._closed: asyncio.Future[None] = loop.create_future()
+        # Descriptors with a reader on them, kept as numbers: a listening socket closed by
+        # someone else has fileno() -1, and its reader must still be removed.
+        self._watched: set[int] = set()
         self._handing_over: set[asyncio.Task[None]] = set()
         self._serving_forever: asyncio.Future[None] | None = None
 
     @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        """The listening sockets (empty once closed)."""
-        return () if self._closed else tuple(self._listeners)
+    def sockets(self) -> tuple[TransportSocket, ...]:
+        """The listening sockets, wrapped as asyncio wraps them (empty once closed)."""
+        if self._closed.done():
+            return ()
+        return tuple(TransportSocket(listener) for listener in self._listeners)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
@@ -99,6 +112,7 @@ class BatchAcceptingServer(asyncio.AbstractServer):
 
         Raises:
             RuntimeError: the server was closed.
+            OSError: a socket could not listen; the server is then closed.
         """
         self._start()
 
@@ -122,66 +136,83 @@ class BatchAcceptingServer(asyncio.AbstractServer):
             self._serving_forever = None
 
     def close(self) -> None:
-        """Stop accepting and close the listening sockets; open connections stay open."""
-        if self._closed:
+        """Stop accepting, close the listening sockets and drop connections not yet set up."""
+        if self._closed.done():
             return
-        self._closed = True
-        self._stop_watching()
+        self._closed.set_result(None)
         self._serving = False
+        for fd in self._watched:
+            self._loop.remove_reader(fd)
+        self._watched.clear()
         for listener in self._listeners:
             listener.close()
+        # A TLS handshake can take up to its timeout (60 s by default); a server shutting
+        # down does not wait for it.
+        for task in self._handing_over:
+            task.cancel()
         if self._serving_forever is not None and not self._serving_forever.done():
             self._serving_forever.cancel()
 
     async def wait_closed(self) -> None:
-        """Wait until every socket accepted so far has been handed to its protocol.
+        """Wait until the server is closed and no accepted connection is still being set up.
 
-        It does not wait for those connections to end: uvicorn waits for them itself.
+        It does not wait for open connections to end: uvicorn waits for them itself.
         """
+        await asyncio.shield(self._closed)
         while self._handing_over:
             await asyncio.wait(set(self._handing_over))
 
     def _start(self) -> None:
-        if self._closed:
+        if self._closed.done():
             raise RuntimeError("the server is closed")
         if self._serving:
             return
         self._serving = True
-        for listener in self._listeners:
-            listener.listen(self._backlog)
-            self._watch(listener)
+        try:
+            for listener in self._listeners:
+                listener.listen(self._backlog)
+                self._watch(listener)
+        except BaseException:
+            self.close()
+            raise
 
     def _watch(self, listener: socket.socket) -> None:
-        self._loop.add_reader(listener.fileno(), self._accept_waiting, listener)
+        fd = listener.fileno()
+        self._loop.add_reader(fd, self._accept_waiting, listener, fd)
+        self._watched.add(fd)
 
-    def _stop_watching(self) -> None:
-        if self._serving:
-            for listener in self._listeners:
-                self._loop.remove_reader(listener.fileno())
-
-    def _accept_waiting(self, listener: socket.socket) -> None:
+    def _accept_waiting(self, listener: socket.socket, fd: int) -> None:
         """Accept what the queue holds, up to ``backlog`` connections, in this turn."""
-        for _ in range(self._backlog):
+        for _ in range(self._accepts_per_turn):
             try:
                 connection, _address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                if error.errno in _RESOURCE_ERRORS:
-                    self._pause(listener, error)
-                    return
-                # The client gave up before its connection was accepted (ECONNABORTED and
-                # the like): that connection is gone, the next may not be.
-                continue
+                if error.errno in _CLIENT_ERRORS:
+                    continue
+                self._pause(listener, fd, error)
+                return
             self._hand_over(connection)
 
-    def _pause(self, listener: socket.socket, error: OSError) -> None:
-        logger.error(
-            "accepting a connection failed (%s); accepting again in %.0f s",
-            error.strerror,
-            ACCEPT_RETRY_DELAY_S,
-        )
-        self._loop.remove_reader(listener.fileno())
+    def _pause(self, listener: socket.socket, fd: int, error: OSError) -> None:
+        if error.errno in _RESOURCE_ERRORS:
+            logger.error(
+                "accepting a connection failed (%s); accepting again in %.0f s",
+                error.strerror,
+                ACCEPT_RETRY_DELAY_S,
+            )
+        else:
+            self._loop.call_exception_handler(
+                {
+                    "message": f"accepting a connection failed; accepting again in "
+                    f"{ACCEPT_RETRY_DELAY_S:.0f} s",
+                    "exception": error,
+                    "socket": TransportSocket(listener),
+                }
+            )
+        self._loop.remove_reader(fd)
+        self._watched.discard(fd)
         self._loop.call_later(ACCEPT_RETRY_DELAY_S, self._resume, listener)
 
     def _resume(self, listener: socket.socket) -> None:
@@ -194,6 +225,14 @@ class BatchAcceptingServer(asyncio.AbstractServer):
         self._handing_over.add(task)
         task.add_done_callback(self._handing_over.discard)
 
+        def close_if_cancelled(task: asyncio.Task[None]) -> None:
+            # Cancelled before uvloop took the socket, nothing else would close it; after,
+            # uvloop has detached it and this close does nothing.
+            if task.cancelled():
+                connection.close()
+
+        task.add_done_callback(close_if_cancelled)
+
     async def _connect(self, connection: socket.socket) -> None:
         try:
             await self._loop.connect_accepted_socket(
@@ -202,10 +241,21 @@ class BatchAcceptingServer(asyncio.AbstractServer):
                 ssl=self._ssl,
                 **self._ssl_timeouts,
             )
-        except Exception as error:
-            # A TLS handshake that failed or a client that reset: that one socket is closed,
-            # and the server goes on.
+        except OSError as error:
+            # A client that reset, a TLS handshake that failed or timed out (all OSErrors):
+            # that one connection is gone, and the server goes on. uvloop has closed the
+            # socket if it had taken it; if not, this closes it.
             logger.debug("an accepted connection could not be set up: %r", error)
+            connection.close()
+        except Exception as error:
+            # The protocol factory or uvloop failed: a bug to report, not a client's doing.
+            self._loop.call_exception_handler(
+                {
+                    "message": "setting up an accepted connection failed",
+                    "exception": error,
+                    "socket": TransportSocket(connection),
+                }
+            )
             connection.close()
 
 
@@ -232,9 +282,17 @@ class BatchAcceptingLoop(uvloop.Loop):
         """Bind (or take ``sock``) and serve, as ``loop.create_server`` does.
 
         Raises:
-            ValueError: both ``sock`` and ``host``/``port`` given, or neither.
+            ValueError: both ``sock`` and ``host``/``port`` given, or neither; TLS timeouts
+                without ``ssl``.
+            TypeError: ``ssl`` is not an :class:`ssl.SSLContext`.
             OSError: an address could not be bound (the message names it).
         """
+        if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+            raise TypeError(f"ssl argument must be an SSLContext or None, got {ssl!r}")
+        if ssl is None and (ssl_handshake_timeout is not None or ssl_shutdown_timeout is not None):
+            raise ValueError("ssl_handshake_timeout and ssl_shutdown_timeout need ssl")
+        if host == "":
+            host = None  # all interfaces, as asyncio and uvloop read it
         if sock is not None:
             if host is not None or port is not None:
                 raise ValueError("host/port and sock can not be specified at the same time")
@@ -280,7 +338,11 @@ class BatchAcceptingLoop(uvloop.Loop):
         listeners: list[socket.socket] = []
         try:
             for address_family, kind, protocol, _name, address in addresses:
-                listener = socket.socket(address_family, kind, protocol)
+                try:
+                    listener = socket.socket(address_family, kind, protocol)
+                except OSError:
+                    # A family the kernel lacks (no IPv6): serve on the others, as uvloop does.
+                    continue
                 listeners.append(listener)
                 if reuse_address is not False:
                     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -297,6 +359,8 @@ class BatchAcceptingLoop(uvloop.Loop):
                         f"error while attempting to bind on address {address!r}: "
                         f"{(error.strerror or str(error)).lower()}",
                     ) from None
+            if not listeners:
+                raise OSError(f"no address of {host!r} could be served")
         except BaseException:
             for listener in listeners:
                 listener.close()

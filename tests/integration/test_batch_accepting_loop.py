@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -61,6 +62,12 @@ def running(loop: asyncio.AbstractEventLoop) -> Iterator[asyncio.AbstractEventLo
     try:
         yield loop
     finally:
+        # A test that failed may leave tasks behind: cancel them, so the loop can close.
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.wait(left))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
@@ -248,23 +255,18 @@ def test_out_of_file_descriptors_pauses_accepting_and_then_serves_again() -> Non
     )
     try:
         assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        assert ready, "the server never started"
         assert process.stdout.readline().strip() == "ready"
         # More clients than the server has descriptors for: accepting fails with EMFILE.
-        crowd = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        crowd = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
         for client in crowd:
             client.close()
-        # Once the crowd has gone the server accepts again and a newcomer is served.
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as newcomer:
-                    newcomer.sendall(b"hello")
-                    if newcomer.recv(5) == b"hello":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server never accepted again"
-            time.sleep(0.2)
+        # The server frees a descriptor as each of the crowd's connections ends, accepting
+        # again after each pause; then the newcomer, queued behind them, is served.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as newcomer:
+            newcomer.sendall(b"hello")
+            assert newcomer.recv(5) == b"hello"
         assert process.poll() is None, "the server stopped"
     finally:
         process.kill()
@@ -301,29 +303,129 @@ def tls_contexts(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
+def reported_errors(loop: asyncio.AbstractEventLoop) -> list[dict[str, Any]]:
+    """What the loop's exception handler is given from now on."""
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    return reported
+
+
 def test_tls_connections_are_accepted_and_a_failed_handshake_stops_nothing(
     tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
 ) -> None:
     server_context, client_context = tls_contexts
 
-    async def scenario() -> bytes:
+    async def scenario() -> tuple[bytes, bytes]:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             Echo, "127.0.0.1", 0, ssl=server_context, ssl_handshake_timeout=5
         )
         port = server.sockets[0].getsockname()[1]
         # A client that speaks no TLS: its handshake fails on the server, alone.
-        _reader, plain = await asyncio.open_connection("127.0.0.1", port)
+        plain_reader, plain = await asyncio.open_connection("127.0.0.1", port)
         plain.write(b"GET / HTTP/1.1\r\n\r\n")
         await plain.drain()
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context)
         writer.write(b"over tls")
         echoed = await asyncio.wait_for(reader.readexactly(8), 10)
+        plain_answer = await asyncio.wait_for(plain_reader.read(), 10)
         for stream in (plain, writer):
             stream.close()
         server.close()
         await server.wait_closed()
-        return echoed
+        return echoed, plain_answer
 
     with running(new_event_loop()) as loop:
-        assert loop.run_until_complete(scenario()) == b"over tls"
+        reported = reported_errors(loop)
+        echoed, plain_answer = loop.run_until_complete(scenario())
+    assert echoed == b"over tls"
+    assert plain_answer == b""  # the server closed the connection that failed its handshake
+    assert reported == []  # a client's failed handshake is no error of the server's
+
+
+def test_closing_drops_a_pending_tls_handshake_instead_of_waiting_for_it(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_context, _client_context = tls_contexts
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            Echo, "127.0.0.1", 0, ssl=server_context, ssl_handshake_timeout=60
+        )
+        # Connected, silent: the server waits for a ClientHello that never comes.
+        silent_reader, silent = await asyncio.open_connection(*server.sockets[0].getsockname())
+        await turns(TURNS)
+        server.close()
+        # Far less than the handshake's 60 s: close() does not wait for the handshake.
+        await asyncio.wait_for(server.wait_closed(), 10)
+        answer = await asyncio.wait_for(silent_reader.read(), 10)
+        silent.close()
+        return answer
+
+    with running(new_event_loop()) as loop:
+        assert loop.run_until_complete(scenario()) == b""
+
+
+def test_wait_closed_waits_until_the_server_is_closed() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        factory, _made = recorder_factory()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        waiting = asyncio.create_task(server.wait_closed())
+        await turns(TURNS)
+        done_while_open = waiting.done()
+        server.close()
+        await asyncio.wait_for(waiting, 10)
+        return done_while_open, waiting.done()
+
+    with running(new_event_loop()) as loop:
+        assert loop.run_until_complete(scenario()) == (False, True)
+
+
+def test_a_failing_protocol_factory_is_reported_and_the_server_goes_on() -> None:
+    calls = 0
+
+    def factory() -> Echo:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the first protocol could not be made")
+        return Echo()
+
+    async def scenario() -> tuple[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        first_reader, first = await asyncio.open_connection(*address)
+        first_answer = await asyncio.wait_for(first_reader.read(), 10)
+        second_reader, second = await asyncio.open_connection(*address)
+        second.write(b"ping")
+        second_answer = await asyncio.wait_for(second_reader.readexactly(4), 10)
+        for stream in (first, second):
+            stream.close()
+        server.close()
+        await server.wait_closed()
+        return first_answer, second_answer
+
+    with running(new_event_loop()) as loop:
+        reported = reported_errors(loop)
+        first_answer, second_answer = loop.run_until_complete(scenario())
+    assert first_answer == b""  # its socket was closed
+    assert second_answer == b"ping"
+    assert [str(context["exception"]) for context in reported] == [
+        "the first protocol could not be made"
+    ]
+
+
+def test_tls_settings_without_tls_are_refused_up_front() -> None:
+    with running(new_event_loop()) as loop:
+        factory, _made = recorder_factory()
+        with pytest.raises(ValueError, match="need ssl"):
+            loop.run_until_complete(
+                loop.create_server(factory, "127.0.0.1", 0, ssl_handshake_timeout=5)
+            )
+        with pytest.raises(TypeError, match="SSLContext"):
+            loop.run_until_complete(
+                loop.create_server(factory, "127.0.0.1", 0, ssl=True)  # type: ignore[arg-type]
+            )
