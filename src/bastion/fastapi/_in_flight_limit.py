@@ -16,7 +16,8 @@ than ``max_in_flight`` requests wait on the database at once, so with slow state
 limit, not the CPU, sets the throughput (``max_in_flight`` / the time a request takes). Given
 ``min_in_flight`` as well, the limit moves between the two by how long requests take
 (:mod:`bastion.fastapi._adaptive_places`): where more in flight only makes each take longer
-it stays low, where it does not (requests that wait on the database) it grows.
+it stays low, where it does not (requests that wait on the database) it grows. Only
+responses below 500 count: errors come fast in an outage and would read as room to grow.
 
 Under overload the queue is kept honest two ways:
 
@@ -169,21 +170,23 @@ class InFlightLimitMiddleware:
         else:
             await places.acquire()  # at once: a place is free and no one waits
         holding = True
-        ran = False
         adaptive = places if isinstance(places, AdaptivePlaces) else None
         started = time.perf_counter() if adaptive is not None else 0.0
 
-        def give_it_back() -> None:
+        def give_it_back(answered: bool) -> None:
             nonlocal holding
             if holding:
                 holding = False
                 places.release()
-                if adaptive is not None and ran:
+                # Only answers say how long the work takes. Errors do not: during an outage
+                # they come fast, which would read as room to grow, and the limit would
+                # climb just before the database comes back (bench/README.md, finding 40).
+                if adaptive is not None and answered:
                     adaptive.observe(time.perf_counter() - started)
 
         async def send_and_give_back(message: Message) -> None:
             if message["type"] == "http.response.start":
-                give_it_back()
+                give_it_back(answered=message["status"] < 500)
             await send(message)
 
         try:
@@ -193,10 +196,9 @@ class InFlightLimitMiddleware:
                 return
             # The server's own receive when nothing was read ahead: one call less per message.
             app_receive = replay if replay.holds_messages else receive
-            ran = True
             await self.app(scope, app_receive, send_and_give_back)
         finally:
-            give_it_back()
+            give_it_back(answered=False)  # no response started: the app raised or was cancelled
 
 
 async def _wait_for(places: _Places, max_wait_s: float | None) -> bool:
