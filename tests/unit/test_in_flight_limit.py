@@ -419,9 +419,7 @@ def answering(status: int) -> Any:
 
 
 @pytest.mark.parametrize(("status", "grows"), [(200, True), (404, True), (503, False)])
-async def test_with_a_range_only_answers_below_500_move_the_limit(
-    status: int, grows: bool
-) -> None:
+async def test_with_a_range_only_answers_below_500_move_the_limit(status: int, grows: bool) -> None:
     """During an outage requests fail fast, which would read as room to grow: a range that
     counted them came back from a crash with 64 writers waiting (bench/README.md, finding
     40). Errors leave the limit where it was."""
