@@ -76,7 +76,9 @@ class LeakDetector:
                 )
         return found
 
-    def _on_checkout(self, _dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    def hold(self, record: Any) -> None:
+        """Note that the pool connection ``record`` is lent to the running task's unit (the
+        pool's checkout event, and :mod:`bastion._warm_connections`' loans)."""
         request = current_request()
         try:
             task = asyncio.current_task()
@@ -89,5 +91,12 @@ class LeakDetector:
             task=task.get_name() if task is not None else "-",
         )
 
-    def _on_checkin(self, _dbapi_connection: Any, record: Any) -> None:
+    def release(self, record: Any) -> None:
+        """Note that the pool connection ``record`` is no longer lent to a unit."""
         self._held.pop(id(record), None)
+
+    def _on_checkout(self, _dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        self.hold(record)
+
+    def _on_checkin(self, _dbapi_connection: Any, record: Any) -> None:
+        self.release(record)

@@ -40,6 +40,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -74,6 +75,7 @@ from bastion._sqlite import (
 )
 from bastion._sqlite_writer import WriterQueue
 from bastion._translate import translate_error
+from bastion._warm_connections import WarmConnections
 from bastion.breaker import BreakerSnapshot, CircuitBreaker
 from bastion.connection_leaks import LeakDetector
 from bastion.errors import (
@@ -177,6 +179,7 @@ class Database:
         self._gates: dict[Pool, PoolGate] = {}
         self._lean_connections: type[AsyncConnection] | None = None
         self._lean_writes: type[AsyncConnection] | None = None
+        self._warm_reads: WarmConnections | None = None
         self._reads_without_transaction = False
         # The pools that were live when close() gave up waiting: units still running then
         # return their connections to them, and those must be closed, not parked.
@@ -254,7 +257,9 @@ class Database:
         """The most connections this Database's pools can hold at once.
 
         ``DB_POOL_SIZE + DB_MAX_OVERFLOW`` for each of the write and the read pool; one for
-        an in-memory SQLite database, which lives inside its single connection.
+        an in-memory SQLite database, which lives inside its single connection. (An SQLite
+        file's read pool may also keep up to ``DB_POOL_SIZE`` idle connections beyond this,
+        warm for the next read unit: :mod:`bastion._warm_connections`.)
         """
         settings = self.settings
         return 1 if settings.is_memory else 2 * (settings.pool_size + settings.max_overflow)
@@ -345,6 +350,14 @@ class Database:
             with suppress(asyncio.CancelledError):
                 await self._monitor
         timeout_s = self.settings.close_timeout_s if timeout_s is None else timeout_s
+        if self._warm_reads is not None:
+            try:
+                await self._warm_reads.close()
+            except Exception:
+                # The pools' dispose below closes what it can; closing must go on.
+                logger.warning(
+                    "database close: closing a kept read connection failed", exc_info=True
+                )
         engines = self._engines.all
         pools_in_use = tuple(engine.pool for engine in engines)
         try:
@@ -368,10 +381,12 @@ class Database:
             self._require_running()
         assert self._engines is not None
         pools: list[Any] = [engine.pool for engine in self._engines.all]
+        # Connections kept warm between read units are out of their pool but idle.
+        warm = len(self._warm_reads) if self._warm_reads is not None else 0
         return PoolStatus(
             size=sum(pool.size() for pool in pools),
-            checked_out=sum(pool.checkedout() for pool in pools),
-            checked_in=sum(pool.checkedin() for pool in pools),
+            checked_out=sum(pool.checkedout() for pool in pools) - warm,
+            checked_in=sum(pool.checkedin() for pool in pools) + warm,
             overflow=sum(max(pool.overflow(), 0) for pool in pools),
         )
 
@@ -421,7 +436,9 @@ class Database:
             waited_from = time.perf_counter()
             async with (
                 self._gate(self._read_engine),
-                self._checkout(self._read_engine, self._lean_connections) as connection,
+                self._checkout(
+                    self._read_engine, self._lean_connections, self._warm_reads
+                ) as connection,
             ):
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 try:
@@ -545,12 +562,18 @@ class Database:
         )
 
     def _checkout(
-        self, engine: AsyncEngine, connection_class: type[AsyncConnection] | None = None
+        self,
+        engine: AsyncEngine,
+        connection_class: type[AsyncConnection] | None = None,
+        warm: WarmConnections | None = None,
     ) -> AbstractAsyncContextManager[AsyncConnection]:
         """A connection of ``engine`` (of ``connection_class``, if given) for a unit (see
-        :mod:`bastion._checkout` for SQLite's)."""
-        connection = engine.connect() if connection_class is None else connection_class(engine)
-        return checked_out(connection) if self.settings.backend == "sqlite" else connection
+        :mod:`bastion._checkout` for SQLite's, and ``warm``'s)."""
+        if self.settings.backend == "sqlite":
+            if connection_class is None:
+                return checked_out(engine.connect, warm)
+            return checked_out(partial(connection_class, engine), warm)
+        return engine.connect() if connection_class is None else connection_class(engine)
 
     def _gate(self, engine: AsyncEngine | None) -> AbstractAsyncContextManager[None]:
         """A first-come, first-served turn at ``engine``'s pool (see :mod:`bastion._pool_gate`)."""
@@ -639,6 +662,13 @@ class Database:
             autobegin=self.settings.backend == "postgresql" and self.settings.pgbouncer,
         )
         self._lean_writes = lean_connection_class(engines.primary, writes=True)
+        if engines.warm_room > 0:
+            self._warm_reads = WarmConnections(
+                read_engine,
+                engines.warm_room,
+                on_lend=self.leaks.hold,
+                on_rest=self.leaks.release,
+            )
 
     async def _check_connection_budget(self) -> None:
         """Warn when every worker's pools at full size exceed the server's max_connections."""
@@ -731,11 +761,13 @@ def _raise_translated(exc: Exception, *, during_commit: bool = False) -> None:
 
 
 def _pool_gates(engines: Engines, timeout_s: float) -> dict[Pool, PoolGate]:
-    """A gate for each bounded pool of ``engines``, admitting as many units as it can lend."""
+    """A gate for each bounded pool of ``engines``, admitting as many units as it can lend
+    (less the room kept for warm read connections, which are not units)."""
     gates: dict[Pool, PoolGate] = {}
     for engine in engines.all:
         pool = engine.sync_engine.pool
         overflow = getattr(pool, "_max_overflow", -1)  # QueuePool's; -1: no limit
         if isinstance(pool, QueuePool) and overflow >= 0:
-            gates[pool] = PoolGate(pool.size() + overflow, timeout_s)
+            room = engines.warm_room if engine is engines.reader else 0
+            gates[pool] = PoolGate(pool.size() + overflow - room, timeout_s)
     return gates

@@ -1,0 +1,202 @@
+"""SQLite read units' connections, kept started between units instead of going back to the pool.
+
+Opening and closing a unit's ``AsyncConnection`` through SQLAlchemy's pool cost about 100 µs
+of CPU per SQLite read unit (``python -m bench.layers``; ``bench/README.md``, finding 43): two
+greenlets spawned and switched to, a ``Connection`` built, the pool's checkout and check-in
+with their events, and the reset on return. A point read on the raw driver costs 170 µs in
+all. Between two read units, on a connection that ran only SELECTs on the event loop, all of
+that work gives the same answer every time: the next unit could use the same connection.
+
+:class:`WarmConnections` keeps such connections, up to the pool's size, *checked out* and
+started, and lends them to the next read unit. A connection is kept only when nothing about
+it differs from a fresh checkout's:
+
+* no SQLAlchemy transaction (a statement that took SQLAlchemy's own path began one: its
+  rollback is the pool's business), none on the driver, and no cursor left open;
+* nothing pending on the connection's thread (a read moved there and not yet back);
+* not closed, not invalidated, no listener or execution option of its own;
+* still of the engine's current pool (``engine.dispose()``, after a restore, makes a new one);
+* the pool not past its size (after a burst it must see connections come back, to close
+  those beyond its size), and fewer kept than its size;
+* the Database still running.
+
+What the pool's return does that still matters is done here: the driver's rollback (which
+also lifts the statement deadline, :mod:`bastion._sqlite`). When lent again, a connection is
+checked as the pool checks it at checkout (recycle age, pool-wide and soft invalidation), and
+one that fails is closed through SQLAlchemy. The leak detector is told of each loan and
+return, so a unit holding a warm connection too long is reported as any other; the pool's
+status (``Database.pool_status``) counts warm connections as idle.
+
+Only SQLite read units use it: PostgreSQL's connections can break while idle (a server
+restart), which the pool's checkout and its disconnect handling are there to notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bastion._sqlite_inline import InlineReads
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["WarmConnections"]
+
+logger = logging.getLogger("bastion.database")
+
+
+class WarmConnections:
+    """Started read connections of one engine, lent to read units without the pool's round trip.
+
+    ``on_lend(record)`` and ``on_rest(record)`` are told when a kept connection (its pool
+    record) is lent to a unit and when it comes back (the leak detector's bookkeeping).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        limit: int,
+        *,
+        on_lend: Callable[[Any], None],
+        on_rest: Callable[[Any], None],
+    ) -> None:
+        self._engine = engine
+        self._limit = limit
+        self._on_lend = on_lend
+        self._on_rest = on_rest
+        self._idle: list[AsyncConnection] = []
+        self._open = True
+
+    def __len__(self) -> int:
+        """How many connections are kept, idle, now."""
+        return len(self._idle)
+
+    async def lend(self) -> AsyncConnection | None:
+        """A kept connection fit for a unit, or ``None``: open one through the pool.
+
+        A kept connection the pool would not hand out as it is (older than its recycle age,
+        invalidated meanwhile, or of a pool since disposed) is closed through SQLAlchemy
+        instead, which returns it to its pool.
+
+        A failure to close it is logged (``bastion.database``), not raised: the unit goes on
+        with a connection from the pool.
+        """
+        while self._idle:
+            connection = self._idle.pop()
+            if self._fresh(connection):
+                self._on_lend(_record(connection))
+                _forget_unit_state(connection)
+                return connection
+            try:
+                await connection.close()
+            except Exception:
+                logger.warning("closing a stale kept read connection failed", exc_info=True)
+        return None
+
+    def keep(self, connection: AsyncConnection) -> bool:
+        """Keep ``connection``, whose unit ended normally, for the next unit, if it is as a
+        fresh checkout would be (see the module docstring); ``False``: close it as usual."""
+        if (
+            not self._open
+            or len(self._idle) >= self._limit
+            # Past its size (a burst), the pool must see connections come back to close the
+            # ones beyond it; kept ones would hold it there.
+            or self._engine.sync_engine.pool.overflow() > 0  # type: ignore[attr-defined]
+            or not _reusable(connection)
+            or not self._fresh(connection)
+        ):
+            return False
+        driver = _driver(connection)
+        try:
+            # What the pool's reset does: the driver's rollback, a no-op on a connection
+            # outside a transaction but for lifting the statement deadline.
+            driver._conn.rollback()
+        except Exception:
+            return False
+        self._on_rest(_record(connection))
+        self._idle.append(connection)
+        return True
+
+    async def close(self) -> None:
+        """Stop keeping connections and close the kept ones (back to their pool).
+
+        Raises:
+            Whatever closing a connection raises (SQLAlchemy's errors); the others are
+            closed first.
+        """
+        self._open = False
+        kept, self._idle = self._idle, []
+        failure: BaseException | None = None
+        for connection in kept:
+            try:
+                await connection.close()
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _fresh(self, connection: AsyncConnection) -> bool:
+        """Whether the pool would hand ``connection`` out as it is (its checkout's checks)."""
+        sync = connection.sync_connection
+        if sync is None or sync.closed or sync.invalidated:
+            return False
+        fairy = sync._dbapi_connection
+        if fairy is None or fairy._pool is not self._engine.sync_engine.pool:
+            return False
+        record = fairy._connection_record
+        pool = fairy._pool
+        recycle = pool._recycle
+        return record is not None and not (
+            record._is_hard_or_soft_invalidated()
+            or (recycle > -1 and time.time() - record.starttime > recycle)
+        )
+
+
+def _reusable(connection: AsyncConnection) -> bool:
+    """Whether ``connection`` is as a fresh checkout of its engine would be."""
+    sync = connection.sync_connection
+    if (
+        sync is None
+        or sync.closed
+        or sync.invalidated
+        or sync._transaction is not None
+        or sync._nested_transaction is not None
+        or sync._has_events
+        or sync._execution_options is not sync.engine._execution_options
+    ):
+        return False
+    fairy = sync._dbapi_connection
+    if fairy is None or fairy.dbapi_connection is None:
+        return False
+    driver = getattr(fairy.dbapi_connection, "_connection", None)
+    if not isinstance(driver, InlineReads) or not driver.bastion_ready():
+        return False
+    sqlite_connection: Any = driver._conn  # type: ignore[attr-defined]  # aiosqlite's
+    # A cursor left open holds a read snapshot (the pool's reset closes it: bastion._sqlite).
+    return not sqlite_connection.in_transaction and not getattr(sqlite_connection, "_cursors", ())
+
+
+def _fairy(connection: AsyncConnection) -> Any:
+    """The pool's proxy of the driver connection under ``connection`` (a started one)."""
+    sync: Any = connection.sync_connection
+    return sync._dbapi_connection
+
+
+def _driver(connection: AsyncConnection) -> Any:
+    return _fairy(connection).dbapi_connection._connection
+
+
+def _record(connection: AsyncConnection) -> Any:
+    return _fairy(connection)._connection_record
+
+
+def _forget_unit_state(connection: AsyncConnection) -> None:
+    # The lean path counts the engine's listeners once per unit (bastion._lean).
+    if hasattr(connection, "_bastion_listeners_known"):
+        connection._bastion_listeners_known = None

@@ -1,0 +1,281 @@
+"""SQLite read units reuse a connection kept from an earlier unit (bastion._warm_connections).
+
+Each test counts the read pool's own checkouts (a pool ``checkout`` listener): a unit on a kept
+connection makes none. The tests say when a connection must *not* be kept, because something
+about it differs from what a fresh checkout would give the next unit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import bindparam, event, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from bastion import Database
+from bastion._sqlite import _NO_DEADLINE
+from conversations.models import User
+from tests.conftest import make_settings
+
+USERS = User.__table__
+NAME_OF = select(USERS.c.name).where(USERS.c.id == bindparam("uid"))
+
+
+@pytest.fixture
+def backend() -> str:
+    """SQLite only: PostgreSQL read units always go back to the pool."""
+    return "sqlite"
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    db = Database(make_settings(database_url, DB_POOL_SIZE=2, DB_MAX_OVERFLOW=2))
+    await db.start()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+class PoolCheckouts:
+    """How many times the read pool has lent a connection."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.count = 0
+        event.listen(engine.sync_engine.pool, "checkout", self._checked_out)
+
+    def _checked_out(self, *_args: object) -> None:
+        self.count += 1
+
+
+def read_engine(database: Database) -> AsyncEngine:
+    return database.engines[-1]
+
+
+async def driver_of(connection: AsyncConnection) -> object:
+    return (await connection.get_raw_connection()).driver_connection
+
+
+def options_of(connection: AsyncConnection) -> dict[str, object]:
+    assert connection.sync_connection is not None
+    return dict(connection.sync_connection.get_execution_options())
+
+
+async def add_user(database: Database, name: str) -> uuid.UUID:
+    uid = uuid.uuid4()
+    async with database.write_connection() as connection:
+        await connection.execute(insert(USERS).values(id=uid, name=name))
+    return uid
+
+
+async def warm_up(database: Database) -> None:
+    """Run the tests' statement once: its first run takes SQLAlchemy's own path (bastion._lean),
+    which begins a transaction, so that unit's connection goes back to the pool."""
+    async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+
+
+async def test_a_read_unit_reuses_the_last_units_connection(database: Database) -> None:
+    uid = await add_user(database, "warm")
+    await warm_up(database)
+    checkouts = PoolCheckouts(read_engine(database))
+    drivers = []
+    for _ in range(5):
+        async with database.read_connection() as connection:
+            assert await connection.scalar(NAME_OF, {"uid": uid}) == "warm"
+            drivers.append(await driver_of(connection))
+    assert checkouts.count <= 1
+    assert len(set(map(id, drivers))) == 1
+
+
+async def test_a_kept_connection_sees_what_was_committed_since(database: Database) -> None:
+    async with database.read_connection() as connection:
+        assert (await connection.execute(select(USERS.c.name))).all() == []
+    uid = await add_user(database, "later")
+    async with database.read_connection() as connection:
+        assert await connection.scalar(NAME_OF, {"uid": uid}) == "later"
+
+
+async def test_a_unit_that_began_a_transaction_goes_back_to_the_pool(database: Database) -> None:
+    """A statement on SQLAlchemy's own path begins its transaction: the pool's reset ends it."""
+    async with database.read_connection() as connection:
+        await connection.execute(text("SELECT 1"))
+        assert connection.in_transaction()
+        first = await driver_of(connection)
+    checkouts = PoolCheckouts(read_engine(database))
+    async with database.read_connection() as connection:
+        assert not connection.in_transaction()
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+        assert await driver_of(connection) is first  # back from the pool, not kept
+    assert checkouts.count == 1
+
+
+async def test_a_unit_that_raised_goes_back_to_the_pool(database: Database) -> None:
+    await warm_up(database)
+    async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+    checkouts = PoolCheckouts(read_engine(database))
+    with pytest.raises(RuntimeError):
+        async with database.read_connection() as connection:
+            await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+            raise RuntimeError("the route failed")
+    async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+    assert checkouts.count == 1
+
+
+async def test_execution_options_set_in_a_unit_do_not_reach_the_next(database: Database) -> None:
+    await warm_up(database)
+    async with database.read_connection() as connection:
+        await connection.execution_options(bastion_probe="mine")
+        assert options_of(connection).get("bastion_probe") == "mine"
+    async with database.read_connection() as connection:
+        assert "bastion_probe" not in options_of(connection)
+
+
+async def test_a_listener_added_to_a_units_connection_does_not_reach_the_next(
+    database: Database,
+) -> None:
+    seen: list[str] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        seen.append(statement)
+
+    await warm_up(database)
+    async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+        # Added after the unit's last statement: the connection has no transaction to show.
+        event.listen(connection.sync_connection, "before_cursor_execute", note)
+    async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+    assert seen == []
+
+
+async def test_kept_connections_count_as_idle_and_stay_within_the_pool_size(
+    database: Database,
+) -> None:
+    """Four units at once (pool 2 + overflow 2): all go back to the pool, which closes the two
+    beyond its size; then units keep connections again, no more than the pool's size."""
+    release = asyncio.Event()
+    all_inside = asyncio.Event()
+    inside = 0
+
+    async def reader() -> None:
+        nonlocal inside
+        async with database.read_connection() as connection:
+            await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+            inside += 1
+            if inside == 4:
+                all_inside.set()
+            await release.wait()
+
+    tasks = [asyncio.create_task(reader()) for _ in range(4)]
+    await asyncio.wait_for(all_inside.wait(), 10)
+    assert database.pool_status().checked_out >= 4
+    release.set()
+    await asyncio.gather(*tasks)
+    pool = read_engine(database).sync_engine.pool
+    assert pool.checkedout() == 0
+    assert database.pool_status().overflow == 0
+    await asyncio.gather(*(database_read(database) for _ in range(2)))
+    await asyncio.gather(*(database_read(database) for _ in range(2)))
+    status = database.pool_status()
+    assert status.checked_out == 0
+    assert status.overflow == 0
+    assert 1 <= pool.checkedout() <= 2  # kept: out of the pool, idle, within its size
+
+
+async def database_read(database: Database) -> None:
+    async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+        await asyncio.sleep(0)
+
+
+async def test_the_leak_detector_sees_a_kept_connection_while_lent(database: Database) -> None:
+    await warm_up(database)
+    async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+    assert database.leaks.held() == []
+    async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+        held = database.leaks.held()
+        assert len(held) == 1
+        assert held[0].task == asyncio.current_task().get_name()  # type: ignore[union-attr]
+    assert database.leaks.held() == []
+
+
+async def test_a_disposed_pools_kept_connection_is_not_lent(database: Database) -> None:
+    """A restore disposes the engines: kept connections of the old pool must not serve."""
+    await warm_up(database)
+    async with database.read_connection() as connection:
+        old = await driver_of(connection)
+    await read_engine(database).dispose()
+    checkouts = PoolCheckouts(read_engine(database))
+    async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+        assert await driver_of(connection) is not old
+    assert checkouts.count == 1
+
+
+async def test_an_invalidated_pools_kept_connection_is_not_lent(database: Database) -> None:
+    await warm_up(database)
+    async with database.read_connection() as connection:
+        old = await driver_of(connection)
+    await asyncio.sleep(0.02)  # the pool compares its invalidation time with the connection's
+    read_engine(database).sync_engine.pool._invalidate_time = time.time()
+    async with database.read_connection() as connection:
+        assert await driver_of(connection) is not old
+
+
+async def test_close_closes_kept_connections_without_waiting(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(make_settings(database_url))
+    await db.start()
+    await warm_up(db)
+    async with db.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+    pool = read_engine(db).sync_engine.pool
+    assert pool.checkedout() == 1
+    with caplog.at_level(logging.WARNING, logger="bastion"):
+        await db.close(timeout_s=5)
+    assert pool.checkedout() == 0
+    assert "still in use" not in caplog.text
+
+
+async def test_the_statement_deadline_is_lifted_when_a_connection_is_kept(
+    database_url: str,
+) -> None:
+    """The pool's reset lifted the last statement's deadline (bastion._sqlite); keeping a
+    connection must too, or the next unit's BEGIN could be interrupted by a stale one."""
+    db = Database(make_settings(database_url, DB_STATEMENT_TIMEOUT=5))
+    async with db:
+        await warm_up(db)
+        async with db.read_connection() as connection:
+            await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+            sqlite_connection = (await driver_of(connection))._conn  # type: ignore[attr-defined]
+        deadline = sqlite_connection.bastion_deadline
+        assert deadline is not None
+        assert deadline[0] == _NO_DEADLINE
+
+
+async def test_a_kept_connection_never_keeps_an_admitted_unit_waiting(database_url: str) -> None:
+    """Session units share the read pool but not the kept connections: the pool has room
+    for both (Engines.warm_room), so with one connection allowed none of them times out."""
+    settings = make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=1)
+    async with Database(settings) as db:
+        await warm_up(db)
+        async with db.read_connection() as connection:
+            await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+        assert read_engine(db).sync_engine.pool.checkedout() == 1  # kept
+        for consistent in (False, True):
+            async with db.read(consistent=consistent) as session:
+                assert await session.scalar(NAME_OF, {"uid": uuid.uuid4()}) is None
+        async with db.read_connection() as connection:
+            await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+        assert db.pool_status().checked_out == 0
