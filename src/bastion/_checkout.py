@@ -31,15 +31,19 @@ __all__ = ["checked_out"]
 
 @asynccontextmanager
 async def checked_out(
-    connect: Callable[[], AsyncConnection], warm: WarmConnections | None = None
+    connect: Callable[[], AsyncConnection],
+    warm: WarmConnections | None = None,
+    *,
+    close_in_task: bool = False,
 ) -> AsyncIterator[AsyncConnection]:
     """A connection checked out for the block: one of ``warm``'s, else ``connect()``'s (made
     by ``engine.connect()`` or its like, not yet started); see the module docstring.
 
-    Only for SQLite: on PostgreSQL, where a unit's statements suspend on the network while it
-    holds its connection, the direct close measured slower (A/B, 64 concurrent point reads:
-    364 to 422 req/s against 466 to 741 with SQLAlchemy's own exit), so PostgreSQL units keep
-    ``async with engine.connect()``.
+    ``close_in_task=True`` (PostgreSQL's read units, with ``warm``): a connection not kept is
+    closed as ``async with engine.connect()`` closes it. On PostgreSQL, where a unit's
+    statements suspend on the network while it holds its connection, the direct close
+    measured slower (A/B, 64 concurrent point reads: 364 to 422 req/s against 466 to 741 with
+    SQLAlchemy's own exit), so PostgreSQL units keep SQLAlchemy's.
 
     Raises:
         Whatever checking out or closing the connection raises (SQLAlchemy's errors).
@@ -50,10 +54,17 @@ async def checked_out(
         await connection.start()
     try:
         yield connection
-    except BaseException:
-        await _close_to_completion(connection)
+    except BaseException as exc:
+        if close_in_task:
+            await connection.__aexit__(type(exc), exc, exc.__traceback__)
+        else:
+            await _close_to_completion(connection)
         raise
-    if warm is None or not warm.keep(connection):
+    if warm is not None and warm.keep(connection):
+        return
+    if close_in_task:
+        await connection.__aexit__(None, None, None)
+    else:
         await connection.close()
 
 

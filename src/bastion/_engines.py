@@ -36,10 +36,6 @@ class Engines:
 
     primary: AsyncEngine
     reader: AsyncEngine
-    warm_room: int = 0
-    """Connections the read pool may open beyond ``DB_POOL_SIZE + DB_MAX_OVERFLOW``, for read
-    units' connections kept between units (:mod:`bastion._warm_connections`): none may keep
-    a unit the pool gate admitted waiting. 0: none are kept."""
 
     @property
     def all(self) -> tuple[AsyncEngine, ...]:
@@ -100,15 +96,7 @@ def create_engines(settings: DatabaseSettings) -> Engines:
 
     _ensure_parent_directory(settings.url.database or "")
     primary = _create(settings, connect_args=sqlite_connect_args())
-    # Room for as many kept read connections as the pool's size (see Engines.warm_room).
-    warm_room = settings.pool_size
-    reader = _create(
-        settings,
-        connect_args=sqlite_connect_args(),
-        max_overflow=settings.max_overflow + warm_room
-        if settings.max_overflow >= 0
-        else settings.max_overflow,
-    )
+    reader = _create(settings, connect_args=sqlite_connect_args())
     for engine, query_only in ((primary, False), (reader, True)):
         install_sqlite_listeners(
             engine.sync_engine,
@@ -117,7 +105,7 @@ def create_engines(settings: DatabaseSettings) -> Engines:
             memory=False,
             query_only=query_only,
         )
-    return Engines(primary, reader, warm_room)
+    return Engines(primary, reader)
 
 
 def _create_pgbouncer_engines(settings: DatabaseSettings) -> Engines:

@@ -1,41 +1,47 @@
-"""SQLite read units' connections, kept started between units instead of going back to the pool.
+"""Read units' connections, kept started between units instead of going back to the pool.
 
-Opening and closing a unit's ``AsyncConnection`` through SQLAlchemy's pool cost about 100 µs
-of CPU per SQLite read unit (``python -m bench.layers``; ``bench/README.md``, finding 43): two
-greenlets spawned and switched to, a ``Connection`` built, the pool's checkout and check-in
-with their events, and the reset on return. A point read on the raw driver costs 170 µs in
-all. Between two read units, on a connection that ran only SELECTs on the event loop, all of
-that work gives the same answer every time: the next unit could use the same connection.
+Opening and closing a unit's ``AsyncConnection`` through SQLAlchemy's pool costs about 100 µs
+of CPU per read unit on either backend (``bench/README.md``, finding 43): two greenlets
+spawned and switched to, a ``Connection`` built, the pool's checkout and check-in with their
+events, and the reset on return. A point read on the raw driver costs 170 µs in all on
+SQLite. Between two read units, on a connection that ran only SELECTs outside a transaction,
+that work gives the same answer every time: the next unit can use the same connection.
 
 :class:`WarmConnections` keeps such connections, up to the pool's size, *checked out* and
 started, and lends them to the next read unit. A connection is kept only when nothing about
 it differs from a fresh checkout's:
 
 * no SQLAlchemy transaction (a statement that took SQLAlchemy's own path began one: its
-  rollback is the pool's business), none on the driver, and no cursor left open;
-* nothing pending on the connection's thread (a read moved there and not yet back);
+  rollback is the pool's business), none on the driver, nothing running on it (SQLite: no
+  cursor left open and nothing pending on its thread; asyncpg: no operation under way);
 * not closed, not invalidated, no listener or execution option of its own;
 * still of the engine's current pool (``engine.dispose()``, after a restore, makes a new one);
 * the pool not past its size (after a burst it must see connections come back, to close
   those beyond its size), and fewer kept than its size;
 * the Database still running.
 
-What the pool's return does that still matters is done here: the driver's rollback (which
-also lifts the statement deadline, :mod:`bastion._sqlite`). When lent again, a connection is
-checked as the pool checks it at checkout (recycle age, pool-wide and soft invalidation), and
-one that fails is closed through SQLAlchemy. The leak detector is told of each loan and
-return, so a unit holding a warm connection too long is reported as any other; the pool's
-status (``Database.pool_status``) counts warm connections as idle.
+What the pool's return does that still matters is done here: on SQLite the driver's rollback,
+which also lifts the statement deadline (:mod:`bastion._sqlite`); on PostgreSQL's
+AUTOCOMMIT reads the pool's rollback does nothing. When lent again, a connection is checked
+as the pool checks it at checkout (recycle age, pool-wide and soft invalidation: after a
+disconnect, SQLAlchemy invalidates the whole pool, and kept connections with it), and one
+that fails is closed through SQLAlchemy. As with the pool without ``pool_pre_ping``, a
+connection the server dropped while it sat idle is found by the next statement on it, which
+fails as a disconnect and invalidates the pool.
 
-Only SQLite read units use it: PostgreSQL's connections can break while idle (a server
-restart), which the pool's checkout and its disconnect handling are there to notice.
+Kept connections are counted inside the pool's size and overflow, so a unit that opens its
+connection through the pool instead (an ORM read unit, a snapshot) first has kept ones closed
+while the pool could not lend it one without waiting (:meth:`WarmConnections.make_room`).
+The leak detector is told of each loan and return, so a unit holding a kept connection too
+long is reported as any other; the pool's status (``Database.pool_status``) counts kept
+connections as idle.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -46,7 +52,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["WarmConnections"]
+__all__ = ["WarmConnections", "supports"]
 
 logger = logging.getLogger("bastion.database")
 
@@ -66,6 +72,16 @@ class WarmConnections:
         on_lend: Callable[[Any], None],
         on_rest: Callable[[Any], None],
     ) -> None:
+        """Keep up to ``limit`` connections of ``engine`` (a QueuePool's, of a driver
+        :func:`supports` names).
+
+        Raises:
+            ValueError: no way to tell whether the driver's connections are reusable.
+        """
+        driver = _DRIVERS.get(engine.dialect.driver)
+        if driver is None:
+            raise ValueError(f"connections of the {engine.dialect.driver} driver are not kept")
+        self._reusable, self._reset = driver
         self._engine = engine
         self._limit = limit
         self._on_lend = on_lend
@@ -85,7 +101,7 @@ class WarmConnections:
         instead, which returns it to its pool.
 
         A failure to close it is logged (``bastion.database``), not raised: the unit goes on
-        with a connection from the pool.
+        with a connection from the pool. (So is one in :meth:`make_room`.)
         """
         while self._idle:
             connection = self._idle.pop()
@@ -93,10 +109,7 @@ class WarmConnections:
                 self._on_lend(_record(connection))
                 _forget_unit_state(connection)
                 return connection
-            try:
-                await connection.close()
-            except Exception:
-                logger.warning("closing a stale kept read connection failed", exc_info=True)
+            await self._close_quietly(connection)
         return None
 
     def keep(self, connection: AsyncConnection) -> bool:
@@ -108,20 +121,30 @@ class WarmConnections:
             # Past its size (a burst), the pool must see connections come back to close the
             # ones beyond it; kept ones would hold it there.
             or self._engine.sync_engine.pool.overflow() > 0  # type: ignore[attr-defined]
-            or not _reusable(connection)
+            or not _reusable(connection, self._reusable)
             or not self._fresh(connection)
         ):
             return False
-        driver = _driver(connection)
         try:
-            # What the pool's reset does: the driver's rollback, a no-op on a connection
-            # outside a transaction but for lifting the statement deadline.
-            driver._conn.rollback()
+            self._reset(_adapter(connection))
         except Exception:
             return False
         self._on_rest(_record(connection))
         self._idle.append(connection)
         return True
+
+    async def make_room(self) -> None:
+        """Close kept connections while the pool could not lend one more without waiting.
+
+        For units that take their connection from the pool instead of from here: kept
+        connections count inside the pool's size and overflow, and the pool gate admits as
+        many units as those allow, so each unit must find one.
+        """
+        pool: Any = self._engine.sync_engine.pool
+        while self._idle and not (
+            pool.checkedin() > 0 or pool._max_overflow < 0 or pool.overflow() < pool._max_overflow
+        ):
+            await self._close_quietly(self._idle.pop())
 
     async def close(self) -> None:
         """Stop keeping connections and close the kept ones (back to their pool).
@@ -141,6 +164,13 @@ class WarmConnections:
         if failure is not None:
             raise failure
 
+    @staticmethod
+    async def _close_quietly(connection: AsyncConnection) -> None:
+        try:
+            await connection.close()
+        except Exception:
+            logger.warning("closing a kept read connection failed", exc_info=True)
+
     def _fresh(self, connection: AsyncConnection) -> bool:
         """Whether the pool would hand ``connection`` out as it is (its checkout's checks)."""
         sync = connection.sync_connection
@@ -158,7 +188,7 @@ class WarmConnections:
         )
 
 
-def _reusable(connection: AsyncConnection) -> bool:
+def _reusable(connection: AsyncConnection, driver_reusable: Callable[[Any], bool]) -> bool:
     """Whether ``connection`` is as a fresh checkout of its engine would be."""
     sync = connection.sync_connection
     if (
@@ -172,14 +202,52 @@ def _reusable(connection: AsyncConnection) -> bool:
     ):
         return False
     fairy = sync._dbapi_connection
-    if fairy is None or fairy.dbapi_connection is None:
-        return False
-    driver = getattr(fairy.dbapi_connection, "_connection", None)
+    return (
+        fairy is not None
+        and fairy.dbapi_connection is not None
+        and driver_reusable(fairy.dbapi_connection)
+    )
+
+
+def _sqlite_reusable(adapter: Any) -> bool:
+    driver = getattr(adapter, "_connection", None)
     if not isinstance(driver, InlineReads) or not driver.bastion_ready():
-        return False
+        return False  # not set up to run on the loop, or a read still on its thread
     sqlite_connection: Any = driver._conn  # type: ignore[attr-defined]  # aiosqlite's
     # A cursor left open holds a read snapshot (the pool's reset closes it: bastion._sqlite).
     return not sqlite_connection.in_transaction and not getattr(sqlite_connection, "_cursors", ())
+
+
+def _sqlite_reset(adapter: Any) -> None:
+    # The pool's reset: the driver's rollback, a no-op outside a transaction but for lifting
+    # the statement deadline.
+    adapter._connection._conn.rollback()
+
+
+def _asyncpg_reusable(adapter: Any) -> bool:
+    connection = adapter._connection
+    return (
+        adapter.isolation_level == "autocommit"
+        and adapter._transaction is None
+        and not adapter._execute_mutex.locked()
+        and not connection.is_closed()
+        and not connection.is_in_transaction()
+    )
+
+
+def _asyncpg_reset(_adapter: Any) -> None:
+    pass  # the pool's rollback does nothing on an AUTOCOMMIT connection outside a transaction
+
+
+_DRIVERS: Final[dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]]] = {
+    "aiosqlite": (_sqlite_reusable, _sqlite_reset),
+    "asyncpg": (_asyncpg_reusable, _asyncpg_reset),
+}
+
+
+def supports(engine: AsyncEngine) -> bool:
+    """Whether :class:`WarmConnections` can keep ``engine``'s connections (its driver's)."""
+    return engine.dialect.driver in _DRIVERS
 
 
 def _fairy(connection: AsyncConnection) -> Any:
@@ -188,8 +256,8 @@ def _fairy(connection: AsyncConnection) -> Any:
     return sync._dbapi_connection
 
 
-def _driver(connection: AsyncConnection) -> Any:
-    return _fairy(connection).dbapi_connection._connection
+def _adapter(connection: AsyncConnection) -> Any:
+    return _fairy(connection).dbapi_connection
 
 
 def _record(connection: AsyncConnection) -> Any:

@@ -76,6 +76,7 @@ from bastion._sqlite import (
 from bastion._sqlite_writer import WriterQueue
 from bastion._translate import translate_error
 from bastion._warm_connections import WarmConnections
+from bastion._warm_connections import supports as supports_warm_connections
 from bastion.breaker import BreakerSnapshot, CircuitBreaker
 from bastion.connection_leaks import LeakDetector
 from bastion.errors import (
@@ -257,9 +258,7 @@ class Database:
         """The most connections this Database's pools can hold at once.
 
         ``DB_POOL_SIZE + DB_MAX_OVERFLOW`` for each of the write and the read pool; one for
-        an in-memory SQLite database, which lives inside its single connection. (An SQLite
-        file's read pool may also keep up to ``DB_POOL_SIZE`` idle connections beyond this,
-        warm for the next read unit: :mod:`bastion._warm_connections`.)
+        an in-memory SQLite database, which lives inside its single connection.
         """
         settings = self.settings
         return 1 if settings.is_memory else 2 * (settings.pool_size + settings.max_overflow)
@@ -403,6 +402,9 @@ class Database:
         maker = self._snapshot_sessions if consistent else self._read_sessions
         async with self._unit(), self._gate(self._read_engine):
             assert maker is not None
+            if self._warm_reads is not None:
+                # This unit's session checks out from the pool, where kept connections count.
+                await self._warm_reads.make_room()
             async with maker() as session:
                 try:
                     yield session
@@ -569,11 +571,12 @@ class Database:
     ) -> AbstractAsyncContextManager[AsyncConnection]:
         """A connection of ``engine`` (of ``connection_class``, if given) for a unit (see
         :mod:`bastion._checkout` for SQLite's, and ``warm``'s)."""
+        connect = engine.connect if connection_class is None else partial(connection_class, engine)
         if self.settings.backend == "sqlite":
-            if connection_class is None:
-                return checked_out(engine.connect, warm)
-            return checked_out(partial(connection_class, engine), warm)
-        return engine.connect() if connection_class is None else connection_class(engine)
+            return checked_out(connect, warm)
+        if warm is not None:
+            return checked_out(connect, warm, close_in_task=True)
+        return connect()
 
     def _gate(self, engine: AsyncEngine | None) -> AbstractAsyncContextManager[None]:
         """A first-come, first-served turn at ``engine``'s pool (see :mod:`bastion._pool_gate`)."""
@@ -662,10 +665,16 @@ class Database:
             autobegin=self.settings.backend == "postgresql" and self.settings.pgbouncer,
         )
         self._lean_writes = lean_connection_class(engines.primary, writes=True)
-        if engines.warm_room > 0:
+        read_pool = read_engine.sync_engine.pool
+        if (
+            engines.reader is not engines.primary  # in-memory SQLite: its only connection
+            and isinstance(read_pool, QueuePool)
+            and not self.settings.pgbouncer  # its read units run in transactions
+            and supports_warm_connections(read_engine)
+        ):
             self._warm_reads = WarmConnections(
                 read_engine,
-                engines.warm_room,
+                read_pool.size(),
                 on_lend=self.leaks.hold,
                 on_rest=self.leaks.release,
             )
@@ -761,13 +770,11 @@ def _raise_translated(exc: Exception, *, during_commit: bool = False) -> None:
 
 
 def _pool_gates(engines: Engines, timeout_s: float) -> dict[Pool, PoolGate]:
-    """A gate for each bounded pool of ``engines``, admitting as many units as it can lend
-    (less the room kept for warm read connections, which are not units)."""
+    """A gate for each bounded pool of ``engines``, admitting as many units as it can lend."""
     gates: dict[Pool, PoolGate] = {}
     for engine in engines.all:
         pool = engine.sync_engine.pool
         overflow = getattr(pool, "_max_overflow", -1)  # QueuePool's; -1: no limit
         if isinstance(pool, QueuePool) and overflow >= 0:
-            room = engines.warm_room if engine is engines.reader else 0
-            gates[pool] = PoolGate(pool.size() + overflow - room, timeout_s)
+            gates[pool] = PoolGate(pool.size() + overflow, timeout_s)
     return gates

@@ -1,4 +1,4 @@
-"""SQLite read units reuse a connection kept from an earlier unit (bastion._warm_connections).
+"""Read units reuse a connection kept from an earlier unit (bastion._warm_connections).
 
 Each test counts the read pool's own checkouts (a pool ``checkout`` listener): a unit on a kept
 connection makes none. The tests say when a connection must *not* be kept, because something
@@ -13,23 +13,22 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
-from sqlalchemy import bindparam, event, insert, select, text
+from sqlalchemy import bindparam, event, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion import Database
 from bastion._sqlite import _NO_DEADLINE
 from conversations.models import User
 from tests.conftest import make_settings
+from tests.faults.leaks import asyncpg_dsn
 
 USERS = User.__table__
 NAME_OF = select(USERS.c.name).where(USERS.c.id == bindparam("uid"))
 
 
-@pytest.fixture
-def backend() -> str:
-    """SQLite only: PostgreSQL read units always go back to the pool."""
-    return "sqlite"
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 @pytest.fixture
@@ -248,6 +247,7 @@ async def test_close_closes_kept_connections_without_waiting(
     assert "still in use" not in caplog.text
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])
 async def test_the_statement_deadline_is_lifted_when_a_connection_is_kept(
     database_url: str,
 ) -> None:
@@ -265,8 +265,9 @@ async def test_the_statement_deadline_is_lifted_when_a_connection_is_kept(
 
 
 async def test_a_kept_connection_never_keeps_an_admitted_unit_waiting(database_url: str) -> None:
-    """Session units share the read pool but not the kept connections: the pool has room
-    for both (Engines.warm_room), so with one connection allowed none of them times out."""
+    """Session units share the read pool but not the kept connections: they have kept ones
+    closed when the pool has no other to lend (make_room), so with one connection allowed
+    none of them times out."""
     settings = make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=1)
     async with Database(settings) as db:
         await warm_up(db)
@@ -279,3 +280,30 @@ async def test_a_kept_connection_never_keeps_an_admitted_unit_waiting(database_u
         async with db.read_connection() as connection:
             await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
         assert db.pool_status().checked_out == 0
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_kept_connection_the_server_dropped_fails_once_then_is_replaced(
+    database: Database,
+) -> None:
+    """As with a pooled connection: the next statement on it fails as a disconnect, which
+    invalidates the pool (kept connections with it), and a re-run gets a new connection."""
+    backend_pid = select(func.pg_backend_pid())
+    for _ in range(2):  # the second run is on the lean path: its connection is kept
+        async with database.read_connection() as connection:
+            pid = await connection.scalar(backend_pid)
+    assert read_engine(database).sync_engine.pool.checkedout() == 1
+    admin = await asyncpg.connect(
+        asyncpg_dsn(database.settings.url.render_as_string(hide_password=False))
+    )
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+    await asyncio.sleep(0.1)
+
+    async def read_pid(connection: AsyncConnection) -> int:
+        return int(await connection.scalar(backend_pid))
+
+    assert await database.run(database.read_connection, read_pid) != pid
+    assert database.pool_status().checked_out == 0
