@@ -122,7 +122,6 @@ class WarmConnections:
             # ones beyond it; kept ones would hold it there.
             or self._engine.sync_engine.pool.overflow() > 0  # type: ignore[attr-defined]
             or not _reusable(connection, self._reusable)
-            or not self._fresh(connection)
         ):
             return False
         try:
