@@ -666,6 +666,7 @@ class Database:
         )
         self._lean_writes = lean_connection_class(engines.primary, writes=True)
         read_pool = read_engine.sync_engine.pool
+        self._warm_reads = None
         if (
             engines.reader is not engines.primary  # in-memory SQLite: its only connection
             and isinstance(read_pool, QueuePool)
