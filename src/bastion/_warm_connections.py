@@ -17,8 +17,14 @@ it differs from a fresh checkout's:
 * not closed, not invalidated, no listener or execution option of its own;
 * still of the engine's current pool (``engine.dispose()``, after a restore, makes a new one);
 * the pool not past its size (after a burst it must see connections come back, to close
-  those beyond its size), and fewer kept than its size;
+  those beyond its size), and fewer kept than its size (one fewer with no overflow, so that
+  a checkout that passes no gate, an application's own ``engine.connect()``, finds one);
+* no pool listener (checkout, check-in, reset) added since the keeping began: a kept
+  connection skips those events, which an application's listener may rely on;
 * the Database still running.
+
+Nothing is kept with ``DB_POOL_PRE_PING`` (a kept connection would skip the ping) or in
+PgBouncer mode (its read units run in transactions).
 
 What the pool's return does that still matters is done here: on SQLite the driver's rollback,
 which also lifts the statement deadline (:mod:`bastion._sqlite`); on PostgreSQL's
@@ -31,7 +37,10 @@ fails as a disconnect and invalidates the pool.
 
 Kept connections are counted inside the pool's size and overflow, so a unit that opens its
 connection through the pool instead (an ORM read unit, a snapshot) first has kept ones closed
-while the pool could not lend it one without waiting (:meth:`WarmConnections.make_room`).
+while the pool could not lend it one without waiting (:meth:`WarmConnections.make_room`), and
+then takes its connection at once, before another unit can count the same free one. A kept
+connection of a pool since disposed (a restore) is invalidated rather than returned, since
+its old pool would hold it open.
 The leak detector is told of each loan and return, so a unit holding a kept connection too
 long is reported as any other; the pool's status (``Database.pool_status``) counts kept
 connections as idle.
@@ -84,25 +93,35 @@ class WarmConnections:
         self._reusable, self._reset = driver
         self._engine = engine
         self._limit = limit
+        # The pool's own listeners now (Bastion's): a kept connection skips checkout, check-in
+        # and reset, so one added later (an application's) stops the keeping.
+        self._pool_listeners = _pool_listener_counts(engine)
         self._on_lend = on_lend
         self._on_rest = on_rest
         self._idle: list[AsyncConnection] = []
         self._open = True
 
     def __len__(self) -> int:
-        """How many connections are kept, idle, now."""
-        return len(self._idle)
+        """How many connections of the engine's current pool are kept, idle, now (those of a
+        pool since disposed are out of the current pool's count already)."""
+        pool = self._engine.sync_engine.pool
+        return sum(1 for connection in self._idle if _fairy(connection)._pool is pool)
 
     async def lend(self) -> AsyncConnection | None:
         """A kept connection fit for a unit, or ``None``: open one through the pool.
 
         A kept connection the pool would not hand out as it is (older than its recycle age,
-        invalidated meanwhile, or of a pool since disposed) is closed through SQLAlchemy
-        instead, which returns it to its pool.
+        invalidated meanwhile) is closed through SQLAlchemy instead, which returns it to its
+        pool; one of a pool since disposed (a restore) is invalidated, which closes its driver
+        connection, since its old pool would keep it open. If an application has added pool
+        listeners since, every kept connection is closed and none is kept from then on.
 
         A failure to close it is logged (``bastion.database``), not raised: the unit goes on
         with a connection from the pool. (So is one in :meth:`make_room`.)
         """
+        if self._idle and _pool_listener_counts(self._engine) != self._pool_listeners:
+            while self._idle:
+                await self._close_quietly(self._idle.pop())
         while self._idle:
             connection = self._idle.pop()
             if self._fresh(connection):
@@ -121,6 +140,7 @@ class WarmConnections:
             # Past its size (a burst), the pool must see connections come back to close the
             # ones beyond it; kept ones would hold it there.
             or self._engine.sync_engine.pool.overflow() > 0  # type: ignore[attr-defined]
+            or _pool_listener_counts(self._engine) != self._pool_listeners
             or not _reusable(connection, self._reusable)
         ):
             return False
@@ -157,16 +177,20 @@ class WarmConnections:
         failure: BaseException | None = None
         for connection in kept:
             try:
-                await connection.close()
+                await self._close(connection)
             except Exception as exc:
                 failure = failure or exc
         if failure is not None:
             raise failure
 
-    @staticmethod
-    async def _close_quietly(connection: AsyncConnection) -> None:
+    async def _close(self, connection: AsyncConnection) -> None:
+        if _fairy(connection)._pool is not self._engine.sync_engine.pool:
+            await connection.invalidate()  # its disposed pool would hold it open
+        await connection.close()
+
+    async def _close_quietly(self, connection: AsyncConnection) -> None:
         try:
-            await connection.close()
+            await self._close(connection)
         except Exception:
             logger.warning("closing a kept read connection failed", exc_info=True)
 
@@ -247,6 +271,11 @@ _DRIVERS: Final[dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]]] 
 def supports(engine: AsyncEngine) -> bool:
     """Whether :class:`WarmConnections` can keep ``engine``'s connections (its driver's)."""
     return engine.dialect.driver in _DRIVERS
+
+
+def _pool_listener_counts(engine: AsyncEngine) -> tuple[int, ...]:
+    dispatch: Any = engine.sync_engine.pool.dispatch
+    return (len(dispatch.checkout), len(dispatch.checkin), len(dispatch.reset))
 
 
 def _fairy(connection: AsyncConnection) -> Any:

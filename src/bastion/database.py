@@ -403,9 +403,13 @@ class Database:
         async with self._unit(), self._gate(self._read_engine):
             assert maker is not None
             if self._warm_reads is not None:
-                # This unit's session checks out from the pool, where kept connections count.
+                # This unit's session checks out from the pool, where kept connections count:
+                # make room, then take it at once (a session takes it at its first statement,
+                # and another unit's make_room would count the same free connection).
                 await self._warm_reads.make_room()
             async with maker() as session:
+                if self._warm_reads is not None:
+                    await session.connection()
                 try:
                     yield session
                 except sa_exc.DBAPIError:
@@ -671,11 +675,15 @@ class Database:
             engines.reader is not engines.primary  # in-memory SQLite: its only connection
             and isinstance(read_pool, QueuePool)
             and not self.settings.pgbouncer  # its read units run in transactions
+            # A kept connection is lent without the pool's checkout, so without its ping.
+            and not self.settings.pool_pre_ping
             and supports_warm_connections(read_engine)
         ):
             self._warm_reads = WarmConnections(
                 read_engine,
-                read_pool.size(),
+                # With no overflow, one connection stays in the pool for checkouts that pass
+                # no gate (an application's own engine.connect()).
+                read_pool.size() - (1 if self.settings.max_overflow == 0 else 0),
                 on_lend=self.leaks.hold,
                 on_rest=self.leaks.release,
             )

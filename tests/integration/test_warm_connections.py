@@ -1,8 +1,10 @@
 """Read units reuse a connection kept from an earlier unit (bastion._warm_connections).
 
-Each test counts the read pool's own checkouts (a pool ``checkout`` listener): a unit on a kept
-connection makes none. The tests say when a connection must *not* be kept, because something
-about it differs from what a fresh checkout would give the next unit.
+A kept connection stays checked out of the read pool between units (``pool.checkedout()``),
+and the next unit gets the same driver connection. The tests say when a connection must *not*
+be kept, because something about it differs from what a fresh checkout would give the next
+unit. (A pool listener added by a test would itself stop the keeping: see
+``test_a_pool_listener_added_later_stops_the_keeping``.)
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def options_of(connection: AsyncConnection) -> dict[str, object]:
     return dict(connection.sync_connection.get_execution_options())
 
 
+def driver_closed(driver: object) -> bool:
+    is_closed = getattr(driver, "is_closed", None)  # asyncpg's
+    if is_closed is not None:
+        return bool(is_closed())
+    return getattr(driver, "_connection", None) is None  # aiosqlite's, once closed
+
+
 async def add_user(database: Database, name: str) -> uuid.UUID:
     uid = uuid.uuid4()
     async with database.write_connection() as connection:
@@ -82,22 +91,25 @@ async def warm_up(database: Database) -> None:
 async def test_a_read_unit_reuses_the_last_units_connection(database: Database) -> None:
     uid = await add_user(database, "warm")
     await warm_up(database)
-    checkouts = PoolCheckouts(read_engine(database))
+    pool = read_engine(database).sync_engine.pool
     drivers = []
     for _ in range(5):
         async with database.read_connection() as connection:
             assert await connection.scalar(NAME_OF, {"uid": uid}) == "warm"
             drivers.append(await driver_of(connection))
-    assert checkouts.count <= 1
+        assert pool.checkedout() == 1  # kept out of the pool, not returned to it
     assert len(set(map(id, drivers))) == 1
 
 
 async def test_a_kept_connection_sees_what_was_committed_since(database: Database) -> None:
+    await warm_up(database)
     async with database.read_connection() as connection:
-        assert (await connection.execute(select(USERS.c.name))).all() == []
+        assert await connection.scalar(NAME_OF, {"uid": uuid.uuid4()}) is None
+        kept = await driver_of(connection)
     uid = await add_user(database, "later")
     async with database.read_connection() as connection:
         assert await connection.scalar(NAME_OF, {"uid": uid}) == "later"
+        assert await driver_of(connection) is kept
 
 
 async def test_a_unit_that_began_a_transaction_goes_back_to_the_pool(database: Database) -> None:
@@ -106,26 +118,24 @@ async def test_a_unit_that_began_a_transaction_goes_back_to_the_pool(database: D
         await connection.execute(text("SELECT 1"))
         assert connection.in_transaction()
         first = await driver_of(connection)
-    checkouts = PoolCheckouts(read_engine(database))
+    assert read_engine(database).sync_engine.pool.checkedout() == 0  # back in the pool
     async with database.read_connection() as connection:
         assert not connection.in_transaction()
         await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
-        assert await driver_of(connection) is first  # back from the pool, not kept
-    assert checkouts.count == 1
+        assert await driver_of(connection) is first
 
 
 async def test_a_unit_that_raised_goes_back_to_the_pool(database: Database) -> None:
     await warm_up(database)
     async with database.read_connection() as connection:
         await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
-    checkouts = PoolCheckouts(read_engine(database))
+    pool = read_engine(database).sync_engine.pool
+    assert pool.checkedout() == 1
     with pytest.raises(RuntimeError):
         async with database.read_connection() as connection:
             await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
             raise RuntimeError("the route failed")
-    async with database.read_connection() as connection:
-        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
-    assert checkouts.count == 1
+    assert pool.checkedout() == 0  # back in the pool
 
 
 async def test_execution_options_set_in_a_unit_do_not_reach_the_next(database: Database) -> None:
@@ -212,13 +222,14 @@ async def test_a_disposed_pools_kept_connection_is_not_lent(database: Database) 
     """A restore disposes the engines: kept connections of the old pool must not serve."""
     await warm_up(database)
     async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
         old = await driver_of(connection)
     await read_engine(database).dispose()
-    checkouts = PoolCheckouts(read_engine(database))
+    assert database.pool_status().checked_out == 0  # the old pool's kept one is not counted
     async with database.read_connection() as connection:
         await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
         assert await driver_of(connection) is not old
-    assert checkouts.count == 1
+    assert driver_closed(old)  # closed, not left open in the disposed pool
 
 
 async def test_an_invalidated_pools_kept_connection_is_not_lent(database: Database) -> None:
@@ -259,27 +270,63 @@ async def test_the_statement_deadline_is_lifted_when_a_connection_is_kept(
         async with db.read_connection() as connection:
             await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
             sqlite_connection = (await driver_of(connection))._conn  # type: ignore[attr-defined]
+        assert read_engine(db).sync_engine.pool.checkedout() == 1  # kept, not reset by the pool
         deadline = sqlite_connection.bastion_deadline
         assert deadline is not None
         assert deadline[0] == _NO_DEADLINE
 
 
 async def test_a_kept_connection_never_keeps_an_admitted_unit_waiting(database_url: str) -> None:
-    """Session units share the read pool but not the kept connections: they have kept ones
-    closed when the pool has no other to lend (make_room), so with one connection allowed
-    none of them times out."""
-    settings = make_settings(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=1)
+    """Session units share the read pool but not the kept connections: each has kept ones
+    closed when the pool has none to lend, and takes its connection at once, so two admitted
+    together cannot count the same free one (the second would wait past DB_POOL_TIMEOUT while
+    the first holds it)."""
+    settings = make_settings(database_url, DB_POOL_SIZE=2, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=1)
     async with Database(settings) as db:
         await warm_up(db)
         async with db.read_connection() as connection:
             await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
-        assert read_engine(db).sync_engine.pool.checkedout() == 1  # kept
-        for consistent in (False, True):
+        pool = read_engine(db).sync_engine.pool
+        assert pool.checkedout() == 1  # kept: size 2 less the one left for ungated checkouts
+
+        async def session_read(pause_s: float, hold_s: float, consistent: bool) -> None:
             async with db.read(consistent=consistent) as session:
+                await asyncio.sleep(pause_s)  # before the first statement
                 assert await session.scalar(NAME_OF, {"uid": uuid.uuid4()}) is None
+                await asyncio.sleep(hold_s)
+
+        first = asyncio.create_task(session_read(0.05, 1.5, consistent=False))
+        await asyncio.sleep(0.01)
+        await session_read(0.2, 0, consistent=True)
+        await first
         async with db.read_connection() as connection:
             await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
         assert db.pool_status().checked_out == 0
+
+
+async def test_nothing_is_kept_with_pre_ping(database_url: str) -> None:
+    """A kept connection would skip the ping the pool gives each checkout."""
+    async with Database(make_settings(database_url, DB_POOL_PRE_PING=True)) as db:
+        await warm_up(db)
+        async with db.read_connection() as connection:
+            await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+        assert read_engine(db).sync_engine.pool.checkedout() == 0
+
+
+async def test_a_pool_listener_added_later_stops_the_keeping(database: Database) -> None:
+    """Kept connections skip the pool's checkout, check-in and reset: an application's
+    listener there must see every unit's connection."""
+    await warm_up(database)
+    async with database.read_connection() as connection:
+        await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+    pool = read_engine(database).sync_engine.pool
+    assert pool.checkedout() == 1
+    checkouts = PoolCheckouts(read_engine(database))
+    for _ in range(2):
+        async with database.read_connection() as connection:
+            await connection.execute(NAME_OF, {"uid": uuid.uuid4()})
+    assert checkouts.count == 2
+    assert pool.checkedout() == 0
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])
