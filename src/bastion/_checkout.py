@@ -11,9 +11,9 @@ close that does suspend is cancelled, SQLAlchemy discards the connection instead
 it. When the block raises (a cancellation included), the close is shielded as SQLAlchemy's
 own exit does it.
 
-With :class:`~bastion._warm_connections.WarmConnections`, a read unit takes a connection kept
-started from an earlier unit instead, and a connection fit for it goes back there rather than
-to the pool.
+With :class:`~bastion._warm_connections.WarmConnections`, a unit (``read_connection``,
+``write_connection``) takes a connection kept started from an earlier unit of its kind
+instead, and a connection fit for it goes back there rather than to the pool.
 """
 
 from __future__ import annotations

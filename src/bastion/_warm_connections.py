@@ -1,19 +1,22 @@
-"""Read units' connections, kept started between units instead of going back to the pool.
+"""Units' connections, kept started between units instead of going back to the pool.
 
 Opening and closing a unit's ``AsyncConnection`` through SQLAlchemy's pool costs about 100 µs
-of CPU per read unit on either backend (``bench/README.md``, finding 43): two greenlets
+of CPU per unit on either backend (``bench/README.md``, findings 43 and 44): two greenlets
 spawned and switched to, a ``Connection`` built, the pool's checkout and check-in with their
 events, and the reset on return. A point read on the raw driver costs 170 µs in all on
-SQLite. Between two read units, on a connection that ran only SELECTs outside a transaction,
-that work gives the same answer every time: the next unit can use the same connection.
+SQLite. Between two units of one kind, on a connection left with no transaction, that work
+gives the same answer every time: the next unit can use the same connection.
 
-:class:`WarmConnections` keeps such connections, up to the pool's size, *checked out* and
-started, and lends them to the next read unit. A connection is kept only when nothing about
-it differs from a fresh checkout's:
+:class:`WarmConnections` keeps such connections of one engine, up to the pool's size,
+*checked out* and started, and lends them to the next unit: read units' connections
+(``Database.read_connection``) on the read engine, write units' (``Database.write_connection``,
+once their COMMIT has returned) on the write engine. A connection is kept only when nothing
+about it differs from a fresh checkout's:
 
-* no SQLAlchemy transaction (a statement that took SQLAlchemy's own path began one: its
-  rollback is the pool's business), none on the driver, nothing running on it (SQLite: no
-  cursor left open and nothing pending on its thread; asyncpg: no operation under way);
+* no SQLAlchemy transaction (a read unit's statement that took SQLAlchemy's own path began
+  one: its rollback is the pool's business), none on the driver, nothing running on it
+  (SQLite: no cursor left open and nothing pending on its thread; asyncpg: no operation under
+  way, and the isolation its engine gives: AUTOCOMMIT for reads, transactions for writes);
 * not closed, not invalidated, no listener or execution option of its own;
 * still of the engine's current pool (``engine.dispose()``, after a restore, makes a new one);
 * the pool not past its size (after a burst it must see connections come back, to close
@@ -24,19 +27,21 @@ it differs from a fresh checkout's:
 * the Database still running.
 
 Nothing is kept with ``DB_POOL_PRE_PING`` (a kept connection would skip the ping) or in
-PgBouncer mode (its read units run in transactions).
+PgBouncer mode (its read units run in transactions, and a kept connection would hold a client
+slot of PgBouncer's between units).
 
 What the pool's return does that still matters is done here: on SQLite the driver's rollback,
-which also lifts the statement deadline (:mod:`bastion._sqlite`); on PostgreSQL's
-AUTOCOMMIT reads the pool's rollback does nothing. When lent again, a connection is checked
+which also lifts the statement deadline (:mod:`bastion._sqlite`); on PostgreSQL, with no
+transaction open, the pool's rollback does nothing. When lent again, a connection is checked
 as the pool checks it at checkout (recycle age, pool-wide and soft invalidation: after a
 disconnect, SQLAlchemy invalidates the whole pool, and kept connections with it), and one
 that fails is closed through SQLAlchemy. As with the pool without ``pool_pre_ping``, a
 connection the server dropped while it sat idle is found by the next statement on it, which
-fails as a disconnect and invalidates the pool.
+fails as a disconnect and invalidates the pool (a write unit fails before it wrote anything,
+and ``Database.run`` runs it again).
 
 Kept connections are counted inside the pool's size and overflow, so a unit that opens its
-connection through the pool instead (an ORM read unit, a snapshot) first has kept ones closed
+connection through the pool instead (an ORM unit, a snapshot) first has kept ones closed
 while the pool could not lend it one without waiting (:meth:`WarmConnections.make_room`), and
 then takes its connection at once, before another unit can count the same free one. A kept
 connection of a pool since disposed (a restore) is invalidated rather than returned, since
@@ -67,7 +72,7 @@ logger = logging.getLogger("bastion.database")
 
 
 class WarmConnections:
-    """Started read connections of one engine, lent to read units without the pool's round trip.
+    """Started connections of one engine, lent to its units without the pool's round trip.
 
     ``on_lend(record)`` and ``on_rest(record)`` are told when a kept connection (its pool
     record) is lent to a unit and when it comes back (the leak detector's bookkeeping).
@@ -78,19 +83,21 @@ class WarmConnections:
         engine: AsyncEngine,
         limit: int,
         *,
+        writes: bool = False,
         on_lend: Callable[[Any], None],
         on_rest: Callable[[Any], None],
     ) -> None:
         """Keep up to ``limit`` connections of ``engine`` (a QueuePool's, of a driver
-        :func:`supports` names).
+        :func:`supports` names) for its read units, or with ``writes=True`` its write units.
 
         Raises:
             ValueError: no way to tell whether the driver's connections are reusable.
         """
-        driver = _DRIVERS.get(engine.dialect.driver)
+        driver = _DRIVERS.get((engine.dialect.driver, writes))
         if driver is None:
             raise ValueError(f"connections of the {engine.dialect.driver} driver are not kept")
         self._reusable, self._reset = driver
+        self._kind = "write" if writes else "read"
         self._engine = engine
         self._limit = limit
         # The pool's own listeners now (Bastion's): a kept connection skips checkout, check-in
@@ -192,7 +199,7 @@ class WarmConnections:
         try:
             await self._close(connection)
         except Exception:
-            logger.warning("closing a kept read connection failed", exc_info=True)
+            logger.warning("closing a kept %s connection failed", self._kind, exc_info=True)
 
     def _fresh(self, connection: AsyncConnection) -> bool:
         """Whether the pool would hand ``connection`` out as it is (its checkout's checks)."""
@@ -247,30 +254,43 @@ def _sqlite_reset(adapter: Any) -> None:
     adapter._connection._conn.rollback()
 
 
-def _asyncpg_reusable(adapter: Any) -> bool:
+def _asyncpg_idle(adapter: Any) -> bool:
+    """No transaction (SQLAlchemy's adapter's or the server's) and nothing running."""
     connection = adapter._connection
     return (
-        adapter.isolation_level == "autocommit"
-        and adapter._transaction is None
+        adapter._transaction is None
         and not adapter._execute_mutex.locked()
         and not connection.is_closed()
         and not connection.is_in_transaction()
     )
 
 
+def _asyncpg_read_reusable(adapter: Any) -> bool:
+    return adapter.isolation_level == "autocommit" and _asyncpg_idle(adapter)
+
+
+def _asyncpg_write_reusable(adapter: Any) -> bool:
+    # A write unit relies on its BEGIN: a driver connection switched to AUTOCOMMIT behind
+    # SQLAlchemy's back (the pool would not notice either) must not serve the next one.
+    return adapter.isolation_level != "autocommit" and _asyncpg_idle(adapter)
+
+
 def _asyncpg_reset(_adapter: Any) -> None:
-    pass  # the pool's rollback does nothing on an AUTOCOMMIT connection outside a transaction
+    pass  # the pool's rollback does nothing on a connection with no transaction open
 
 
-_DRIVERS: Final[dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]]] = {
-    "aiosqlite": (_sqlite_reusable, _sqlite_reset),
-    "asyncpg": (_asyncpg_reusable, _asyncpg_reset),
+_DRIVERS: Final[dict[tuple[str, bool], tuple[Callable[[Any], bool], Callable[[Any], None]]]] = {
+    # (driver, writes): (whether a connection is as a fresh checkout's, the pool's reset)
+    ("aiosqlite", False): (_sqlite_reusable, _sqlite_reset),
+    ("aiosqlite", True): (_sqlite_reusable, _sqlite_reset),
+    ("asyncpg", False): (_asyncpg_read_reusable, _asyncpg_reset),
+    ("asyncpg", True): (_asyncpg_write_reusable, _asyncpg_reset),
 }
 
 
 def supports(engine: AsyncEngine) -> bool:
     """Whether :class:`WarmConnections` can keep ``engine``'s connections (its driver's)."""
-    return engine.dialect.driver in _DRIVERS
+    return (engine.dialect.driver, False) in _DRIVERS
 
 
 def _pool_listener_counts(engine: AsyncEngine) -> tuple[int, ...]:

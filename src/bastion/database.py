@@ -181,6 +181,7 @@ class Database:
         self._lean_connections: type[AsyncConnection] | None = None
         self._lean_writes: type[AsyncConnection] | None = None
         self._warm_reads: WarmConnections | None = None
+        self._warm_writes: WarmConnections | None = None
         self._reads_without_transaction = False
         # The pools that were live when close() gave up waiting: units still running then
         # return their connections to them, and those must be closed, not parked.
@@ -349,14 +350,12 @@ class Database:
             with suppress(asyncio.CancelledError):
                 await self._monitor
         timeout_s = self.settings.close_timeout_s if timeout_s is None else timeout_s
-        if self._warm_reads is not None:
+        for warm in self._kept_connections():
             try:
-                await self._warm_reads.close()
+                await warm.close()
             except Exception:
                 # The pools' dispose below closes what it can; closing must go on.
-                logger.warning(
-                    "database close: closing a kept read connection failed", exc_info=True
-                )
+                logger.warning("database close: closing a kept connection failed", exc_info=True)
         engines = self._engines.all
         pools_in_use = tuple(engine.pool for engine in engines)
         try:
@@ -380,8 +379,8 @@ class Database:
             self._require_running()
         assert self._engines is not None
         pools: list[Any] = [engine.pool for engine in self._engines.all]
-        # Connections kept warm between read units are out of their pool but idle.
-        warm = len(self._warm_reads) if self._warm_reads is not None else 0
+        # Connections kept warm between units are out of their pool but idle.
+        warm = sum(len(kept) for kept in self._kept_connections())
         return PoolStatus(
             size=sum(pool.size() for pool in pools),
             checked_out=sum(pool.checkedout() for pool in pools) - warm,
@@ -473,10 +472,16 @@ class Database:
         async with self._unit(), self._write_turn():
             assert self._write_sessions is not None
             assert self._engines is not None
-            async with self._gate(self._engines.primary), self._write_sessions() as session:
-                yield session
-                await session.flush()
-                await _commit(session)
+            async with self._gate(self._engines.primary):
+                if self._warm_writes is not None:
+                    # As in read(): kept write connections count inside the pool.
+                    await self._warm_writes.make_room()
+                async with self._write_sessions() as session:
+                    if self._warm_writes is not None:
+                        await session.connection()
+                    yield session
+                    await session.flush()
+                    await _commit(session)
 
     @asynccontextmanager
     async def write_connection(self) -> AsyncIterator[AsyncConnection]:
@@ -494,7 +499,9 @@ class Database:
             waited_from = time.perf_counter()
             async with (
                 self._gate(self._engines.primary),
-                self._checkout(self._engines.primary, self._lean_writes) as connection,
+                self._checkout(
+                    self._engines.primary, self._lean_writes, self._warm_writes
+                ) as connection,
             ):
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
                 await connection.begin()
@@ -669,24 +676,37 @@ class Database:
             autobegin=self.settings.backend == "postgresql" and self.settings.pgbouncer,
         )
         self._lean_writes = lean_connection_class(engines.primary, writes=True)
-        read_pool = read_engine.sync_engine.pool
-        self._warm_reads = None
+        self._warm_reads = self._keep_connections(engines, read_engine, writes=False)
+        self._warm_writes = self._keep_connections(engines, engines.primary, writes=True)
+
+    def _keep_connections(
+        self, engines: Engines, engine: AsyncEngine, *, writes: bool
+    ) -> WarmConnections | None:
+        """Where ``engine``'s read (or write) units keep their connections between units, if
+        they may (see :mod:`bastion._warm_connections`)."""
+        pool = engine.sync_engine.pool
         if (
-            engines.reader is not engines.primary  # in-memory SQLite: its only connection
-            and isinstance(read_pool, QueuePool)
-            and not self.settings.pgbouncer  # its read units run in transactions
+            engines.reader is engines.primary  # in-memory SQLite: its only connection
+            or not isinstance(pool, QueuePool)
+            # Its read units run in transactions; a kept connection would hold a client slot.
+            or self.settings.pgbouncer
             # A kept connection is lent without the pool's checkout, so without its ping.
-            and not self.settings.pool_pre_ping
-            and supports_warm_connections(read_engine)
+            or self.settings.pool_pre_ping
+            or not supports_warm_connections(engine)
         ):
-            self._warm_reads = WarmConnections(
-                read_engine,
-                # With no overflow, one connection stays in the pool for checkouts that pass
-                # no gate (an application's own engine.connect()).
-                read_pool.size() - (1 if self.settings.max_overflow == 0 else 0),
-                on_lend=self.leaks.hold,
-                on_rest=self.leaks.release,
-            )
+            return None
+        return WarmConnections(
+            engine,
+            # With no overflow, one connection stays in the pool for checkouts that pass no
+            # gate (an application's own engine.connect(), a health check, maintenance).
+            pool.size() - (1 if self.settings.max_overflow == 0 else 0),
+            writes=writes,
+            on_lend=self.leaks.hold,
+            on_rest=self.leaks.release,
+        )
+
+    def _kept_connections(self) -> tuple[WarmConnections, ...]:
+        return tuple(kept for kept in (self._warm_reads, self._warm_writes) if kept is not None)
 
     async def _check_connection_budget(self) -> None:
         """Warn when every worker's pools at full size exceed the server's max_connections."""
