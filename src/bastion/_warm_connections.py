@@ -22,8 +22,9 @@ about it differs from a fresh checkout's:
 * the pool not past its size (after a burst it must see connections come back, to close
   those beyond its size), and fewer kept than its size (one fewer with no overflow, so that
   a checkout that passes no gate, an application's own ``engine.connect()``, finds one);
-* no pool listener (checkout, check-in, reset) added since the keeping began: a kept
-  connection skips those events, which an application's listener may rely on;
+* no pool listener (checkout, check-in, reset) nor ``engine_connect`` listener added since the
+  keeping began: a kept connection skips those events, which an application's listener may
+  rely on;
 * the Database still running.
 
 Nothing is kept with ``DB_POOL_PRE_PING`` (a kept connection would skip the ping) or in
@@ -41,11 +42,16 @@ fails as a disconnect and invalidates the pool (a write unit fails before it wro
 and ``Database.run`` runs it again).
 
 Kept connections are counted inside the pool's size and overflow, so a unit that opens its
-connection through the pool instead (an ORM unit, a snapshot) first has kept ones closed
-while the pool could not lend it one without waiting (:meth:`WarmConnections.make_room`), and
-then takes its connection at once, before another unit can count the same free one. A kept
-connection of a pool since disposed (a restore) is invalidated rather than returned, since
-its old pool would hold it open.
+connection through the pool instead (an ORM unit, a snapshot) is counted while it runs
+(:meth:`WarmConnections.reserve`), and kept ones are closed while the pool could not lend one
+to each such unit without waiting. Such a unit still takes its connection at its first
+statement, as SQLAlchemy's session does (so ``session.begin()`` and a connection's execution
+options in the block work as they do without Bastion, and SQLite's write lock is taken only
+then). With no overflow, write units keep nothing: the write engine is also ``db.engine``,
+whose own checkouts (health checks, migrations, maintenance) pass no gate and could otherwise
+wait for idle kept connections. A kept connection of a pool since disposed (a restore) is
+invalidated rather than returned, since its old pool would hold it open, and one whose pool
+was disposed while its unit ran is not kept.
 The leak detector is told of each loan and return, so a unit holding a kept connection too
 long is reported as any other; the pool's status (``Database.pool_status``) counts kept
 connections as idle.
@@ -55,6 +61,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -62,7 +69,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bastion._sqlite_inline import InlineReads
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -107,6 +114,8 @@ class WarmConnections:
         self._on_rest = on_rest
         self._idle: list[AsyncConnection] = []
         self._open = True
+        # Units admitted that take their connection from the pool instead (see reserve()).
+        self._reserved = 0
 
     def __len__(self) -> int:
         """How many connections of the engine's current pool are kept, idle, now (those of a
@@ -124,7 +133,7 @@ class WarmConnections:
         listeners since, every kept connection is closed and none is kept from then on.
 
         A failure to close it is logged (``bastion.database``), not raised: the unit goes on
-        with a connection from the pool. (So is one in :meth:`make_room`.)
+        with a connection from the pool. (So is one in :meth:`reserve`.)
         """
         if self._idle and _pool_listener_counts(self._engine) != self._pool_listeners:
             while self._idle:
@@ -141,14 +150,18 @@ class WarmConnections:
     def keep(self, connection: AsyncConnection) -> bool:
         """Keep ``connection``, whose unit ended normally, for the next unit, if it is as a
         fresh checkout would be (see the module docstring); ``False``: close it as usual."""
+        pool: Any = self._engine.sync_engine.pool
         if (
             not self._open
             or len(self._idle) >= self._limit
             # Past its size (a burst), the pool must see connections come back to close the
             # ones beyond it; kept ones would hold it there.
-            or self._engine.sync_engine.pool.overflow() > 0  # type: ignore[attr-defined]
+            or pool.overflow() > 0
             or _pool_listener_counts(self._engine) != self._pool_listeners
             or not _reusable(connection, self._reusable)
+            # Its pool disposed while the unit ran (a restore): it would sit under newer
+            # kept connections, open, until close().
+            or _fairy(connection)._pool is not pool
         ):
             return False
         try:
@@ -159,18 +172,26 @@ class WarmConnections:
         self._idle.append(connection)
         return True
 
-    async def make_room(self) -> None:
-        """Close kept connections while the pool could not lend one more without waiting.
+    @asynccontextmanager
+    async def reserve(self) -> AsyncIterator[None]:
+        """For the block, a unit admitted by the pool gate that takes its connection from the
+        pool instead of from here (an ORM unit, a snapshot), whenever its first statement asks.
 
-        For units that take their connection from the pool instead of from here: kept
-        connections count inside the pool's size and overflow, and the pool gate admits as
-        many units as those allow, so each unit must find one.
+        Kept connections count inside the pool's size and overflow, and the gate admits as
+        many units as those allow, so each unit must find one: kept connections are closed
+        while the pool could not lend one to every such unit in their blocks now without
+        waiting. (Counting only the free connection, two such units admitted together would
+        both count the same one, the second then waiting for the first to end.) Units that
+        take kept connections need no room: they take a kept one before a free one.
         """
-        pool: Any = self._engine.sync_engine.pool
-        while self._idle and not (
-            pool.checkedin() > 0 or pool._max_overflow < 0 or pool.overflow() < pool._max_overflow
-        ):
-            await self._close_quietly(self._idle.pop())
+        self._reserved += 1
+        try:
+            pool: Any = self._engine.sync_engine.pool
+            while self._idle and _free(pool) < self._reserved:
+                await self._close_quietly(self._idle.pop())
+            yield
+        finally:
+            self._reserved -= 1
 
     async def close(self) -> None:
         """Stop keeping connections and close the kept ones (back to their pool).
@@ -294,8 +315,22 @@ def supports(engine: AsyncEngine) -> bool:
 
 
 def _pool_listener_counts(engine: AsyncEngine) -> tuple[int, ...]:
+    # The pool's events, and the engine's engine_connect, which fires for each new Connection
+    # (SQLAlchemy's own update_execution_options(isolation_level=...) sets its level there).
     dispatch: Any = engine.sync_engine.pool.dispatch
-    return (len(dispatch.checkout), len(dispatch.checkin), len(dispatch.reset))
+    return (
+        len(dispatch.checkout),
+        len(dispatch.checkin),
+        len(dispatch.reset),
+        len(engine.sync_engine.dispatch.engine_connect),
+    )
+
+
+def _free(pool: Any) -> float:
+    """How many connections a QueuePool can lend now without waiting (idle and unopened)."""
+    if pool._max_overflow < 0:
+        return float("inf")
+    return int(pool.checkedin()) + int(pool._max_overflow) - int(pool.overflow())
 
 
 def _fairy(connection: AsyncConnection) -> Any:

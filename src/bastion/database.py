@@ -399,16 +399,14 @@ class Database:
                 errors (see :mod:`bastion.errors`).
         """
         maker = self._snapshot_sessions if consistent else self._read_sessions
-        async with self._unit(), self._gate(self._read_engine):
+        async with (
+            self._unit(),
+            self._gate(self._read_engine),
+            # Its session checks out from the pool, where kept connections count.
+            self._reserve(self._warm_reads),
+        ):
             assert maker is not None
-            if self._warm_reads is not None:
-                # This unit's session checks out from the pool, where kept connections count:
-                # make room, then take it at once (a session takes it at its first statement,
-                # and another unit's make_room would count the same free connection).
-                await self._warm_reads.make_room()
             async with maker() as session:
-                if self._warm_reads is not None:
-                    await session.connection()
                 try:
                     yield session
                 except sa_exc.DBAPIError:
@@ -472,16 +470,15 @@ class Database:
         async with self._unit(), self._write_turn():
             assert self._write_sessions is not None
             assert self._engines is not None
-            async with self._gate(self._engines.primary):
-                if self._warm_writes is not None:
-                    # As in read(): kept write connections count inside the pool.
-                    await self._warm_writes.make_room()
-                async with self._write_sessions() as session:
-                    if self._warm_writes is not None:
-                        await session.connection()
-                    yield session
-                    await session.flush()
-                    await _commit(session)
+            async with (
+                self._gate(self._engines.primary),
+                # As in read(): kept write connections count inside the pool.
+                self._reserve(self._warm_writes),
+                self._write_sessions() as session,
+            ):
+                yield session
+                await session.flush()
+                await _commit(session)
 
     @asynccontextmanager
     async def write_connection(self) -> AsyncIterator[AsyncConnection]:
@@ -589,6 +586,10 @@ class Database:
             return checked_out(connect, warm, close_in_task=True)
         return connect()
 
+    def _reserve(self, warm: WarmConnections | None) -> AbstractAsyncContextManager[None]:
+        """Room in the pool for a unit that checks out through it (see ``warm.reserve``)."""
+        return warm.reserve() if warm is not None else nullcontext()
+
     def _gate(self, engine: AsyncEngine | None) -> AbstractAsyncContextManager[None]:
         """A first-come, first-served turn at ``engine``'s pool (see :mod:`bastion._pool_gate`)."""
         assert engine is not None
@@ -688,6 +689,10 @@ class Database:
         if (
             engines.reader is engines.primary  # in-memory SQLite: its only connection
             or not isinstance(pool, QueuePool)
+            # The write engine is also db.engine, whose own users (health checks, migrations,
+            # maintenance) check out past the gate: with no overflow to open more, kept
+            # connections could keep them waiting.
+            or (writes and self.settings.max_overflow == 0)
             # Its read units run in transactions; a kept connection would hold a client slot.
             or self.settings.pgbouncer
             # A kept connection is lent without the pool's checkout, so without its ping.

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from sqlalchemy import bindparam, func, insert, select, text
+from sqlalchemy import bindparam, event, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -148,15 +148,27 @@ async def test_a_connection_switched_to_autocommit_is_not_kept(database: Databas
     adapter.autocommit = False  # type: ignore[union-attr]  # for the pool's next unit
 
 
-async def test_an_orm_write_unit_admitted_beside_kept_connections_does_not_wait(
+@pytest.mark.parametrize("backend", ["postgresql"])  # SQLite runs one write unit at a time
+async def test_orm_write_units_admitted_beside_kept_connections_do_not_wait(
     database_url: str,
 ) -> None:
-    """ORM write units take their connection from the pool, where kept ones count: each has
-    kept ones closed when the pool has none to lend, and takes its connection at once."""
-    settings = make_settings(database_url, DB_POOL_SIZE=2, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=1)
+    """ORM write units take their connection from the pool, where kept ones count: kept ones
+    are closed while the pool could not lend one to each such unit, counting every one
+    admitted, so two admitted together do not count the same free connection."""
+    settings = make_settings(database_url, DB_POOL_SIZE=2, DB_MAX_OVERFLOW=1, DB_POOL_TIMEOUT=1)
     async with Database(settings) as db:
-        await add_user(db, "kept")
-        assert kept(db) == 1  # size 2 less the one left for ungated checkouts
+        both_in = asyncio.Event()
+
+        async def core_write(name: str) -> None:
+            async with db.write_connection() as connection:
+                await connection.execute(insert(USERS).values(id=uuid.uuid4(), name=name))
+                if both_in.is_set():
+                    return
+                both_in.set()
+                await asyncio.sleep(0.1)
+
+        await asyncio.gather(core_write("a"), core_write("b"))
+        assert kept(db) == 2  # the pool has one connection left to open (its overflow)
 
         async def orm_write(name: str, pause_s: float, hold_s: float) -> None:
             async with db.write() as session:
@@ -165,16 +177,82 @@ async def test_an_orm_write_unit_admitted_beside_kept_connections_does_not_wait(
                 await session.flush()
                 await asyncio.sleep(hold_s)
 
-        if db.backend == "sqlite":
-            # One SQLite write unit at a time: the second simply queues behind the first.
-            await asyncio.gather(orm_write("first", 0.05, 0.2), orm_write("second", 0.1, 0))
-        else:
-            first = asyncio.create_task(orm_write("first", 0.05, 1.5))
-            await asyncio.sleep(0.01)
-            await orm_write("second", 0.2, 0)
-            await first
-        assert await count_users(db) == 3
+        first = asyncio.create_task(orm_write("first", 0.05, 1.5))
+        await asyncio.sleep(0.01)
+        await orm_write("second", 0.2, 0)
+        await first
+        assert await count_users(db) == 4
         assert db.pool_status().checked_out == 0
+
+
+async def test_an_orm_write_unit_begins_at_its_first_statement(database: Database) -> None:
+    """As SQLAlchemy's session does: ``session.begin()`` works in the block, and SQLite's
+    write lock is not taken before the first statement."""
+    await add_user(database, "kept")
+    assert kept(database) == 1
+    async with database.write() as session:
+        if database.backend == "sqlite":
+            other = sqlite3.connect(database.settings.url.database or "", timeout=0)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # raises "database is locked" if it is held
+                other.execute("ROLLBACK")
+            finally:
+                other.close()
+        async with session.begin():
+            session.add(User(name="in its own begin"))
+    assert await count_users(database) == 2
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_an_orm_write_units_isolation_level_is_honoured(database: Database) -> None:
+    await add_user(database, "kept")
+    async with database.write() as session:
+        connection = await session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+        assert await connection.scalar(text("SHOW transaction_isolation")) == "serializable"
+
+
+async def test_with_no_overflow_write_units_keep_nothing(database_url: str) -> None:
+    """The write engine is db.engine: its own checkouts pass no gate, and must not wait for
+    idle kept connections."""
+    settings = make_settings(database_url, DB_POOL_SIZE=2, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=1)
+    async with Database(settings) as db:
+        await add_user(db, "not kept")
+        assert kept(db) == 0
+
+        async def hold_a_connection() -> None:
+            async with db.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+                await asyncio.sleep(0.3)
+
+        await asyncio.gather(hold_a_connection(), hold_a_connection())
+
+
+async def test_an_engine_connect_listener_added_later_stops_the_keeping(
+    database: Database,
+) -> None:
+    """Each unit's new Connection fires engine_connect, which a kept one would skip."""
+    await add_user(database, "kept")
+    assert kept(database) == 1
+    connects: list[object] = []
+    event.listen(write_engine(database).sync_engine, "engine_connect", connects.append)
+    await add_user(database, "a")
+    await add_user(database, "b")
+    assert len(connects) == 2
+    assert kept(database) == 0
+
+
+async def test_a_connection_whose_pool_was_disposed_during_its_unit_is_not_kept(
+    database: Database,
+) -> None:
+    await add_user(database, "kept")
+    async with database.write_connection() as connection:
+        await connection.execute(insert(USERS).values(id=uuid.uuid4(), name="across"))
+        old = await driver_of(connection)
+        await write_engine(database).dispose()  # as a restore does
+    warm = database._warm_writes
+    assert warm is not None
+    assert all([await driver_of(idle) is not old for idle in warm._idle])
+    assert await add_user(database, "after") is not old
 
 
 async def test_the_leak_detector_sees_a_kept_write_connection_while_lent(
