@@ -23,6 +23,7 @@ from bastion import (
 )
 from bastion._sqlite_inline import FALLBACKS, SLOW_STATEMENTS
 from bastion._sqlite_inline_writes import FAST_WRITES
+from bastion._sqlite_writer import WriterQueue
 from tests.conftest import make_settings
 from tests.integration.sqlite_calls import thread_calls
 
@@ -72,6 +73,34 @@ async def test_a_write_unit_inside_another_fails_after_the_busy_timeout_instead_
         with pytest.raises(TransactionConflictError, match="DB_SQLITE_BUSY_TIMEOUT"):
             async with database.write_connection():
                 pass
+
+
+async def test_a_turn_arriving_as_the_lock_passes_on_queues_and_keeps_its_timeout() -> None:
+    """Between a release and the woken unit's first step the lock looks free: a unit arriving
+    then must queue behind the woken one, and still give up after the busy timeout rather
+    than wait as long as that unit holds the lock."""
+    queue = WriterQueue(timeout_s=0.2)
+    order: list[str] = []
+
+    async def second() -> None:
+        async with queue.turn():
+            order.append("second")
+            await asyncio.sleep(0.5)
+
+    async with queue.turn():
+        waiting = asyncio.create_task(second())
+        await asyncio.sleep(0.05)  # queued behind this turn
+    # Released: "second" is woken but has not run yet.
+    started = time.monotonic()
+    with pytest.raises(TransactionConflictError):
+        async with queue.turn():
+            order.append("third")
+    assert time.monotonic() - started < 0.45  # gave up after the timeout, not after "second"
+    await waiting
+    assert order == ["second"]
+    async with queue.turn():  # free again: taken at once
+        order.append("fourth")
+    assert order == ["second", "fourth"]
 
 
 async def test_a_known_fast_write_statement_runs_without_a_thread_hop(database: Database) -> None:
