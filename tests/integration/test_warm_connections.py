@@ -17,30 +17,22 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from sqlalchemy import bindparam, event, func, insert, select, text
+from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bastion import Database
 from bastion._sqlite import _NO_DEADLINE
-from conversations.models import User
 from tests.conftest import make_settings
 from tests.faults.leaks import asyncpg_dsn
-
-USERS = User.__table__
-NAME_OF = select(USERS.c.name).where(USERS.c.id == bindparam("uid"))
-
+from tests.integration.kept_connections import NAME_OF, USERS, driver_of, small_pools
 
 pytestmark = pytest.mark.usefixtures("backend")
 
 
 @pytest.fixture
 async def database(database_url: str) -> AsyncIterator[Database]:
-    db = Database(make_settings(database_url, DB_POOL_SIZE=2, DB_MAX_OVERFLOW=2))
-    await db.start()
-    try:
+    async with Database(small_pools(database_url)) as db:
         yield db
-    finally:
-        await db.close()
 
 
 class PoolCheckouts:
@@ -56,10 +48,6 @@ class PoolCheckouts:
 
 def read_engine(database: Database) -> AsyncEngine:
     return database.engines[-1]
-
-
-async def driver_of(connection: AsyncConnection) -> object:
-    return (await connection.get_raw_connection()).driver_connection
 
 
 def options_of(connection: AsyncConnection) -> dict[str, object]:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from sqlalchemy import bindparam, event, func, insert, select, text
+from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -25,9 +25,8 @@ from bastion import Database
 from conversations.models import User
 from tests.conftest import make_settings
 from tests.faults.leaks import asyncpg_dsn
+from tests.integration.kept_connections import NAME_OF, USERS, driver_of, small_pools
 
-USERS = User.__table__
-NAME_OF = select(USERS.c.name).where(USERS.c.id == bindparam("uid"))
 HOW_MANY = select(func.count()).select_from(USERS)
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -35,12 +34,8 @@ pytestmark = pytest.mark.usefixtures("backend")
 
 @pytest.fixture
 async def database(database_url: str) -> AsyncIterator[Database]:
-    db = Database(make_settings(database_url, DB_POOL_SIZE=2, DB_MAX_OVERFLOW=2))
-    await db.start()
-    try:
+    async with Database(small_pools(database_url)) as db:
         yield db
-    finally:
-        await db.close()
 
 
 def write_engine(database: Database) -> AsyncEngine:
@@ -50,10 +45,6 @@ def write_engine(database: Database) -> AsyncEngine:
 def kept(database: Database) -> int:
     """Connections out of the write pool with no unit running: the kept ones."""
     return int(write_engine(database).sync_engine.pool.checkedout())
-
-
-async def driver_of(connection: AsyncConnection) -> object:
-    return (await connection.get_raw_connection()).driver_connection
 
 
 async def add_user(database: Database, name: str) -> object:
