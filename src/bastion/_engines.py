@@ -70,7 +70,7 @@ def create_engines(settings: DatabaseSettings) -> Engines:
                 grace_s=CLIENT_TIMEOUT_GRACE_S,
             ),
         )
-        return Engines(primary, reader)
+        return _invalidated_together(Engines(primary, reader))
 
     busy_timeout_ms = settings.sqlite_busy_timeout_ms
     statement_timeout_s = settings.statement_timeout_s
@@ -136,7 +136,32 @@ def _create_pgbouncer_engines(settings: DatabaseSettings) -> Engines:
         connect_args=connect_args,
         execution_options={"postgresql_readonly": True},
     )
-    return Engines(primary, reader)
+    return _invalidated_together(Engines(primary, reader))
+
+
+def _invalidated_together(engines: Engines) -> Engines:
+    """``engines``, each pool invalidated whenever the other's connection meets a disconnect.
+
+    Both engines reach the same server: when it restarts, the connections resting in one pool
+    are as dead as the one the other pool just lost. SQLAlchemy invalidates only the pool that
+    met the disconnect, so the other's next unit met it again and failed: after a restart
+    under write load, the first read answered 503 (``tests/faults/test_server_outages.py``,
+    S1). An invalidated pool replaces, at their next checkout, the connections it made before
+    (kept connections are checked the same way when lent, :mod:`bastion._warm_connections`).
+    """
+
+    def invalidate_the_other_pools(context: ExceptionContext) -> None:
+        if not (context.is_disconnect and context.invalidate_pool_on_disconnect):
+            return
+        for engine in engines.all:
+            if engine.sync_engine is not context.engine:
+                # SQLAlchemy's own pool-wide invalidation, as on a disconnect; no connection
+                # of this pool is at fault, so none is passed (and none is closed here).
+                engine.sync_engine.pool._invalidate(None)  # type: ignore[arg-type]
+
+    for engine in engines.all:
+        event.listen(engine.sync_engine, "handle_error", invalidate_the_other_pools)
+    return engines
 
 
 def _asyncpg_connect_args(
