@@ -134,6 +134,10 @@ class LeanConnection(AsyncConnection):
     """Whether a lean statement begins SQLAlchemy's transaction as ``execute`` would (not on
     read units that have no transaction on the server)."""
 
+    _bastion_commit_listeners: int = 0
+    """How many ``commit`` listeners the engine had when Bastion set it up (see
+    :mod:`bastion._lean_transactions`)."""
+
     def __init__(self, async_engine: AsyncEngine, sync_connection: Connection | None = None):
         super().__init__(async_engine, sync_connection)
         # Whether the engine's listeners are Bastion's own, checked once per unit (counting
@@ -275,6 +279,15 @@ class LeanConnection(AsyncConnection):
             raise  # not reached: the call above always raises
         dispatch.after_cursor_execute(sync, None, sql, arguments, None, False)
         return IteratorResult(metadata, iter(rows or ()))
+
+    def _bastion_control_listeners_unchanged(self, sync: Connection) -> bool:
+        """Whether the engine's listeners are still Bastion's own, for a unit's BEGIN and
+        COMMIT on the lean path (:mod:`bastion._lean_transactions`): the statement events'
+        and ``begin``, counted once per unit, and ``commit``."""
+        known = self._bastion_listeners_known
+        if known is None:
+            known = self._bastion_listeners_known = self._listeners_unchanged(sync)
+        return known and len(sync.engine.dispatch.commit) == self._bastion_commit_listeners
 
     def _listeners_unchanged(self, sync: Connection) -> bool:
         # A listener added to the engine or the Engine class changes the engine's counts (one
@@ -449,6 +462,7 @@ def lean_connection_class(
             "_bastion_listeners": counts,
             "_bastion_writes": writes,
             "_bastion_autobegin": autobegin,
+            "_bastion_commit_listeners": len(dispatch.commit),
             "_bastion_ready": staticmethod(ready),
             "_bastion_fetch": staticmethod(fetch),
         },

@@ -250,7 +250,7 @@ def install_sqlite_listeners(
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
         unit = connection.get_execution_options().get(UNIT_OPTION)
-        if unit == READ_UNIT:
+        if unit == READ_UNIT or _begun_already(connection):
             return
         _send_begin(connection, "BEGIN" if unit == SNAPSHOT_UNIT else BEGIN_WRITE)
 
@@ -261,6 +261,13 @@ def install_sqlite_listeners(
             deadline = connection.connection.info.get(_DEADLINE)
             if deadline is not None:
                 deadline[0] = time.monotonic() + statement_timeout_s
+
+
+def _begun_already(connection: Connection) -> bool:
+    """Whether ``BEGIN IMMEDIATE`` was sent before SQLAlchemy's transaction began
+    (:mod:`bastion._lean_transactions`)."""
+    adapted = connection.connection.dbapi_connection
+    return getattr(getattr(adapted, "driver_connection", None), "bastion_begun", False) is True
 
 
 def _send_begin(connection: Connection, sql: str) -> None:

@@ -54,6 +54,10 @@ FAST_WRITES: Final = StatementSet(_MAX_FAST_STATEMENTS)
 class InlineWrites(InlineReads):
     """Mixed into aiosqlite's connection class on the write pool: see the module docstring."""
 
+    bastion_begun: bool = False
+    """Set while SQLAlchemy's transaction is begun after ``BEGIN IMMEDIATE`` was sent already
+    (:mod:`bastion._lean_transactions`): Bastion's ``begin`` listener then sends none."""
+
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         name = getattr(fn, "__name__", "")
         connection: sqlite3.Connection | None = self._connection  # type: ignore[attr-defined]

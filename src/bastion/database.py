@@ -67,6 +67,7 @@ from tenacity import (
 from bastion._checkout import checked_out
 from bastion._engines import Engines, create_engines
 from bastion._lean import lean_connection_class
+from bastion._lean_transactions import begin_write, commit_write
 from bastion._pool_gate import PoolGate
 from bastion._sqlite import (
     READ_UNIT,
@@ -501,7 +502,7 @@ class Database:
                 ) as connection,
             ):
                 self.metrics.observe_checkout(time.perf_counter() - waited_from)
-                await connection.begin()
+                await begin_write(connection)
                 yield connection
                 await _commit(connection)
 
@@ -791,7 +792,7 @@ async def _attempt(
 async def _commit(unit: AsyncSession | AsyncConnection) -> None:
     """COMMIT, marking a failure as one *during* COMMIT (its outcome may be unknown)."""
     try:
-        await unit.commit()
+        await (commit_write(unit) if isinstance(unit, AsyncConnection) else unit.commit())
     except Exception as exc:
         _raise_translated(exc, during_commit=True)
 
