@@ -96,7 +96,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql import ClauseElement, Executable
     from sqlalchemy.sql.dml import ValuesBase
 
-__all__ = ["LEAN_EVENTS", "LeanConnection", "lean_connection_class"]
+__all__ = ["LEAN_EVENTS", "LeanConnection", "lean_connection_class", "plain_connection"]
 
 LEAN_EVENTS: Final = (
     "before_execute",
@@ -207,21 +207,12 @@ class LeanConnection(AsyncConnection):
         sync = self.sync_connection
         if (
             sync is None
-            or sync.closed
-            or sync.invalidated
-            or sync._echo
-            # A listener on this connection or its class, even one added mid-unit: the joined
-            # dispatch would run it, the engine's collections below would not.
-            or sync._has_events
+            or not plain_connection(sync)
             or sync._execution_options.keys() - _KNOWN_OPTIONS
             or statement._execution_options  # type: ignore[attr-defined]
             or not _transaction_usable(sync)
+            or not self._bastion_listeners_still_known(sync)
         ):
-            return None
-        known = self._bastion_listeners_known
-        if known is None:
-            known = self._bastion_listeners_known = self._listeners_unchanged(sync)
-        if not known:
             return None
         pooled = sync._dbapi_connection
         if pooled is None:
@@ -280,14 +271,22 @@ class LeanConnection(AsyncConnection):
         dispatch.after_cursor_execute(sync, None, sql, arguments, None, False)
         return IteratorResult(metadata, iter(rows or ()))
 
-    def _bastion_control_listeners_unchanged(self, sync: Connection) -> bool:
-        """Whether the engine's listeners are still Bastion's own, for a unit's BEGIN and
-        COMMIT on the lean path (:mod:`bastion._lean_transactions`): the statement events'
-        and ``begin``, counted once per unit, and ``commit``."""
+    def _bastion_listeners_still_known(self, sync: Connection) -> bool:
+        """Whether the engine's listeners of :data:`LEAN_EVENTS` are still Bastion's own,
+        counted once per unit (see :meth:`_listeners_unchanged`)."""
         known = self._bastion_listeners_known
         if known is None:
             known = self._bastion_listeners_known = self._listeners_unchanged(sync)
-        return known and len(sync.engine.dispatch.commit) == self._bastion_commit_listeners
+        return known
+
+    def _bastion_control_listeners_unchanged(self, sync: Connection) -> bool:
+        """Whether the engine's listeners are still Bastion's own, for a unit's BEGIN and
+        COMMIT on the lean path (:mod:`bastion._lean_transactions`): those of
+        :data:`LEAN_EVENTS` (``begin`` among them) and ``commit``."""
+        return (
+            self._bastion_listeners_still_known(sync)
+            and len(sync.engine.dispatch.commit) == self._bastion_commit_listeners
+        )
 
     def _listeners_unchanged(self, sync: Connection) -> bool:
         # A listener added to the engine or the Engine class changes the engine's counts (one
@@ -303,6 +302,16 @@ class LeanConnection(AsyncConnection):
 
 
 _WRITES: Final = frozenset({Insert, Update, Delete})
+
+
+def plain_connection(sync: Connection) -> bool:
+    """Whether ``sync`` is open, valid, not echoing, and has no listener of its own or of its
+    class: one the lean paths may bypass SQLAlchemy on.
+
+    A listener on the connection or its class, even one added mid-unit, sets ``_has_events``:
+    the joined dispatch would run it, the engine's collections the lean paths call would not.
+    """
+    return not (sync.closed or sync.invalidated or sync._echo or sync._has_events)
 
 
 def _transaction_usable(sync: Connection) -> bool:

@@ -43,11 +43,12 @@ that changes them fails there first.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from sqlalchemy.util import greenlet_spawn
 
-from bastion._lean import LeanConnection
+from bastion._lean import LeanConnection, plain_connection
 from bastion._sqlite_inline_writes import BEGIN_WRITE, InlineWrites
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["begin_write", "commit_write"]
+__all__ = ["begin_write", "commit_write", "raise_as_sqlalchemy"]
 
 
 async def begin_write(connection: AsyncConnection) -> None:
@@ -122,10 +123,7 @@ def _lean_sync(connection: AsyncConnection) -> Connection | None:
     sync = connection.sync_connection
     if (
         sync is None
-        or sync.closed
-        or sync.invalidated
-        or sync._echo
-        or sync._has_events
+        or not plain_connection(sync)
         or sync._trans_context_manager is not None
         or sync._dbapi_connection is None
         or not connection._bastion_control_listeners_unchanged(sync)
@@ -141,25 +139,27 @@ async def _driver_call(
     statement: str | None,
 ) -> None:
     """Await ``call(adapted)``; a failure is raised as SQLAlchemy raises a driver's error
-    (see :func:`_raise_as_sqlalchemy`)."""
+    (see :func:`raise_as_sqlalchemy`)."""
     try:
         await call(adapted)
     except BaseException as error:
-        await greenlet_spawn(_raise_as_sqlalchemy, sync, adapted, error, statement)
+        await greenlet_spawn(raise_as_sqlalchemy, sync, adapted, error, statement)
         raise  # not reached: the call above always raises
 
 
-def _raise_as_sqlalchemy(
+def raise_as_sqlalchemy(
     sync: Connection, adapted: Any, error: BaseException, statement: str | None
 ) -> NoReturn:
-    """Raise ``error`` as SQLAlchemy's begin or commit would: made DBAPI-shaped by the adapter,
-    then through ``Connection._handle_dbapi_exception`` (translation, ``handle_error``
-    listeners, invalidation on a disconnect or an interruption).
+    """Raise ``error``, met in a BEGIN or COMMIT sent to the driver directly, as SQLAlchemy's
+    begin or commit would: made DBAPI-shaped by the adapter, then through
+    ``Connection._handle_dbapi_exception`` (translation, ``handle_error`` listeners,
+    invalidation on a disconnect or an interruption). Also used by Bastion's ``begin`` listener
+    (:mod:`bastion._sqlite`).
 
-    Runs in a greenlet (invalidating a connection closes it, which may await) and inside an
+    Call it in a greenlet (invalidating a connection closes it, which may await) and inside an
     ``except`` block, where SQLAlchemy's handler finds the exception to re-raise. With the
     statement, SQLAlchemy wraps even a non-DBAPI error as a ``StatementError``; only a DBAPI
-    error carries it, as from Bastion's ``begin`` listener (:mod:`bastion._sqlite`).
+    error carries it, as ``exec_driver_sql`` raised those.
     """
     try:
         if isinstance(error, Exception):
@@ -173,27 +173,16 @@ def _raise_as_sqlalchemy(
         raise
 
 
+@dataclass(frozen=True, slots=True)
 class _Driver:
     """How one driver's write units begin and commit on the lean path."""
 
-    __slots__ = ("begin", "begin_statement", "begun", "commit", "may_begin", "may_commit")
-
-    def __init__(
-        self,
-        *,
-        may_begin: Callable[[Any], bool],
-        begin: Callable[[Any], Awaitable[None]],
-        begin_statement: str | None,
-        begun: Callable[[Any, bool], None],
-        may_commit: Callable[[Any], bool],
-        commit: Callable[[Any], Awaitable[None]],
-    ) -> None:
-        self.may_begin = may_begin
-        self.begin = begin
-        self.begin_statement = begin_statement
-        self.begun = begun
-        self.may_commit = may_commit
-        self.commit = commit
+    may_begin: Callable[[Any], bool]
+    begin: Callable[[Any], Awaitable[None]]
+    begin_statement: str | None
+    begun: Callable[[Any, bool], None]
+    may_commit: Callable[[Any], bool]
+    commit: Callable[[Any], Awaitable[None]]
 
 
 # -- SQLite (aiosqlite, Bastion's inline-writing connections) ------------------------------------
@@ -231,20 +220,16 @@ async def _sqlite_commit(adapted: Any) -> None:
 # -- PostgreSQL (asyncpg) ------------------------------------------------------------------------
 
 
-def _asyncpg_may_begin(_adapted: Any) -> bool:
-    return True  # SQLAlchemy's begin sends nothing: the adapter begins at the first statement
+def _asyncpg_may(_adapted: Any) -> bool:
+    return True
 
 
 async def _asyncpg_begin(_adapted: Any) -> None:
-    pass
+    pass  # SQLAlchemy's begin sends nothing: the adapter begins at the first statement
 
 
 def _asyncpg_begun(_adapted: Any, _begun: bool) -> None:
     pass
-
-
-def _asyncpg_may_commit(_adapted: Any) -> bool:
-    return True
 
 
 async def _asyncpg_commit(adapted: Any) -> None:
@@ -264,11 +249,11 @@ _DRIVERS: Final[dict[str, _Driver]] = {
         commit=_sqlite_commit,
     ),
     "asyncpg": _Driver(
-        may_begin=_asyncpg_may_begin,
+        may_begin=_asyncpg_may,
         begin=_asyncpg_begin,
         begin_statement=None,
         begun=_asyncpg_begun,
-        may_commit=_asyncpg_may_commit,
+        may_commit=_asyncpg_may,
         commit=_asyncpg_commit,
     ),
 }

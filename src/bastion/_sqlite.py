@@ -25,6 +25,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_connection
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.util import await_
 
+from bastion._lean_transactions import raise_as_sqlalchemy
 from bastion._sqlite_inline import InlineAdaptedConnection, InlineReads, inline_driver_class
 from bastion._sqlite_inline_writes import BEGIN_WRITE, InlineWrites
 
@@ -289,16 +290,9 @@ def _send_begin(connection: Connection, sql: str) -> None:
     assert adapted is not None
     driver_connection = adapted.driver_connection
     try:
-        try:
-            await_(driver_connection._execute(driver_connection._conn.execute, sql))
-        except Exception as error:
-            adapted._handle_exception(error)  # raises the DBAPI-shaped error
+        await_(driver_connection._execute(driver_connection._conn.execute, sql))
     except BaseException as error:
-        # With the statement, SQLAlchemy wraps even a non-DBAPI error as a StatementError;
-        # exec_driver_sql, which had an execution context, raised those as they were.
-        is_dbapi_error = isinstance(error, connection.dialect.loaded_dbapi.Error)
-        statement = sql if is_dbapi_error else None
-        connection._handle_dbapi_exception(error, statement, (), None, None)
+        raise_as_sqlalchemy(connection, adapted, error, sql)
 
 
 def _install_deadline(dbapi_connection: Any, record: Any) -> list[float]:
