@@ -13,9 +13,10 @@ request at a time, with no sockets and no HTTP server, and prints CPU microsecon
   parameter and body validation, response models and headers; the answers are recorded
   from ``raw`` at the start.
 * ``unit_floor``: ``reference_floor`` with the reference's units of work, opened and closed,
-  and no statement in them: a read unit per read (``ReadConnection``); for a write, the
-  retried, idempotency-aware write unit that also authenticates the caller (``write_once`` →
-  ``idempotent_write`` → ``Database.run`` → ``write_connection``).
+  and no statement in them: a read unit per read (opened in the read's one dependency, as
+  ``CurrentReadCaller`` opens it); for a write, the retried, idempotency-aware write unit
+  that also authenticates the caller (``write_once`` → ``idempotent_write`` →
+  ``Database.run`` → ``write_connection``).
 
 Were Bastion and SQLAlchemy free, a reference request would still cost ``reference_floor``
 plus the database work ``raw`` does (``raw - raw_floor``); keeping a unit of work per request,
@@ -58,9 +59,9 @@ from bastion import StoredResponse, load_settings
 from bastion.fastapi import (
     BodySizeLimitMiddleware,
     DatabaseDep,
-    ReadConnection,
     RequestContextMiddleware,
     database_lifespan,
+    database_of,
     install_error_handlers,
 )
 from bench.layers import (
@@ -127,16 +128,9 @@ def raw_floor_app() -> FastAPI:
 # -- reference_floor and unit_floor: the reference routes' shape -------------------------------
 
 
-async def _no_unit() -> AsyncIterator[None]:
-    yield None
-
-
-NoUnit = Annotated[None, Depends(_no_unit, scope="function")]
-
-
-async def _no_reader(request: Request, _unit: NoUnit) -> uuid.UUID:
+async def _no_reader(request: Request) -> AsyncIterator[uuid.UUID]:
     key_hash(request)
-    return uuid.UUID(int=2)
+    yield uuid.UUID(int=2)
 
 
 NoReader = Annotated[uuid.UUID, Depends(_no_reader, scope="function")]
@@ -150,9 +144,10 @@ async def _no_user(request: Request) -> uuid.UUID:
 NoUser = Annotated[uuid.UUID, Depends(_no_user)]
 
 
-async def _unit_reader(request: Request, _connection: ReadConnection) -> uuid.UUID:
+async def _unit_reader(request: Request) -> AsyncIterator[uuid.UUID]:
     await _presented(request)
-    return uuid.UUID(int=2)
+    async with database_of(request).read_connection():
+        yield uuid.UUID(int=2)
 
 
 UnitReader = Annotated[uuid.UUID, Depends(_unit_reader, scope="function")]
@@ -226,7 +221,7 @@ def reference_floor_app() -> FastAPI:
 
     @app.get("/v1/conversations/{conversation_id}")
     async def get_conversation(
-        conversation_id: str, _user: NoReader, _unit: NoUnit, response: Response
+        conversation_id: str, _user: NoReader, response: Response
     ) -> ConversationOut:
         return _conversation(conversation_id, response)
 
@@ -234,7 +229,6 @@ def reference_floor_app() -> FastAPI:
     async def list_messages(
         conversation_id: str,
         _user: NoReader,
-        _unit: NoUnit,
         limit: PageLimit = 20,
         cursor: PageCursor = None,
     ) -> MessagePage:
@@ -257,7 +251,7 @@ def unit_floor_app() -> FastAPI:
 
     @app.get("/v1/conversations/{conversation_id}")
     async def get_conversation(
-        conversation_id: str, _user: UnitReader, _unit: ReadConnection, response: Response
+        conversation_id: str, _user: UnitReader, response: Response
     ) -> ConversationOut:
         return _conversation(conversation_id, response)
 
@@ -265,7 +259,6 @@ def unit_floor_app() -> FastAPI:
     async def list_messages(
         conversation_id: str,
         _user: UnitReader,
-        _unit: ReadConnection,
         limit: PageLimit = 20,
         cursor: PageCursor = None,
     ) -> MessagePage:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Final
 
 from fastapi import Depends, HTTPException
@@ -18,15 +19,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import HTTPConnection, Request
 
 from bastion import current_request
-from bastion.fastapi import ReadConnection, WriteConnection
+from bastion.fastapi import WriteConnection, database_of
 from conversations.key_guard import KeyGuard
 from conversations.models import ApiKey
 
 __all__ = [
-    "CurrentReader",
+    "CurrentReadCaller",
     "CurrentWriteCaller",
     "CurrentWriter",
     "PresentedKey",
+    "ReadCaller",
     "WriteCaller",
     "generate_api_key",
     "hash_api_key",
@@ -184,10 +186,37 @@ class WriteCaller:
         return self._user_id
 
 
+class ReadCaller:
+    """A read request's caller, authenticated, and the read unit it was authenticated in.
+
+    The route runs its own queries on :attr:`connection`: one unit per read request.
+    """
+
+    __slots__ = ("connection", "user_id")
+
+    def __init__(self, user_id: uuid.UUID, connection: AsyncConnection) -> None:
+        self.user_id = user_id
+        self.connection = connection
+
+    def __repr__(self) -> str:
+        return f"ReadCaller(user_id={self.user_id})"  # never the key
+
+
 # The dependencies are `async def` (FastAPI runs a plain `def` dependency in its threadpool,
 # a thread hop per request). Each takes the request itself rather
 # than a shared key dependency where it can: every dependency FastAPI solves costs about as
 # much as a short statement.
+async def _read_caller(request: Request) -> AsyncIterator[ReadCaller]:
+    # One dependency that checks the key's form, opens the read unit and looks the key up:
+    # FastAPI solves each dependency on every request, and a route that took the user id and
+    # the connection as two (the second a cached sub-dependency of the first) paid 14-17 us
+    # more per request for it (bench/README.md, fifteenth pass). A request without a usable
+    # key is refused before the unit opens.
+    key = await _presented_key(request)
+    async with database_of(request).read_connection() as connection:
+        yield ReadCaller(await key.authenticate(connection), connection)
+
+
 async def _write_caller(request: Request) -> WriteCaller:
     return WriteCaller(await _presented_key(request))
 
@@ -204,18 +233,11 @@ async def _current_writer(
     return await key.authenticate(connection)
 
 
-async def _current_reader(request: Request, connection: ReadConnection) -> uuid.UUID:
-    # ReadConnection is cached per request, so the route's own queries reuse this connection.
-    # It opens before the key is checked (a key dependency first would cost every read a
-    # dependency more); a read unit holds no write turn, and a refused key runs no statement.
-    return await (await _presented_key(request)).authenticate(connection)
-
-
 CurrentWriteCaller = Annotated[WriteCaller, Depends(_write_caller)]
 """The caller of a route that writes through ``write_once``, which authenticates it."""
 
 CurrentWriter = Annotated[uuid.UUID, Depends(_current_writer, scope="function")]
 """The user id, looked up in the route's own ``WriteConnection`` (one unit per request)."""
 
-CurrentReader = Annotated[uuid.UUID, Depends(_current_reader, scope="function")]
-"""The same, looked up in the route's own ``ReadConnection`` (one connection per read request)."""
+CurrentReadCaller = Annotated[ReadCaller, Depends(_read_caller, scope="function")]
+"""The caller of a read route, authenticated in the read unit it is given (one per request)."""

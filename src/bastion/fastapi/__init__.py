@@ -27,6 +27,7 @@ from bastion.fastapi._dependencies import (
     ReadSession,
     WriteConnection,
     WriteSession,
+    database_of,
     get_database,
 )
 from bastion.fastapi._errors import (
@@ -67,6 +68,7 @@ __all__ = [
     "create_health_router",
     "create_metrics_router",
     "database_lifespan",
+    "database_of",
     "error_response",
     "get_database",
     "idempotent_write",

@@ -18,11 +18,10 @@ from bastion import Eq, Filter, Range, SafeText, Search, StoredResponse, UTCTime
 from bastion.fastapi import (
     DatabaseDep,
     InvalidateAfterCommit,
-    ReadConnection,
     WriteConnection,
     cache_of,
 )
-from conversations.auth import CurrentReader, CurrentWriteCaller, CurrentWriter
+from conversations.auth import CurrentReadCaller, CurrentWriteCaller, CurrentWriter
 from conversations.cache_keys import conversation_changed, conversation_tags, load_conversation
 from conversations.routes._ids import parse_conversation_id
 from conversations.routes._repositories import CONVERSATIONS, ConversationSort
@@ -80,18 +79,18 @@ async def create_conversation(
 
 @router.get("/{conversation_id}")
 async def get_conversation(
-    conversation_id: str, user_id: CurrentReader, connection: ReadConnection, response: Response
+    conversation_id: str, caller: CurrentReadCaller, response: Response
 ) -> ConversationOut:
     cid = parse_conversation_id(conversation_id)
-    conversation = await load_conversation(connection, user_id, cid)  # cached per owner
+    # Cached per owner.
+    conversation = await load_conversation(caller.connection, caller.user_id, cid)
     response.headers["ETag"] = _etag(conversation)
     return conversation
 
 
 @router.get("")
 async def list_conversations(
-    user_id: CurrentReader,
-    connection: ReadConnection,
+    caller: CurrentReadCaller,
     status: Status | None = None,
     q: Annotated[SafeText | None, Query(max_length=200)] = None,
     created_after: UTCTimestamp | None = None,
@@ -109,12 +108,12 @@ async def list_conversations(
     if created_after is not None or created_before is not None:
         filters.append(Range("created_at", gt=created_after, lt=created_before))
     page = await CONVERSATIONS.page(
-        connection,
+        caller.connection,
         filters=filters,
         sort=sort,
         limit=limit,
         offset=offset,
-        scope=user_id,
+        scope=caller.user_id,
         include_deleted=include_deleted,
     )
     items = [_out(row) for row in page.items]

@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 
 from bastion import NotFoundError, StoredResponse, returning_rows
-from bastion.fastapi import DatabaseDep, ReadConnection
-from conversations.auth import CurrentReader, CurrentWriteCaller
+from bastion.fastapi import DatabaseDep
+from conversations.auth import CurrentReadCaller, CurrentWriteCaller
 from conversations.cache_keys import cache_message_page
 from conversations.live_events import message_created, messages_created
 from conversations.models import Message, MessageSource
@@ -182,13 +182,12 @@ def _validate_each(
 @router.get("")
 async def list_messages(
     conversation_id: str,
-    user_id: CurrentReader,
-    connection: ReadConnection,
+    caller: CurrentReadCaller,
     limit: PageLimit = 20,
     cursor: PageCursor = None,
 ) -> MessagePage:
     cid = parse_conversation_id(conversation_id)
-    return await load_message_page(connection, user_id, cid, limit, cursor or None)
+    return await load_message_page(caller.connection, caller.user_id, cid, limit, cursor or None)
 
 
 @cache_message_page
