@@ -27,6 +27,7 @@ from sqlalchemy import (
     literal,
     select,
     text,
+    tuple_,
 )
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.engine.result import IteratorResult
@@ -115,6 +116,68 @@ async def test_select_rows_match_sqlalchemy_path(database: Database) -> None:
     assert row.created_at == datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
     assert row.metadata == {"n": 2, "tags": ["a", "é"], "nested": {"x": None}}
     assert row._mapping[CONVERSATIONS.c.title] == "title 2"
+
+
+async def test_expanding_parameters_of_every_length_match_sqlalchemy_path(
+    database: Database,
+) -> None:
+    # The lean path remembers each statement's expanded SQL per length of its lists
+    # (bastion._lean._Expansion): lengths that come back, that change, an empty list, the same
+    # list twice, lists between plain parameters and SQLAlchemy's own literal lists.
+    owner, ids = await _seed(database)
+    columns = select(CONVERSATIONS.c.id, CONVERSATIONS.c.title).order_by(CONVERSATIONS.c.title)
+    around = columns.where(
+        CONVERSATIONS.c.owner_id == bindparam("owner"),
+        CONVERSATIONS.c.id.in_(bindparam("ids", expanding=True)),
+        CONVERSATIONS.c.title != bindparam("not_title"),
+        CONVERSATIONS.c.message_count.in_(bindparam("counts", expanding=True)),
+    )
+    twice = columns.where(
+        CONVERSATIONS.c.id.in_(bindparam("ids", expanding=True))
+        | CONVERSATIONS.c.owner_id.in_(bindparam("ids", expanding=True))
+    )
+    literal_list = columns.where(CONVERSATIONS.c.message_count.in_([0, 2]))
+    unknown = uuid.uuid4()
+    cases: list[tuple[Select[Any], dict[str, Any] | None]] = [
+        (around, {"owner": owner, "ids": ids, "not_title": "title 1", "counts": [0, 1, 2]}),
+        (around, {"owner": owner, "ids": ids[:1], "not_title": "x", "counts": [0]}),
+        (around, {"owner": owner, "ids": ids, "not_title": "x", "counts": [2, 1, 0]}),
+        (around, {"owner": owner, "ids": [], "not_title": "x", "counts": [0]}),
+        (around, {"owner": owner, "ids": [ids[2], ids[0]], "not_title": "x", "counts": [0, 2]}),
+        (around, {"owner": owner, "ids": ids[:1], "not_title": "title 0", "counts": [0]}),
+        (around, {"owner": owner, "ids": (unknown, ids[1]), "not_title": "x", "counts": {1}}),
+        (twice, {"ids": [ids[0], owner]}),
+        (twice, {"ids": [ids[1]]}),
+        (literal_list, None),
+    ]
+    async with database.read_connection() as connection:
+        for statement, parameters in cases:
+            expected, lean = await _both_ways(connection, statement, parameters)
+            assert lean == expected, parameters
+        rows = await connection.execute(
+            around, {"owner": owner, "ids": ids, "not_title": "title 1", "counts": [0, 1, 2]}
+        )
+        assert [row.id for row in rows] == [ids[0], ids[2]]
+        assert (await connection.execute(twice, {"ids": []})).all() == []
+
+
+async def test_a_list_of_tuples_matches_sqlalchemy_path(database: Database) -> None:
+    # Not remembered per length (a tuple's SQL depends on more than the list's length), yet
+    # still lean, as SQLAlchemy expands it on every run.
+    owner, ids = await _seed(database)
+    pairs = (
+        select(CONVERSATIONS.c.title)
+        .where(
+            tuple_(CONVERSATIONS.c.owner_id, CONVERSATIONS.c.message_count).in_(
+                bindparam("pairs", expanding=True)
+            )
+        )
+        .order_by(CONVERSATIONS.c.title)
+    )
+    async with database.read_connection() as connection:
+        for chosen in ([(owner, 1)], [(owner, 0), (owner, 2)], [(ids[0], 0)]):
+            expected, lean = await _both_ways(connection, pairs, {"pairs": chosen})
+            assert lean == expected
 
 
 async def test_result_api_matches(database: Database) -> None:
