@@ -7,11 +7,11 @@ accept queue, one turn each, and that wait is part of their first request's late
 reference service under 1,000 new connections, the last was accepted 3 s after the first
 (bench/README.md, finding 31). asyncio's own loop accepts up to the backlog in one turn.
 
-:class:`BatchAcceptingLoop` is uvloop with its TCP ``create_server`` replaced: the listening
-socket is watched with ``add_reader``, every readiness accepts until the queue is empty (at
-most ``backlog`` at a time), and each accepted socket is handed to uvloop's
-``connect_accepted_socket``, so the connections themselves are uvloop's transports. Unix
-sockets (``create_unix_server``) keep uvloop's own accept.
+:class:`BatchAcceptingLoop` is uvloop with its ``create_server`` (TCP) and
+``create_unix_server`` (uvicorn's ``--uds``) replaced: the listening socket is watched with
+``add_reader``, every readiness accepts until the queue is empty (at most ``backlog`` at a
+time), and each accepted socket is handed to uvloop's ``connect_accepted_socket``, so the
+connections themselves are uvloop's transports.
 
 Serve with it by naming the factory as uvicorn's loop::
 
@@ -26,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import ssl as ssl_module
+import stat
 from asyncio.trsock import TransportSocket
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -56,9 +58,10 @@ ACCEPT_RETRY_DELAY_S = 1.0
 
 
 class BatchAcceptingServer(asyncio.AbstractServer):
-    """A TCP server on a uvloop loop that accepts every waiting connection per readiness.
+    """A TCP or Unix-socket server on uvloop that accepts every waiting connection per readiness.
 
-    Made by :meth:`BatchAcceptingLoop.create_server`; it behaves as asyncio's ``Server`` does:
+    Made by :meth:`BatchAcceptingLoop.create_server` and
+    :meth:`~BatchAcceptingLoop.create_unix_server`; it behaves as asyncio's ``Server`` does:
     ``close()`` stops accepting and closes the listening sockets (connections already set up
     stay open; those still being set up, such as TLS handshakes, are dropped), and
     ``wait_closed()`` returns once the server is closed and nothing is being set up.
@@ -260,7 +263,8 @@ class BatchAcceptingServer(asyncio.AbstractServer):
 
 
 class BatchAcceptingLoop(uvloop.Loop):
-    """uvloop whose TCP servers accept every waiting connection per turn (module docstring)."""
+    """uvloop whose TCP and Unix-socket servers accept every waiting connection per turn
+    (module docstring)."""
 
     async def create_server(  # type: ignore[override]
         self,
@@ -287,10 +291,7 @@ class BatchAcceptingLoop(uvloop.Loop):
             TypeError: ``ssl`` is not an :class:`ssl.SSLContext`.
             OSError: an address could not be bound (the message names it).
         """
-        if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
-            raise TypeError(f"ssl argument must be an SSLContext or None, got {ssl!r}")
-        if ssl is None and (ssl_handshake_timeout is not None or ssl_shutdown_timeout is not None):
-            raise ValueError("ssl_handshake_timeout and ssl_shutdown_timeout need ssl")
+        _check_tls(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
         if host == "":
             host = None  # all interfaces, as asyncio and uvloop read it
         if sock is not None:
@@ -308,6 +309,55 @@ class BatchAcceptingLoop(uvloop.Loop):
         server = BatchAcceptingServer(
             self,
             listeners,
+            protocol_factory,
+            backlog,
+            ssl,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        )
+        if start_serving:
+            await server.start_serving()
+        return server
+
+    async def create_unix_server(  # type: ignore[override]
+        self,
+        protocol_factory: ProtocolFactory,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        sock: socket.socket | None = None,
+        backlog: int = 100,
+        ssl: ssl_module.SSLContext | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+        start_serving: bool = True,
+    ) -> BatchAcceptingServer:
+        """Bind the Unix socket ``path`` (or take ``sock``) and serve, as
+        ``loop.create_unix_server`` does (uvicorn's ``--uds``).
+
+        A socket file left at ``path`` by a server that is gone is replaced, as asyncio and
+        uvloop replace it; any other file there is an error.
+
+        Raises:
+            ValueError: both ``path`` and ``sock`` given, or neither; ``sock`` is not a Unix
+                stream socket; TLS timeouts without ``ssl``.
+            TypeError: ``ssl`` is not an :class:`ssl.SSLContext`.
+            OSError: ``path`` could not be bound (the message names it).
+        """
+        _check_tls(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if sock is not None:
+            if path is not None:
+                raise ValueError("path and sock can not be specified at the same time")
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
+            listener = sock
+        elif path is None:
+            raise ValueError("path was not specified, and no sock specified")
+        else:
+            listener = _bind_unix(os.fspath(path))
+        listener.setblocking(False)
+        server = BatchAcceptingServer(
+            self,
+            [listener],
             protocol_factory,
             backlog,
             ssl,
@@ -366,6 +416,49 @@ class BatchAcceptingLoop(uvloop.Loop):
                 listener.close()
             raise
         return listeners
+
+
+def _check_tls(
+    ssl: ssl_module.SSLContext | None,
+    ssl_handshake_timeout: float | None,
+    ssl_shutdown_timeout: float | None,
+) -> None:
+    """Refuse TLS settings asyncio would refuse.
+
+    Raises:
+        TypeError: ``ssl`` is not an :class:`ssl.SSLContext`.
+        ValueError: TLS timeouts without ``ssl``.
+    """
+    if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+        raise TypeError(f"ssl argument must be an SSLContext or None, got {ssl!r}")
+    if ssl is None and (ssl_handshake_timeout is not None or ssl_shutdown_timeout is not None):
+        raise ValueError("ssl_handshake_timeout and ssl_shutdown_timeout need ssl")
+
+
+def _bind_unix(path: str) -> socket.socket:
+    """A Unix stream socket bound at ``path``, a socket file left there first removed (as
+    asyncio and uvloop remove it: a server that is gone leaves its file behind).
+
+    Raises:
+        OSError: ``path`` could not be bound (the message names it).
+    """
+    if not path.startswith("\0"):  # Linux's abstract namespace has no file
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.remove(path)
+        except FileNotFoundError:
+            pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+    except OSError as error:
+        listener.close()
+        raise OSError(
+            error.errno,
+            f"error while attempting to bind on address {path!r}: "
+            f"{(error.strerror or str(error)).lower()}",
+        ) from None
+    return listener
 
 
 def new_event_loop() -> BatchAcceptingLoop:

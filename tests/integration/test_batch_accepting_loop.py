@@ -429,3 +429,127 @@ def test_tls_settings_without_tls_are_refused_up_front() -> None:
             loop.run_until_complete(
                 loop.create_server(factory, "127.0.0.1", 0, ssl=True)  # type: ignore[arg-type]
             )
+
+
+# -- Unix sockets (uvicorn's --uds) ---------------------------------------------------------
+
+
+def unix_connections_accepted_in_turns(loop: asyncio.AbstractEventLoop, path: Path) -> int:
+    """As :func:`connections_accepted_in_turns`, on a Unix socket at ``path``."""
+    factory, made = recorder_factory()
+    server = loop.run_until_complete(loop.create_unix_server(factory, str(path), backlog=128))
+    with ExitStack() as clients:
+        for _ in range(WAITING):
+            client = clients.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            client.connect(str(path))
+        loop.run_until_complete(turns(TURNS))
+        accepted = len(made)
+        for transport in made:
+            transport.close()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+    return accepted
+
+
+def test_every_waiting_unix_connection_is_accepted_in_a_few_turns(tmp_path: Path) -> None:
+    with running(new_event_loop()) as loop:
+        assert unix_connections_accepted_in_turns(loop, tmp_path / "s.sock") == WAITING
+
+
+def test_plain_uvloop_accepts_one_unix_connection_per_turn(tmp_path: Path) -> None:
+    """Why ``create_unix_server`` is replaced too."""
+    with running(uvloop.new_event_loop()) as loop:
+        assert unix_connections_accepted_in_turns(loop, tmp_path / "s.sock") < WAITING
+
+
+def test_a_stale_socket_file_is_replaced_and_another_file_is_not(tmp_path: Path) -> None:
+    with running(new_event_loop()) as loop:
+        factory, made = recorder_factory()
+        stale = tmp_path / "stale.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+            gone.bind(str(stale))  # a server that died without removing its socket file
+        server = loop.run_until_complete(loop.create_unix_server(factory, stale))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(stale))
+            loop.run_until_complete(turns(TURNS))
+            assert len(made) == 1
+            made[0].close()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+
+        kept = tmp_path / "notes.txt"
+        kept.write_text("not a socket")
+        with pytest.raises(OSError, match=rf"bind on address '{kept}'"):
+            loop.run_until_complete(loop.create_unix_server(factory, kept))
+        assert kept.read_text() == "not a socket"
+
+
+def test_a_given_unix_socket_is_served_and_wrong_arguments_are_refused(tmp_path: Path) -> None:
+    with running(new_event_loop()) as loop:
+        factory, made = recorder_factory()
+        path = str(tmp_path / "given.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        with pytest.raises(ValueError, match="at the same time"):
+            loop.run_until_complete(loop.create_unix_server(factory, path, sock=listener))
+        with pytest.raises(ValueError, match="no sock"):
+            loop.run_until_complete(loop.create_unix_server(factory))
+        with socket.socket() as tcp, pytest.raises(ValueError, match="UNIX Domain Stream"):
+            loop.run_until_complete(loop.create_unix_server(factory, sock=tcp))
+        with pytest.raises(ValueError, match="need ssl"):
+            loop.run_until_complete(
+                loop.create_unix_server(factory, path, ssl_handshake_timeout=1.0)
+            )
+        server = loop.run_until_complete(loop.create_unix_server(factory, sock=listener))
+        assert isinstance(server, BatchAcceptingServer)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+            loop.run_until_complete(turns(TURNS))
+            assert len(made) == 1
+            made[0].close()
+        server.close()
+        assert listener.fileno() == -1
+
+
+UVICORN_UDS_SERVER = UVICORN_SERVER.replace(
+    'host="127.0.0.1", port=int(sys.argv[1])', "uds=sys.argv[1]"
+)
+
+
+def wait_for_unix_socket(path: Path, process: subprocess.Popen[str]) -> None:
+    for _ in range(200):
+        assert process.poll() is None, process.communicate()[0]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+                return
+            except OSError:  # not bound yet, or bound and not listening yet
+                time.sleep(0.05)
+    pytest.fail("the server never listened")
+
+
+def test_uvicorn_serves_a_unix_socket_on_it(tmp_path: Path) -> None:
+    path = tmp_path / "uvicorn.sock"
+    process = subprocess.Popen(
+        [sys.executable, "-c", UVICORN_UDS_SERVER, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_unix_socket(path, process)
+        with ExitStack() as clients:
+            connections = []
+            for _ in range(100):
+                client = clients.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                client.settimeout(10)
+                client.connect(str(path))
+                connections.append(client)
+            answers = [get(connection) for connection in connections]
+        assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
+        assert all(answer.endswith(b"BatchAcceptingLoop") for answer in answers)
+    finally:
+        process.send_signal(signal.SIGINT)
+        log, _ = process.communicate(timeout=15)
+    assert process.returncode == 0, log
+    assert "Finished server process" in log
