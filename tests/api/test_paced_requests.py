@@ -130,6 +130,7 @@ async def test_the_pacing_counters_are_scraped_with_the_database_metrics(
 
     assert f"bastion_requests_paced_total {float(budget.paced)}" in scraped
     assert f"bastion_requests_deferred_total {float(budget.deferred)}" in scraped
+    assert "bastion_requests_paced_abandoned_total 0.0" in scraped
     assert budget.paced == 21  # the POST and the 20 reads; /metrics is not paced
     assert budget.deferred > 0
     assert "bastion_pool_checkout_seconds_count" in scraped  # the Database's, still there

@@ -15,6 +15,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from bastion.fastapi import InFlightLimitMiddleware
+from tests.unit.leaving_client import Client
 
 
 class GatedApp:
@@ -81,36 +82,6 @@ async def call(
 
     await middleware(scope, receive, send)
     return int(sent[0]["status"])
-
-
-class Client:
-    """The server's side of one bodiless request whose client may leave: ``receive`` gives
-    the request, then waits, as a server's does, until the client leaves (``leave``), and
-    then says so at once."""
-
-    def __init__(self, path: str, body: bytes = b"") -> None:
-        headers = [(b"content-length", str(len(body)).encode())] if body else []
-        self.scope: Scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
-        self.sent: list[dict[str, Any]] = []
-        self._body = body
-        self._left = asyncio.Event()
-        self._request_given = False
-
-    async def receive(self) -> dict[str, Any]:
-        if not self._request_given:
-            self._request_given = True
-            return {"type": "http.request", "body": self._body, "more_body": False}
-        await self._left.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: dict[str, Any]) -> None:
-        self.sent.append(message)
-
-    def leave(self) -> None:
-        self._left.set()
-
-    async def request(self, middleware: InFlightLimitMiddleware) -> None:
-        await middleware(self.scope, self.receive, self.send)
 
 
 async def assert_exactly_one_place(app: GatedApp, middleware: InFlightLimitMiddleware) -> None:

@@ -17,6 +17,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from bastion.fastapi import TurnBudgetMiddleware
+from tests.unit.leaving_client import Client
 
 BUDGET_S = 0.0025
 COST_S = 0.001  # three requests fit in a turn (0, 1 and 2 ms into it); the fourth waits
@@ -60,10 +61,12 @@ class RecordingApp:
         self.turns = turns
         self.cost_s = cost_s
         self.started: list[tuple[str, int]] = []
+        self.received: dict[str, dict[str, Any]] = {}
         self.release_stream = asyncio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.started.append((scope["path"], self.turns.count))
+        self.received[scope["path"]] = dict(await receive())
         self.clock.now += 1.0 if scope["path"] == "/slow" else self.cost_s
         await send({"type": "http.response.start", "status": 200, "headers": []})
         if scope["path"] == "/stream":
@@ -337,3 +340,49 @@ def test_a_budget_that_is_not_positive_is_refused(budget_s: float) -> None:
 
     with pytest.raises(ValueError, match="budget_s must be positive"):
         TurnBudgetMiddleware(app, budget_s=budget_s)
+
+
+async def slow_then(middleware: TurnBudgetMiddleware, *clients: Client) -> None:
+    """``/slow`` uses up the turn, ``clients`` arrive in it and wait; the first leaves before
+    the next turn starts them."""
+    slow = asyncio.ensure_future(call(middleware, "/slow"))
+    waiting = [asyncio.ensure_future(client.request(middleware)) for client in clients]
+    await asyncio.sleep(0)  # all arrive in this turn
+    clients[0].leave()
+    await asyncio.wait_for(asyncio.gather(slow, *waiting), 1)
+
+
+async def test_a_request_whose_client_left_while_it_waited_is_dropped_unserved() -> None:
+    middleware, app, _, turns = setup()
+    leaves, stays = Client("/leaves"), Client("/stays")
+    await in_turns(turns, lambda: slow_then(middleware, leaves, stays))
+
+    assert [path for path, _ in app.started] == ["/slow", "/stays"]
+    assert leaves.sent == []
+    assert stays.sent[0]["status"] == 200
+    # The request the middleware looked at on the way is the app's, unchanged.
+    assert app.received["/stays"] == {"type": "http.request", "body": b"", "more_body": False}
+    assert (middleware.deferred, middleware.abandoned) == (2, 1)
+
+
+async def test_a_request_with_a_body_whose_client_left_while_it_waited_is_dropped_too() -> None:
+    middleware, app, _, turns = setup()
+    leaves, stays = Client("/leaves", b"a body"), Client("/stays", b"its body")
+    await in_turns(turns, lambda: slow_then(middleware, leaves, stays))
+
+    assert [path for path, _ in app.started] == ["/slow", "/stays"]
+    assert leaves.sent == []
+    assert app.received["/stays"]["body"] == b"its body"
+    assert middleware.abandoned == 1
+
+
+async def test_a_request_that_did_not_wait_is_not_looked_at() -> None:
+    # Only a request that waited is checked: one started at once runs even if its client
+    # left (its route sees the disconnect, as without the middleware), at no extra cost.
+    middleware, app, _, turns = setup()
+    gone = Client("/gone")
+    gone.leave()
+    await in_turns(turns, lambda: gone.request(middleware))
+
+    assert [path for path, _ in app.started] == ["/gone"]
+    assert (middleware.deferred, middleware.abandoned) == (0, 0)

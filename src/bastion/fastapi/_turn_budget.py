@@ -17,7 +17,9 @@ themselves (one more after a turn under half the budget, one fewer after a turn 
 so it follows what requests cost without timing them one by one. Only the start is paced:
 once started, a request runs as it would without the middleware, so a streaming response
 holds nothing. The queue is as long as the requests in flight, at most one per open
-connection with HTTP/1.1; uvicorn's ``--limit-concurrency`` caps those.
+connection with HTTP/1.1; uvicorn's ``--limit-concurrency`` caps those. A request whose client
+hung up while it waited is dropped when its turn comes, unserved, as
+:class:`~bastion.fastapi.InFlightLimitMiddleware` drops one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion.fastapi._held_requests import HeldRequests
+from bastion.fastapi._replay import Replay
 
 __all__ = ["TurnBudgetMiddleware"]
 
@@ -100,10 +103,13 @@ class TurnBudgetMiddleware:
         """HTTP requests that came through the pacing (not exempt ones)."""
         self.deferred = 0
         """Of those, how many had to wait for a later turn."""
+        self.abandoned = 0
+        """Of those, how many were dropped: their client had gone when their turn came."""
         self._held = HeldRequests(exempt_prefixes, _PacingCollector(self))
         self.exempt_prefixes = self._held.exempt_prefixes
         self.registry = self._held.registry
-        """``bastion_requests_paced_total`` and ``bastion_requests_deferred_total``."""
+        """``bastion_requests_paced_total``, ``bastion_requests_deferred_total`` and
+        ``bastion_requests_paced_abandoned_total``."""
 
     @property
     def per_turn(self) -> int:
@@ -115,12 +121,20 @@ class TurnBudgetMiddleware:
         if self._held.pass_straight(scope):
             await self.app(scope, receive, send)
             return
-        await self._admit()
-        await self.app(scope, receive, send)
+        if not await self._admit():
+            await self.app(scope, receive, send)
+            return
+        # It waited, and clients give up while they wait: one that did is not worth the
+        # work (a point read's statements, a write's unit), which would delay the rest.
+        replay = Replay(receive)
+        if replay.client_gone():
+            self.abandoned += 1
+            return
+        await self.app(scope, replay if replay.holds_messages else receive, send)
 
-    async def _admit(self) -> None:
+    async def _admit(self) -> bool:
         """Return when this request may start: at once while the turn has budget left and no
-        one waits, else when a later turn starts it.
+        one waits, else when a later turn starts it; whether it waited.
 
         Raises:
             asyncio.CancelledError: the request was cancelled while it waited. It leaves the
@@ -136,9 +150,9 @@ class TurnBudgetMiddleware:
             pacing.paced_since = self._clock()
             pacing.ticking = True
             loop.call_soon(self._next_turn, pacing)
-            return
+            return False
         if not pacing.waiters and self._clock() - pacing.paced_since <= self.budget_s:
-            return
+            return False
         self.deferred += 1
         waiter: asyncio.Future[None] = loop.create_future()
         pacing.waiters.append(waiter)
@@ -151,6 +165,7 @@ class TurnBudgetMiddleware:
             else:  # started, then cancelled before it ran: its start goes to the next
                 _start_next(pacing)
             raise
+        return True
 
     def _next_turn(self, pacing: _LoopPacing) -> None:
         """Once per turn while requests wait: learn from the turn that ended, start the next
@@ -199,4 +214,9 @@ class _PacingCollector(Collector):
             "bastion_requests_deferred",
             "Paced requests that waited for a later event-loop turn to start.",
             value=self._middleware.deferred,
+        )
+        yield CounterMetricFamily(
+            "bastion_requests_paced_abandoned",
+            "Paced requests dropped unserved: their client had gone when their turn came.",
+            value=self._middleware.abandoned,
         )
