@@ -396,6 +396,9 @@ class _Expansion(NamedTuple):
 
 _MAX_EXPANSIONS: Final = 128
 """Lengths remembered per statement; lists of yet other lengths are expanded each time."""
+_MAX_ELEMENTS_REMEMBERED: Final = 256
+"""Longer lists are expanded each time: their SQL grows with them (a dozen characters an
+element), and SQLAlchemy's own expansion costs little beside their binding."""
 
 
 class _Expansions(NamedTuple):
@@ -433,7 +436,11 @@ def _expansion_for(compiled: Any, values: Mapping[str, Any]) -> _Expansion | Non
     expansion = expansions.by_lengths.get(lengths)
     if expansion is None:
         expansion = _expand(compiled, values)
-        if expansion is not None and len(expansions.by_lengths) < _MAX_EXPANSIONS:
+        if (
+            expansion is not None
+            and len(expansions.by_lengths) < _MAX_EXPANSIONS
+            and sum(lengths) <= _MAX_ELEMENTS_REMEMBERED
+        ):
             expansions.by_lengths[lengths] = expansion
     return expansion
 

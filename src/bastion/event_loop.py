@@ -448,6 +448,8 @@ def _bind_unix(path: str) -> socket.socket:
                 os.remove(path)
         except FileNotFoundError:
             pass
+        except OSError as error:  # as asyncio does: say so, and let bind() give the verdict
+            logger.error("could not check or remove the stale socket file %r: %r", path, error)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(path)

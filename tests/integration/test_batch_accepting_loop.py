@@ -485,10 +485,12 @@ def test_a_stale_socket_file_is_replaced_and_another_file_is_not(tmp_path: Path)
 
 
 def test_a_given_unix_socket_is_served_and_wrong_arguments_are_refused(tmp_path: Path) -> None:
-    with running(new_event_loop()) as loop:
+    with (
+        running(new_event_loop()) as loop,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener,
+    ):
         factory, made = recorder_factory()
         path = str(tmp_path / "given.sock")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         with pytest.raises(ValueError, match="at the same time"):
             loop.run_until_complete(loop.create_unix_server(factory, path, sock=listener))

@@ -146,6 +146,7 @@ async def test_expanding_parameters_of_every_length_match_sqlalchemy_path(
         (around, {"owner": owner, "ids": [ids[2], ids[0]], "not_title": "x", "counts": [0, 2]}),
         (around, {"owner": owner, "ids": ids[:1], "not_title": "title 0", "counts": [0]}),
         (around, {"owner": owner, "ids": (unknown, ids[1]), "not_title": "x", "counts": {1}}),
+        (around, {"owner": owner, "ids": ids * 100, "not_title": "x", "counts": [0, 1, 2]}),
         (twice, {"ids": [ids[0], owner]}),
         (twice, {"ids": [ids[1]]}),
         (literal_list, None),

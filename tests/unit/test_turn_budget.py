@@ -386,3 +386,30 @@ async def test_a_request_that_did_not_wait_is_not_looked_at() -> None:
 
     assert [path for path, _ in app.started] == ["/gone"]
     assert (middleware.deferred, middleware.abandoned) == (0, 0)
+
+
+async def test_a_dropped_request_passes_its_start_on() -> None:
+    # As a cancelled one does: clients hang up most when the service is busiest, and a start
+    # spent on one that left would leave the turn a request short.
+    middleware, app, clock, turns = setup()
+    leaves = Client("/r3")
+
+    async def drop_a_woken_one() -> list[Any]:
+        calls = [
+            asyncio.ensure_future(
+                leaves.request(middleware) if n == 3 else call(middleware, f"/r{n}")
+            )
+            for n in range(9)
+        ]
+        await asyncio.sleep(0)  # r0-r2 started, r3-r8 wait
+        await asyncio.sleep(0)  # the per-turn callback has granted r3-r5 their start
+        leaves.leave()
+        clock.now += 1.0  # a long turn: the next callback starts two only (r6, r7)
+        return await asyncio.gather(*calls)
+
+    await asyncio.wait_for(in_turns(turns, drop_a_woken_one), 1)
+    turn_of = dict(app.started)
+    assert "/r3" not in turn_of
+    assert middleware.abandoned == 1
+    # r3's start went to the first still waiting, r8, beside r6 and r7.
+    assert turn_of["/r8"] == turn_of["/r6"] == turn_of["/r7"]

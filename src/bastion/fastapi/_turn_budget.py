@@ -121,20 +121,23 @@ class TurnBudgetMiddleware:
         if self._held.pass_straight(scope):
             await self.app(scope, receive, send)
             return
-        if not await self._admit():
+        waited_in = await self._admit()
+        if waited_in is None:
             await self.app(scope, receive, send)
             return
         # It waited, and clients give up while they wait: one that did is not worth the
-        # work (a point read's statements, a write's unit), which would delay the rest.
+        # work (a point read's statements, a write's unit), which would delay the rest. Its
+        # start goes to the next in line, so a turn still starts as many as fit in it.
         replay = Replay(receive)
         if replay.client_gone():
             self.abandoned += 1
+            _start_next(waited_in)
             return
         await self.app(scope, replay if replay.holds_messages else receive, send)
 
-    async def _admit(self) -> bool:
+    async def _admit(self) -> _LoopPacing | None:
         """Return when this request may start: at once while the turn has budget left and no
-        one waits, else when a later turn starts it; whether it waited.
+        one waits, else when a later turn starts it; the loop's pacing if it waited.
 
         Raises:
             asyncio.CancelledError: the request was cancelled while it waited. It leaves the
@@ -150,9 +153,9 @@ class TurnBudgetMiddleware:
             pacing.paced_since = self._clock()
             pacing.ticking = True
             loop.call_soon(self._next_turn, pacing)
-            return False
+            return None
         if not pacing.waiters and self._clock() - pacing.paced_since <= self.budget_s:
-            return False
+            return None
         self.deferred += 1
         waiter: asyncio.Future[None] = loop.create_future()
         pacing.waiters.append(waiter)
@@ -165,7 +168,7 @@ class TurnBudgetMiddleware:
             else:  # started, then cancelled before it ran: its start goes to the next
                 _start_next(pacing)
             raise
-        return True
+        return pacing
 
     def _next_turn(self, pacing: _LoopPacing) -> None:
         """Once per turn while requests wait: learn from the turn that ended, start the next
