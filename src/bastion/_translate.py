@@ -127,8 +127,11 @@ def _translate_dbapi_error(exc: sa_exc.DBAPIError, *, during_commit: bool) -> Ba
         # Refused rather than lost (bad credentials, no such database, out of resources):
         # only the settings or the operator can fix that, not another attempt right away.
         retryable = sqlstate is not None and sqlstate.startswith("53")
+        message = _DISK_FULL if _disk_full(original, sqlstate) else None
         return DatabaseUnavailableError(
-            _DESCRIPTIONS[DatabaseUnavailableError], sqlstate=sqlstate, retryable=retryable
+            message or _DESCRIPTIONS[DatabaseUnavailableError],
+            sqlstate=sqlstate,
+            retryable=retryable,
         )
     if error_type is None:
         error_type = QueryError
@@ -137,6 +140,19 @@ def _translate_dbapi_error(exc: sa_exc.DBAPIError, *, during_commit: bool) -> Ba
     if constraint:
         message = f"{message} ({constraint})"
     return error_type(message, sqlstate=sqlstate, constraint=constraint)
+
+
+_DISK_FULL: Final = "the database's disk is full: the write was not made; free space, then retry"
+_SQLITE_FULL: Final = 13
+_POSTGRES_DISK_FULL: Final = "53100"
+
+
+def _disk_full(original: BaseException | None, sqlstate: str | None) -> bool:
+    """Whether the server refused for want of disk space (SQLite's ``SQLITE_FULL``,
+    PostgreSQL's ``disk_full``): a cause the operator must be told by name."""
+    if isinstance(original, sqlite3.Error):
+        return (getattr(original, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_FULL
+    return sqlstate == _POSTGRES_DISK_FULL
 
 
 def _commit_outcome_unknown(sqlstate: str | None) -> CommitOutcomeUnknownError:

@@ -195,3 +195,18 @@ def test_a_client_side_timeout_during_commit_is_ambiguous() -> None:
     timeout = StatementTimeoutError("no answer")
     assert isinstance(translate_error(timeout, during_commit=True), CommitOutcomeUnknownError)
     assert translate_error(timeout) is timeout
+
+
+@pytest.mark.parametrize(
+    "original", [sqlite_error(13), sqlite_error(13 | 256), PostgresDriverError("53100")]
+)
+def test_a_full_disk_is_named_as_such(original: Exception) -> None:
+    translated = translate_error(wrapped(original))
+    assert type(translated) is DatabaseUnavailableError
+    assert "disk is full" in str(translated)
+    assert "hunter2" not in str(translated)
+
+
+def test_other_unavailability_keeps_the_general_message() -> None:
+    for original in (sqlite_error(10), PostgresDriverError("53200")):  # IOERR, out of memory
+        assert "disk" not in str(translate_error(wrapped(original)))

@@ -95,6 +95,11 @@ async def _translated(
         ) from None
     except sqlite3.Error as exc:
         # A failed copy rolled back: the destination is as it was.
+        if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL:
+            raise DatabaseUnavailableError(
+                "the database's disk is full: the SQLite copy changed nothing (free space, "
+                "then run it again)"
+            ) from exc
         raise DatabaseUnavailableError(
             f"the SQLite copy failed and changed nothing ({exc.sqlite_errorname})"
         ) from exc

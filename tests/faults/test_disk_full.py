@@ -1,0 +1,153 @@
+"""A full disk (ENOSPC, SQLite's ``SQLITE_FULL``): a clear error, nothing lost, and recovery
+once space is freed; and S21's restore onto a disk that fills, which must leave the old
+database whole.
+
+The disk is a real one: a tmpfs of a few MiB mounted for the test (Linux, root), filled with
+a file until a page or two of room is left. Without the right to mount, the tests skip
+(under ``CI=true`` they fail, so that CI cannot pass without them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pyrage
+import pytest
+from sqlalchemy import insert, select, text
+
+from bastion import Database, DatabaseSettings, DatabaseUnavailableError
+from bastion.backup import BackupService
+from conversations.models import Conversation, User
+from tests.backup.conftest import digests, fill, make_backup_settings
+from tests.conftest import IN_CI
+
+CONVERSATIONS = Conversation.__table__
+LEFT_BYTES = 48 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs, mounted for this test and unmounted after."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        reason = f"needs to mount a tmpfs (root on Linux): {mounted.stderr.strip()}"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(mount: Path) -> Path:
+    """Fill ``mount`` up to ``LEFT_BYTES`` of free space; the filler file, to free it."""
+    filler = mount / "filler"
+    stats = os.statvfs(mount)
+    with filler.open("wb") as out:
+        out.write(b"\0" * max(0, stats.f_bavail * stats.f_frsize - LEFT_BYTES))
+    return filler
+
+
+@pytest.fixture
+async def database_on_small_disk(
+    small_disk: Path, sqlite_template: Path
+) -> AsyncIterator[Database]:
+    path = small_disk / "live.db"
+    shutil.copyfile(sqlite_template, path)
+    async with Database(DatabaseSettings(DATABASE_URL=f"sqlite:///{path}")) as database:
+        yield database
+
+
+async def _titles(database: Database) -> list[str]:
+    async with database.read_connection() as connection:
+        rows = await connection.execute(select(CONVERSATIONS.c.title).order_by("title"))
+        return [row.title for row in rows]
+
+
+async def _add_conversation(database: Database, owner: object, title: str) -> None:
+    async with database.write_connection() as connection:
+        await connection.execute(
+            insert(CONVERSATIONS).values(
+                owner_id=owner, title=title, metadata={"padding": "p" * 200_000}
+            )
+        )
+
+
+def _integrity(path: Path) -> str:
+    with sqlite3.connect(path) as connection:
+        return str(connection.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+async def test_a_write_on_a_full_disk_fails_clearly_loses_nothing_and_recovers(
+    database_on_small_disk: Database, small_disk: Path
+) -> None:
+    database = database_on_small_disk
+    async with database.write_connection() as connection:
+        owner = await connection.scalar(
+            insert(User.__table__).values(name="disk-full").returning(User.__table__.c.id)
+        )
+    await _add_conversation(database, owner, "before")
+    filler = fill_disk(small_disk)
+
+    for _ in range(2):  # the same answer each time: the connection is not left broken
+        with pytest.raises(DatabaseUnavailableError, match="disk is full") as raised:
+            await _add_conversation(database, owner, "too big")
+        assert not raised.value.retryable  # retrying at once cannot help: space must be freed
+    assert await _titles(database) == ["before"]  # no partial row, the earlier one intact
+
+    filler.unlink()
+    await _add_conversation(database, owner, "after")
+    assert await _titles(database) == ["after", "before"]
+    async with database.read_connection() as connection:
+        assert (await connection.execute(text("PRAGMA integrity_check"))).scalar() == "ok"
+
+
+async def test_s21_a_restore_onto_a_disk_that_fills_leaves_the_old_database(
+    database_on_small_disk: Database, small_disk: Path, tmp_path: Path
+) -> None:
+    database = database_on_small_disk
+    # Backups on another disk, as they should be: only the live database's disk fills.
+    settings = make_backup_settings(
+        tmp_path / "backups",
+        BACKUP_ENCRYPTION_KEY=str(pyrage.x25519.Identity.generate()),
+        BACKUP_ENCRYPT=True,
+    )
+    service = BackupService(database, settings)
+    await fill(database, tag="old", conversations=2, messages=2)
+    old_backup = await service.create()
+    old = await digests(database)
+    await fill(database, tag="new", conversations=60, messages=40)
+    new_backup = await service.create()
+    new = await digests(database)
+    await service.restore(old_backup.id, confirm=old_backup.id)
+    assert await digests(database) == old
+    for engine in database.engines:  # shrink the file back to the old data's size
+        await engine.dispose()
+    live = small_disk / "live.db"
+    with sqlite3.connect(live) as connection:
+        connection.execute("VACUUM")
+    filler = fill_disk(small_disk)
+
+    with pytest.raises(DatabaseUnavailableError, match="disk is full"):
+        await service.restore(new_backup.id, confirm=new_backup.id)
+    assert await digests(database) == old
+    for engine in database.engines:
+        await engine.dispose()
+    assert _integrity(live) == "ok"
+
+    filler.unlink()  # and with room, the same restore goes through
+    await service.restore(new_backup.id, confirm=new_backup.id)
+    assert await digests(database) == new
