@@ -16,13 +16,17 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pyrage
 import pytest
+from asgi_lifespan import LifespanManager
 from sqlalchemy import insert, select, text
 
 from bastion import Database, DatabaseSettings, DatabaseUnavailableError
 from bastion.backup import BackupService
+from conversations.app import create_app
 from conversations.models import Conversation, User
+from conversations.users import create_user
 from tests.backup.conftest import digests, fill, make_backup_settings
 from tests.conftest import IN_CI
 
@@ -113,6 +117,42 @@ async def test_a_write_on_a_full_disk_fails_clearly_loses_nothing_and_recovers(
     assert await _titles(database) == ["after", "before"]
     async with database.read_connection() as connection:
         assert (await connection.execute(text("PRAGMA integrity_check"))).scalar() == "ok"
+
+
+async def test_the_api_answers_503_saying_so_and_counts_stay_true(
+    database_on_small_disk: Database, small_disk: Path
+) -> None:
+    key = {"Authorization": f"Bearer {await create_user(database_on_small_disk, 'full')}"}
+    app = create_app(database_on_small_disk.settings)
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
+        ) as client,
+    ):
+        created = await client.post("/v1/conversations", json={"title": "t"}, headers=key)
+        cid = created.json()["id"]
+        message = {"role": "user", "content": "x" * 90_000}
+        assert (
+            await client.post(f"/v1/conversations/{cid}/messages", json=message, headers=key)
+        ).status_code == 201
+        filler = fill_disk(small_disk)
+
+        refused = await client.post(f"/v1/conversations/{cid}/messages", json=message, headers=key)
+        assert refused.status_code == 503
+        assert refused.json()["code"] == "database_unavailable"
+        assert "disk is full" in refused.json()["detail"]
+        # Reads go on, and the count says what is stored: the refused message is not.
+        page = await client.get(f"/v1/conversations/{cid}/messages", headers=key)
+        assert page.status_code == 200
+        assert page.json()["total"] == len(page.json()["items"]) == 1
+
+        filler.unlink()
+        again = await client.post(f"/v1/conversations/{cid}/messages", json=message, headers=key)
+        assert again.status_code == 201
+        assert (await client.get(f"/v1/conversations/{cid}/messages", headers=key)).json()[
+            "total"
+        ] == 2
 
 
 async def test_s21_a_restore_onto_a_disk_that_fills_leaves_the_old_database(
