@@ -304,20 +304,15 @@ class BatchAcceptingLoop(uvloop.Loop):
             raise ValueError("Neither host/port nor sock were specified")
         else:
             listeners = await self._bind(host, port, family, flags, reuse_address, reuse_port)
-        for listener in listeners:
-            listener.setblocking(False)
-        server = BatchAcceptingServer(
-            self,
+        return await self._serve(
             listeners,
             protocol_factory,
             backlog,
             ssl,
             ssl_handshake_timeout,
             ssl_shutdown_timeout,
+            start_serving,
         )
-        if start_serving:
-            await server.start_serving()
-        return server
 
     async def create_unix_server(  # type: ignore[override]
         self,
@@ -354,10 +349,32 @@ class BatchAcceptingLoop(uvloop.Loop):
             raise ValueError("path was not specified, and no sock specified")
         else:
             listener = _bind_unix(os.fspath(path))
-        listener.setblocking(False)
+        return await self._serve(
+            [listener],
+            protocol_factory,
+            backlog,
+            ssl,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+            start_serving,
+        )
+
+    async def _serve(
+        self,
+        listeners: list[socket.socket],
+        protocol_factory: ProtocolFactory,
+        backlog: int,
+        ssl: ssl_module.SSLContext | None,
+        ssl_handshake_timeout: float | None,
+        ssl_shutdown_timeout: float | None,
+        start_serving: bool,
+    ) -> BatchAcceptingServer:
+        """A :class:`BatchAcceptingServer` on the bound ``listeners``, started if asked."""
+        for listener in listeners:
+            listener.setblocking(False)
         server = BatchAcceptingServer(
             self,
-            [listener],
+            listeners,
             protocol_factory,
             backlog,
             ssl,

@@ -192,15 +192,34 @@ def get(connection: socket.socket) -> bytes:
     return answer
 
 
-def test_uvicorn_serves_many_connections_on_it_and_stops_cleanly() -> None:
-    port = free_port()
+@contextmanager
+def uvicorn_serving(script: str, where: str) -> Iterator[subprocess.Popen[str]]:
+    """``script`` run with ``where`` (its port or socket path); on the way out it is stopped
+    with SIGINT, and must have stopped cleanly."""
     process = subprocess.Popen(
-        [sys.executable, "-c", UVICORN_SERVER, str(port)],
+        [sys.executable, "-c", script, where],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGINT)
+        log, _ = process.communicate(timeout=15)
+    assert process.returncode == 0, log
+    assert "Finished server process" in log
+    assert "Traceback" not in log
+
+
+def assert_served_on_this_loop(answers: list[bytes]) -> None:
+    assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
+    assert all(answer.endswith(b"BatchAcceptingLoop") for answer in answers)
+
+
+def test_uvicorn_serves_many_connections_on_it_and_stops_cleanly() -> None:
+    port = free_port()
+    with uvicorn_serving(UVICORN_SERVER, str(port)) as process:
         wait_for_port(port, process)
         with ExitStack() as clients:
             connections = [
@@ -208,14 +227,7 @@ def test_uvicorn_serves_many_connections_on_it_and_stops_cleanly() -> None:
                 for _ in range(200)
             ]
             answers = [get(connection) for connection in connections]
-        assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
-        assert all(answer.endswith(b"BatchAcceptingLoop") for answer in answers)
-    finally:
-        process.send_signal(signal.SIGINT)
-        log, _ = process.communicate(timeout=15)
-    assert process.returncode == 0, log
-    assert "Finished server process" in log
-    assert "Traceback" not in log
+        assert_served_on_this_loop(answers)
 
 
 ECHO_SERVER_WITH_FEW_FILES = textwrap.dedent(
@@ -532,13 +544,7 @@ def wait_for_unix_socket(path: Path, process: subprocess.Popen[str]) -> None:
 
 def test_uvicorn_serves_a_unix_socket_on_it(tmp_path: Path) -> None:
     path = tmp_path / "uvicorn.sock"
-    process = subprocess.Popen(
-        [sys.executable, "-c", UVICORN_UDS_SERVER, str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with uvicorn_serving(UVICORN_UDS_SERVER, str(path)) as process:
         wait_for_unix_socket(path, process)
         with ExitStack() as clients:
             connections = []
@@ -548,10 +554,4 @@ def test_uvicorn_serves_a_unix_socket_on_it(tmp_path: Path) -> None:
                 client.connect(str(path))
                 connections.append(client)
             answers = [get(connection) for connection in connections]
-        assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
-        assert all(answer.endswith(b"BatchAcceptingLoop") for answer in answers)
-    finally:
-        process.send_signal(signal.SIGINT)
-        log, _ = process.communicate(timeout=15)
-    assert process.returncode == 0, log
-    assert "Finished server process" in log
+        assert_served_on_this_loop(answers)
