@@ -28,6 +28,7 @@ from bastion.fastapi._dependencies import (
     WriteConnection,
     WriteSession,
     database_of,
+    enter_for_route,
     get_database,
 )
 from bastion.fastapi._errors import (
@@ -69,6 +70,7 @@ __all__ = [
     "create_metrics_router",
     "database_lifespan",
     "database_of",
+    "enter_for_route",
     "error_response",
     "get_database",
     "idempotent_write",

@@ -1,9 +1,18 @@
 """FastAPI dependencies that hand a route a unit of work.
 
-All are declared with ``scope="function"``: FastAPI runs their exit — the COMMIT of a write
-unit — after the route returns but *before* the response is sent. A COMMIT that fails
-therefore becomes an error response; the client never sees 2xx for a write that did not land.
-(With the default request scope, teardown runs after the response has gone out.)
+Every unit ends after the route returns but *before* the response is sent: a write unit's
+COMMIT that fails therefore becomes an error response, and the client never sees 2xx for a
+write that did not land. (A ``yield`` dependency of FastAPI's default request scope would end
+after the response has gone out.)
+
+* Write units are ``yield`` dependencies declared with ``scope="function"``. FastAPI shields
+  their exit from cancellation, so a COMMIT that has started runs to its end.
+* Read units are plain ``async`` dependencies that enter their unit on the route's own exit
+  stack (:func:`enter_for_route`). Their exit, which gives the connection back, needs
+  no shield, since a unit returns its connection even when cancelled (``Database._unit``), and
+  a ``yield`` dependency costs FastAPI an anyio cancel scope and two generator-based context
+  managers per request: 1.54 M against 1.41 M instructions for the reference service's point
+  read (``bench/README.md``, finding 49).
 
 The unit dependencies find the Database on the app themselves (:func:`database_of`) instead of
 depending on :func:`get_database`: a sub-dependency is one more for FastAPI to solve on every
@@ -15,7 +24,8 @@ override of ``get_database`` changes :data:`DatabaseDep` only.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from typing import Annotated, Final, TypeVar
 
 from fastapi import Depends
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -30,8 +40,16 @@ __all__ = [
     "ReadSession",
     "WriteConnection",
     "WriteSession",
+    "enter_for_route",
     "get_database",
 ]
+
+EnteredT = TypeVar("EnteredT")
+
+_ROUTE_EXIT_STACK: Final = "fastapi_function_astack"
+"""Where FastAPI (0.121 on) keeps the exit stack of the route being solved: it exits it after
+the route returns and its response is rendered, before the response is sent, and it runs its
+``scope="function"`` yield dependencies' exits there."""
 
 
 async def get_database(connection: HTTPConnection) -> Database:
@@ -58,14 +76,38 @@ def database_of(connection: HTTPConnection) -> Database:
     return database
 
 
-async def _read_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]:
-    async with database_of(request).read() as session:
-        yield session
+async def enter_for_route(
+    connection: HTTPConnection, unit: AbstractAsyncContextManager[EnteredT]
+) -> EnteredT:
+    """Enter ``unit`` now and exit it when the route being solved returns, before its response
+    is sent: what a ``yield`` dependency with ``scope="function"`` does, without its cost.
+
+    Call it from a plain ``async`` dependency (or the route itself). The exit gets the route's
+    exception, if any, as ``async with`` would; it is not shielded from cancellation, so give
+    it only units whose exit may be cancelled safely (Bastion's read units: they return their
+    connection even then). Keep write units, whose exit is their COMMIT, in ``yield``
+    dependencies, which FastAPI shields.
+
+    Raises:
+        DatabaseStateError: not called while FastAPI solves a route (no exit stack to hold the
+            unit); ``unit`` is then not entered.
+        Whatever entering ``unit`` raises.
+    """
+    stack = connection.scope.get(_ROUTE_EXIT_STACK)
+    if not isinstance(stack, AsyncExitStack):
+        raise DatabaseStateError(
+            "enter_for_route() needs the exit stack FastAPI (0.121 or later) gives a route "
+            "while it solves its dependencies; call it from a route or its dependencies"
+        )
+    return await stack.enter_async_context(unit)
 
 
-async def _read_connection(request: HTTPConnection) -> AsyncIterator[AsyncConnection]:
-    async with database_of(request).read_connection() as connection:
-        yield connection
+async def _read_session(request: HTTPConnection) -> AsyncSession:
+    return await enter_for_route(request, database_of(request).read())
+
+
+async def _read_connection(request: HTTPConnection) -> AsyncConnection:
+    return await enter_for_route(request, database_of(request).read_connection())
 
 
 async def _write_connection(request: HTTPConnection) -> AsyncIterator[AsyncConnection]:
@@ -81,10 +123,10 @@ async def _write_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 """The running :class:`~bastion.Database`, for routes that open units themselves."""
 
-ReadSession = Annotated[AsyncSession, Depends(_read_session, scope="function")]
+ReadSession = Annotated[AsyncSession, Depends(_read_session)]
 """A session in a read unit (one round trip per SELECT on PostgreSQL)."""
 
-ReadConnection = Annotated[AsyncConnection, Depends(_read_connection, scope="function")]
+ReadConnection = Annotated[AsyncConnection, Depends(_read_connection)]
 """A Core connection in a read unit: no ORM session, the fastest way to serve reads."""
 
 WriteSession = Annotated[AsyncSession, Depends(_write_session, scope="function")]
