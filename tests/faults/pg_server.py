@@ -258,6 +258,16 @@ class PostgresServer:
             await connection.close()
         return self.url(name)
 
+    async def drop_database(self, name: str) -> None:
+        """Drop database ``name`` (an identifier) if it exists, ending its sessions."""
+        if not _NAME.match(name):
+            raise ValueError(f"not a plain identifier: {name!r}")
+        connection = await asyncpg.connect(self.url(), timeout=10)
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await connection.close()
+
     async def terminate_backends(self, database: str) -> int:
         """End every other client session on ``database``; return how many ended.
 

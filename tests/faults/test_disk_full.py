@@ -1,21 +1,28 @@
-"""A full disk (ENOSPC, SQLite's ``SQLITE_FULL``): a clear error, nothing lost, and recovery
-once space is freed; and S21's restore onto a disk that fills, which must leave the old
-database whole.
+"""A full disk (ENOSPC, SQLite's ``SQLITE_FULL``, PostgreSQL's ``disk_full``): a clear error,
+nothing lost, and recovery once space is freed; and S21's restore onto a disk that fills,
+which must leave the old database whole.
 
 The disk is a real one: a tmpfs of a few MiB mounted for the test (Linux, root), filled with
 a file until a page or two of room is left. Without the right to mount, the tests skip
-(under ``CI=true`` they fail, so that CI cannot pass without them).
+(under ``CI=true`` they fail, so that CI cannot pass without them). On PostgreSQL the small
+disk holds a tablespace of the throwaway server (``tests/faults/pg_server.py``), never the
+shared one's: a full WAL disk would stop the server (PANIC), a full data disk fails the
+statement that needed room, which is the case an application must survive.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import sqlite3
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pyrage
 import pytest
@@ -29,15 +36,16 @@ from conversations.models import Conversation, User
 from conversations.users import create_user
 from tests.backup.conftest import digests, fill, make_backup_settings
 from tests.conftest import IN_CI
+from tests.faults.pg_server import PostgresServer, migrated_database
 
 CONVERSATIONS = Conversation.__table__
 LEFT_BYTES = 48 * 1024
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs, mounted for this test and unmounted after."""
-    mount = tmp_path / "disk"
+@contextmanager
+def mounted_tmpfs(mount: Path, owner: str | None = None) -> Iterator[Path]:
+    """An 8 MiB tmpfs mounted at ``mount`` (made here), owned by ``owner`` if given, and
+    unmounted after; the test skips (fails under ``CI=true``) without the right to mount."""
     mount.mkdir()
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
@@ -51,9 +59,18 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
             pytest.fail(reason)
         pytest.skip(reason)
     try:
+        if owner is not None:
+            shutil.chown(mount, owner, owner)
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs, mounted for this test and unmounted after."""
+    with mounted_tmpfs(tmp_path / "disk") as mount:
+        yield mount
 
 
 def fill_disk(mount: Path) -> Path:
@@ -191,3 +208,75 @@ async def test_s21_a_restore_onto_a_disk_that_fills_leaves_the_old_database(
     filler.unlink()  # and with room, the same restore goes through
     await service.restore(new_backup.id, confirm=new_backup.id)
     assert await digests(database) == new
+
+
+@pytest.fixture
+async def postgres_on_small_disk(
+    fresh_postgres_server: PostgresServer,
+) -> AsyncIterator[tuple[Database, Path]]:
+    """A migrated database of the throwaway server whose ``conversations`` table (and its
+    TOAST table) lives in a tablespace on an 8 MiB tmpfs; the database and the tablespace
+    are dropped after, so that the session's server is left as it was."""
+    server = fresh_postgres_server
+    name = f"disk_full_{uuid.uuid4().hex[:8]}"
+    # Under the server's own directory: the postgres user must reach the tablespace's path.
+    with mounted_tmpfs(server.root / f"{name}_disk", owner=server_user()) as mount:
+        url = await migrated_database(server, name)
+        admin = await asyncpg.connect(server.url(name))
+        try:
+            await admin.execute(f"CREATE TABLESPACE {name} LOCATION '{mount}'")
+            await admin.execute(f"ALTER TABLE conversations SET TABLESPACE {name}")
+            async with Database(DatabaseSettings(DATABASE_URL=url)) as database:
+                yield database, mount
+        finally:
+            await admin.close()
+            await server.drop_database(name)
+            root = await asyncpg.connect(server.url())
+            try:
+                await root.execute(f"DROP TABLESPACE {name}")
+            finally:
+                await root.close()
+
+
+def server_user() -> str | None:
+    """Who PostgreSQL runs as (``postgres`` under root; else this user, who owns the mount)."""
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def _incompressible(size: int) -> str:
+    # PostgreSQL compresses large values before storing them (TOAST): random text it cannot.
+    return base64.b64encode(os.urandom(size)).decode()
+
+
+async def test_postgres_a_write_on_a_full_disk_fails_clearly_loses_nothing_and_recovers(
+    postgres_on_small_disk: tuple[Database, Path],
+) -> None:
+    database, disk = postgres_on_small_disk
+    async with database.write_connection() as connection:
+        owner = await connection.scalar(
+            insert(User.__table__).values(name="disk-full").returning(User.__table__.c.id)
+        )
+
+    async def add(title: str) -> None:
+        async with database.write_connection() as connection:
+            await connection.execute(
+                insert(CONVERSATIONS).values(
+                    owner_id=owner, title=title, metadata={"padding": _incompressible(150_000)}
+                )
+            )
+
+    await add("before")
+    filler = fill_disk(disk)
+
+    for _ in range(2):  # the same answer each time: the pool is not left broken
+        with pytest.raises(DatabaseUnavailableError, match="disk is full") as raised:
+            await add("too big")
+        assert raised.value.sqlstate == "53100"
+        # Retryable, as all of class 53: PostgreSQL itself may free room (a VACUUM, WAL
+        # recycled), unlike SQLite's full disk.
+        assert raised.value.retryable
+    assert await _titles(database) == ["before"]  # no partial row, the earlier one intact
+
+    filler.unlink()
+    await add("after")
+    assert await _titles(database) == ["after", "before"]
