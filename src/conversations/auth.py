@@ -239,5 +239,5 @@ CurrentWriteCaller = Annotated[WriteCaller, Depends(_write_caller)]
 CurrentWriter = Annotated[uuid.UUID, Depends(_current_writer, scope="function")]
 """The user id, looked up in the route's own ``WriteConnection`` (one unit per request)."""
 
-CurrentReadCaller = Annotated[ReadCaller, Depends(_read_caller)]
+CurrentReadCaller = Annotated[ReadCaller, Depends(_read_caller, scope="function")]
 """The caller of a read route, authenticated in the read unit it is given (one per request)."""

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Annotated
 
 import pytest
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import DependencyScopeError
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -172,3 +174,19 @@ async def test_enter_for_route_outside_a_route_refuses_and_enters_nothing() -> N
     with pytest.raises(DatabaseStateError, match="call it from a route or its dependencies"):
         await enter_for_route(request, _noted_unit(events))
     assert events == []
+
+
+async def _audit_after_response(connection: ReadConnection) -> AsyncIterator[None]:
+    yield
+    await connection.execute(text("SELECT 1"))
+
+
+def test_a_request_scoped_yield_dependency_may_not_hold_a_read_unit() -> None:
+    # Its exit runs after the response, when the read unit has already ended: FastAPI refuses
+    # it where the route is declared.
+    app = FastAPI()
+    with pytest.raises(DependencyScopeError, match="cannot depend on dependencies with scope"):
+
+        @app.get("/audited")
+        async def audited(_: Annotated[None, Depends(_audit_after_response)]) -> None:
+            return None

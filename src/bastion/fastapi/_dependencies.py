@@ -123,10 +123,14 @@ async def _write_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 """The running :class:`~bastion.Database`, for routes that open units themselves."""
 
-ReadSession = Annotated[AsyncSession, Depends(_read_session)]
+# scope="function" on the read units too, though plain dependencies have no exit of their own
+# for FastAPI to place: it keeps FastAPI's check that a request-scoped yield dependency does
+# not depend on them (DependencyScopeError at declaration), since their unit ends before such
+# a dependency's exit would run.
+ReadSession = Annotated[AsyncSession, Depends(_read_session, scope="function")]
 """A session in a read unit (one round trip per SELECT on PostgreSQL)."""
 
-ReadConnection = Annotated[AsyncConnection, Depends(_read_connection)]
+ReadConnection = Annotated[AsyncConnection, Depends(_read_connection, scope="function")]
 """A Core connection in a read unit: no ORM session, the fastest way to serve reads."""
 
 WriteSession = Annotated[AsyncSession, Depends(_write_session, scope="function")]
