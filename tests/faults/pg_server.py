@@ -227,8 +227,8 @@ class PostgresServer:
         pid = self._postmaster_pid()
         return pid is not None and _process_alive(pid)
 
-    def destroy(self) -> None:
-        """Stop the server (immediate, or kill if that fails) and delete its directory."""
+    def halt(self) -> None:
+        """Stop the server at once (immediate, or kill if that fails); it stays startable."""
         try:
             self.stop("immediate")
         except RuntimeError:
@@ -236,6 +236,12 @@ class PostgresServer:
         finally:
             if self.is_running():
                 self.kill()
+
+    def destroy(self) -> None:
+        """Halt the server and delete its directory."""
+        try:
+            self.halt()
+        finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def log_text(self) -> str:
@@ -257,16 +263,6 @@ class PostgresServer:
         finally:
             await connection.close()
         return self.url(name)
-
-    async def drop_database(self, name: str) -> None:
-        """Drop database ``name`` (an identifier) if it exists, ending its sessions."""
-        if not _NAME.match(name):
-            raise ValueError(f"not a plain identifier: {name!r}")
-        connection = await asyncpg.connect(self.url(), timeout=10)
-        try:
-            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await connection.close()
 
     async def terminate_backends(self, database: str) -> int:
         """End every other client session on ``database``; return how many ended.

@@ -17,9 +17,9 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -36,7 +36,7 @@ from conversations.models import Conversation, User
 from conversations.users import create_user
 from tests.backup.conftest import digests, fill, make_backup_settings
 from tests.conftest import IN_CI
-from tests.faults.pg_server import PostgresServer, migrated_database
+from tests.faults.pg_server import PostgresServer, migrated_database, missing_requirement
 
 CONVERSATIONS = Conversation.__table__
 LEFT_BYTES = 48 * 1024
@@ -63,7 +63,16 @@ def mounted_tmpfs(mount: Path, owner: str | None = None) -> Iterator[Path]:
             shutil.chown(mount, owner, owner)
         yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        unmounted = subprocess.run(["umount", str(mount)], capture_output=True, text=True)
+        if unmounted.returncode != 0:
+            # Something still holds a file there: detach it now, freed once let go.
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+            warnings.warn(
+                f"the test's tmpfs was busy when unmounted ({unmounted.stderr.strip()}); "
+                "detached it lazily",
+                stacklevel=1,
+            )
+        mount.rmdir()
 
 
 @pytest.fixture
@@ -108,7 +117,7 @@ async def _add_conversation(database: Database, owner: object, title: str) -> No
 
 
 def _integrity(path: Path) -> str:
-    with sqlite3.connect(path) as connection:
+    with closing(sqlite3.connect(path)) as connection:
         return str(connection.execute("PRAGMA integrity_check").fetchone()[0])
 
 
@@ -194,7 +203,7 @@ async def test_s21_a_restore_onto_a_disk_that_fills_leaves_the_old_database(
     for engine in database.engines:  # shrink the file back to the old data's size
         await engine.dispose()
     live = small_disk / "live.db"
-    with sqlite3.connect(live) as connection:
+    with closing(sqlite3.connect(live)) as connection:
         connection.execute("VACUUM")
     filler = fill_disk(small_disk)
 
@@ -211,31 +220,40 @@ async def test_s21_a_restore_onto_a_disk_that_fills_leaves_the_old_database(
 
 
 @pytest.fixture
-async def postgres_on_small_disk(
-    fresh_postgres_server: PostgresServer,
-) -> AsyncIterator[tuple[Database, Path]]:
-    """A migrated database of the throwaway server whose ``conversations`` table (and its
-    TOAST table) lives in a tablespace on an 8 MiB tmpfs; the database and the tablespace
-    are dropped after, so that the session's server is left as it was."""
-    server = fresh_postgres_server
-    name = f"disk_full_{uuid.uuid4().hex[:8]}"
-    # Under the server's own directory: the postgres user must reach the tablespace's path.
-    with mounted_tmpfs(server.root / f"{name}_disk", owner=server_user()) as mount:
-        url = await migrated_database(server, name)
-        admin = await asyncpg.connect(server.url(name))
-        try:
-            await admin.execute(f"CREATE TABLESPACE {name} LOCATION '{mount}'")
-            await admin.execute(f"ALTER TABLE conversations SET TABLESPACE {name}")
-            async with Database(DatabaseSettings(DATABASE_URL=url)) as database:
-                yield database, mount
-        finally:
-            await admin.close()
-            await server.drop_database(name)
-            root = await asyncpg.connect(server.url())
+async def postgres_on_small_disk() -> AsyncIterator[tuple[Database, Path]]:
+    """A migrated database on a throwaway server of its own, whose ``conversations`` table
+    (and its TOAST table) lives in a tablespace on an 8 MiB tmpfs.
+
+    Its own server, not the session's, and destroyed after: a tablespace left behind by a
+    cleanup that failed midway would stop that server from starting again after a crash
+    test's kill. The server is stopped before the disk is unmounted.
+    """
+    problem = missing_requirement()
+    if problem is not None:
+        message = f"throwaway PostgreSQL server unavailable: {problem}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer()
+    try:
+        # Under the server's own directory: the postgres user must reach the tablespace.
+        with mounted_tmpfs(server.root / "small_disk", owner=server_user()) as mount:
             try:
-                await root.execute(f"DROP TABLESPACE {name}")
+                server.init()
+                server.start()
+                url = await migrated_database(server, "disk_full")
+                admin = await asyncpg.connect(url)
+                try:
+                    await admin.execute(f"CREATE TABLESPACE small_disk LOCATION '{mount}'")
+                    await admin.execute("ALTER TABLE conversations SET TABLESPACE small_disk")
+                finally:
+                    await admin.close()
+                async with Database(DatabaseSettings(DATABASE_URL=url)) as database:
+                    yield database, mount
             finally:
-                await root.close()
+                server.halt()
+    finally:
+        server.destroy()
 
 
 def server_user() -> str | None:

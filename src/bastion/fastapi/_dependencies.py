@@ -5,12 +5,14 @@ COMMIT that fails therefore becomes an error response, and the client never sees
 write that did not land. (A ``yield`` dependency of FastAPI's default request scope would end
 after the response has gone out.)
 
-* Write units are ``yield`` dependencies declared with ``scope="function"``. FastAPI shields
-  their exit from cancellation, so a COMMIT that has started runs to its end.
+* Write units are ``yield`` dependencies declared with ``scope="function"``: their exit is the
+  COMMIT, and FastAPI (0.162.7 on: "Fix async yield dependency cleanup on cancellation")
+  shields a yield dependency's exit from cancellation, so a COMMIT that has begun runs to its
+  end. (Older FastAPI does not; the COMMIT is then as exposed as in ``async with``.)
 * Read units are plain ``async`` dependencies that enter their unit on the route's own exit
-  stack (:func:`enter_for_route`). Their exit, which gives the connection back, needs
-  no shield, since a unit returns its connection even when cancelled (``Database._unit``), and
-  a ``yield`` dependency costs FastAPI an anyio cancel scope and two generator-based context
+  stack (:func:`enter_for_route`). Their exit needs no shield: a cancelled close still gives
+  the connection back (``bastion._checkout`` shields it as SQLAlchemy's own exit does), and a
+  ``yield`` dependency costs FastAPI an anyio cancel scope and two generator-based context
   managers per request: 1.54 M against 1.41 M instructions for the reference service's point
   read (``bench/README.md``, finding 49).
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Annotated, Final, TypeVar
+from weakref import WeakKeyDictionary
 
 from fastapi import Depends
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -49,7 +52,12 @@ EnteredT = TypeVar("EnteredT")
 _ROUTE_EXIT_STACK: Final = "fastapi_function_astack"
 """Where FastAPI (0.121 on) keeps the exit stack of the route being solved: it exits it after
 the route returns and its response is rendered, before the response is sent, and it runs its
-``scope="function"`` yield dependencies' exits there."""
+``scope="function"`` yield dependencies' exits there. It leaves the stack in the scope once
+closed."""
+
+_ROUTE_STACK_OPEN: Final[WeakKeyDictionary[AsyncExitStack, bool]] = WeakKeyDictionary()
+"""Route exit stacks :func:`enter_for_route` has used: whether each is still open. A unit put
+on a stack that has already closed would never be exited, its connection never given back."""
 
 
 async def get_database(connection: HTTPConnection) -> Database:
@@ -82,15 +90,24 @@ async def enter_for_route(
     """Enter ``unit`` now and exit it when the route being solved returns, before its response
     is sent: what a ``yield`` dependency with ``scope="function"`` does, without its cost.
 
-    Call it from a plain ``async`` dependency (or the route itself). The exit gets the route's
-    exception, if any, as ``async with`` would; it is not shielded from cancellation, so give
-    it only units whose exit may be cancelled safely (Bastion's read units: they return their
-    connection even then). Keep write units, whose exit is their COMMIT, in ``yield``
-    dependencies, which FastAPI shields.
+    Call it from the route or from a plain ``async`` dependency. Declare such a dependency
+    with ``Depends(..., scope="function")``, as Bastion's read dependencies are: FastAPI then
+    refuses, where the route is declared, a request-scoped ``yield`` dependency that depends
+    on it and would use the unit after it ended. The exit gets the route's exception, if any,
+    as ``async with`` would. It is not shielded from cancellation, so give it only units whose
+    exit may be cancelled safely (Bastion's read units give their connection back all the
+    same); keep write units, whose exit is their COMMIT, in ``yield`` dependencies.
+
+    Never call it once the route has returned (in a background task, a streaming body, a
+    request-scoped dependency's exit): the route's exit stack has closed, and a unit put on it
+    would not end until garbage collection closed it. Open units there with ``async with``.
+    Where the route itself used this (a read dependency, say), such a call is refused; where
+    it did not, it cannot be told apart from a first call (FastAPI keeps no mark of a closed
+    stack), and is not.
 
     Raises:
-        DatabaseStateError: not called while FastAPI solves a route (no exit stack to hold the
-            unit); ``unit`` is then not entered.
+        DatabaseStateError: not called while FastAPI solves a route, or called after the
+            route returned where the route had called it: ``unit`` is then not entered.
         Whatever entering ``unit`` raises.
     """
     stack = connection.scope.get(_ROUTE_EXIT_STACK)
@@ -98,6 +115,16 @@ async def enter_for_route(
         raise DatabaseStateError(
             "enter_for_route() needs the exit stack FastAPI (0.121 or later) gives a route "
             "while it solves its dependencies; call it from a route or its dependencies"
+        )
+    is_open = _ROUTE_STACK_OPEN.get(stack)
+    if is_open is None:
+        _ROUTE_STACK_OPEN[stack] = True
+        # Pushed before the first unit, so it runs after the last unit's exit.
+        stack.callback(_ROUTE_STACK_OPEN.__setitem__, stack, False)
+    elif not is_open:
+        raise DatabaseStateError(
+            "enter_for_route() called after the route returned (a background task, a "
+            "streaming body or a dependency's exit); open the unit with 'async with' there"
         )
     return await stack.enter_async_context(unit)
 
