@@ -28,11 +28,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Annotated, Final, TypeVar
-from weakref import WeakKeyDictionary
 
 from fastapi import Depends
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
 from bastion.database import Database
 from bastion.errors import DatabaseStateError
@@ -55,9 +55,11 @@ the route returns and its response is rendered, before the response is sent, and
 ``scope="function"`` yield dependencies' exits there. It leaves the stack in the scope once
 closed."""
 
-_ROUTE_STACK_OPEN: Final[WeakKeyDictionary[AsyncExitStack, bool]] = WeakKeyDictionary()
-"""Route exit stacks :func:`enter_for_route` has used: whether each is still open. A unit put
-on a stack that has already closed would never be exited, its connection never given back."""
+_WATCHED_STACK: Final = "bastion.watched_route_exit_stack"
+_CLOSED_STACK: Final = "bastion.closed_route_exit_stack"
+"""Scope keys: the route exit stack :func:`enter_for_route` has used, and the one it saw close.
+A unit put on a stack that has already closed would never be exited, its connection never
+given back."""
 
 
 async def get_database(connection: HTTPConnection) -> Database:
@@ -110,23 +112,33 @@ async def enter_for_route(
             route returned where the route had called it: ``unit`` is then not entered.
         Whatever entering ``unit`` raises.
     """
-    stack = connection.scope.get(_ROUTE_EXIT_STACK)
+    scope = connection.scope
+    stack = _open_route_exit_stack(scope)
+    if scope.get(_WATCHED_STACK) is not stack:
+        scope[_WATCHED_STACK] = stack
+        # Pushed before the first unit, so it runs after the last unit's exit.
+        stack.callback(scope.__setitem__, _CLOSED_STACK, stack)
+    return await stack.enter_async_context(unit)
+
+
+def _open_route_exit_stack(scope: Scope) -> AsyncExitStack:
+    """The exit stack of the route being solved.
+
+    Raises:
+        DatabaseStateError: there is none, or :func:`enter_for_route` saw it close.
+    """
+    stack = scope.get(_ROUTE_EXIT_STACK)
     if not isinstance(stack, AsyncExitStack):
         raise DatabaseStateError(
             "enter_for_route() needs the exit stack FastAPI (0.121 or later) gives a route "
             "while it solves its dependencies; call it from a route or its dependencies"
         )
-    is_open = _ROUTE_STACK_OPEN.get(stack)
-    if is_open is None:
-        _ROUTE_STACK_OPEN[stack] = True
-        # Pushed before the first unit, so it runs after the last unit's exit.
-        stack.callback(_ROUTE_STACK_OPEN.__setitem__, stack, False)
-    elif not is_open:
+    if scope.get(_CLOSED_STACK) is stack:
         raise DatabaseStateError(
             "enter_for_route() called after the route returned (a background task, a "
             "streaming body or a dependency's exit); open the unit with 'async with' there"
         )
-    return await stack.enter_async_context(unit)
+    return stack
 
 
 async def _read_session(request: HTTPConnection) -> AsyncSession:
