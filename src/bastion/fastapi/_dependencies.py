@@ -13,8 +13,8 @@ after the response has gone out.)
   stack (:func:`enter_for_route`). Their exit needs no shield: a cancelled close still gives
   the connection back (``bastion._checkout`` shields it as SQLAlchemy's own exit does), and a
   ``yield`` dependency costs FastAPI an anyio cancel scope and two generator-based context
-  managers per request: 1.54 M against 1.41 M instructions for the reference service's point
-  read (``bench/README.md``, finding 49).
+  managers per request: 6-10 % of the reference service's point read in instructions
+  (``bench/README.md``, finding 49).
 
 The unit dependencies find the Database on the app themselves (:func:`database_of`) instead of
 depending on :func:`get_database`: a sub-dependency is one more for FastAPI to solve on every
