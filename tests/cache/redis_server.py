@@ -21,16 +21,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from bastion.cache import CacheSettings
-from tests.conftest import IN_CI, free_port
+from tests.conftest import free_port, unavailable
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def require(problem: str) -> None:
     """Skip with ``problem`` — or fail, under ``CI=true``."""
-    if IN_CI:
-        pytest.fail(f"Redis is required under CI=true: {problem}", pytrace=False)
-    pytest.skip(problem)
+    unavailable(f"Redis unavailable: {problem}")
 
 
 @pytest.fixture(scope="session")

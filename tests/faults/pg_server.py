@@ -37,7 +37,7 @@ import pytest
 from bastion import Database, DatabaseSettings
 from bastion.migrations import upgrade
 from conversations import MIGRATIONS
-from tests.conftest import IN_CI
+from tests.conftest import unavailable
 
 BINDIR = Path("/usr/lib/postgresql/15/bin")
 INITDB = BINDIR / "initdb"
@@ -64,6 +64,13 @@ def missing_requirement() -> str | None:
         except KeyError:
             return "no 'postgres' user to run PostgreSQL as (it refuses to run as root)"
     return None
+
+
+def require_throwaway_server() -> None:
+    """Skip the test if a throwaway server cannot be run here (fail it under ``CI=true``)."""
+    problem = missing_requirement()
+    if problem is not None:
+        unavailable(f"throwaway PostgreSQL server unavailable: {problem}")
 
 
 def _free_port() -> int:
@@ -346,12 +353,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     Skipped when PostgreSQL 15's binaries (or runuser, as root) are missing; under
     ``CI=true`` that is a failure instead.
     """
-    problem = missing_requirement()
-    if problem is not None:
-        message = f"throwaway PostgreSQL server unavailable: {problem}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_throwaway_server()
     server = PostgresServer()
     try:
         server.init()

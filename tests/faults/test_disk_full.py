@@ -35,8 +35,8 @@ from conversations.app import create_app
 from conversations.models import Conversation, User
 from conversations.users import create_user
 from tests.backup.conftest import digests, fill, make_backup_settings
-from tests.conftest import IN_CI
-from tests.faults.pg_server import PostgresServer, migrated_database, missing_requirement
+from tests.conftest import unavailable
+from tests.faults.pg_server import PostgresServer, migrated_database, require_throwaway_server
 
 CONVERSATIONS = Conversation.__table__
 LEFT_BYTES = 48 * 1024
@@ -54,10 +54,7 @@ def mounted_tmpfs(mount: Path, owner: str | None = None) -> Iterator[Path]:
         check=False,
     )
     if mounted.returncode != 0:
-        reason = f"needs to mount a tmpfs (root on Linux): {mounted.stderr.strip()}"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(f"needs to mount a tmpfs (root on Linux): {mounted.stderr.strip()}")
     try:
         if owner is not None:
             shutil.chown(mount, owner, owner)
@@ -228,12 +225,7 @@ async def postgres_on_small_disk() -> AsyncIterator[tuple[Database, Path]]:
     cleanup that failed midway would stop that server from starting again after a crash
     test's kill. The server is stopped before the disk is unmounted.
     """
-    problem = missing_requirement()
-    if problem is not None:
-        message = f"throwaway PostgreSQL server unavailable: {problem}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_throwaway_server()
     server = PostgresServer()
     try:
         # Under the server's own directory: the postgres user must reach the tablespace.

@@ -72,14 +72,28 @@ def running(loop: asyncio.AbstractEventLoop) -> Iterator[asyncio.AbstractEventLo
         loop.close()
 
 
-def connections_accepted_in_turns(loop: asyncio.AbstractEventLoop) -> int:
-    """Queue ``WAITING`` connections with the loop stopped, run ``TURNS`` turns, count."""
+def connections_accepted_in_turns(
+    loop: asyncio.AbstractEventLoop, unix_path: Path | None = None
+) -> int:
+    """Queue ``WAITING`` connections with the loop stopped, run ``TURNS`` turns, count.
+
+    On TCP (loopback), or on a Unix socket at ``unix_path``.
+    """
     factory, made = recorder_factory()
-    server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", 0, backlog=128))
-    port = server.sockets[0].getsockname()[1]
+    if unix_path is None:
+        server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", 0, backlog=128))
+        port = server.sockets[0].getsockname()[1]
+    else:
+        server = loop.run_until_complete(
+            loop.create_unix_server(factory, str(unix_path), backlog=128)
+        )
     with ExitStack() as clients:
         for _ in range(WAITING):
-            clients.enter_context(socket.create_connection(("127.0.0.1", port)))
+            if unix_path is None:
+                clients.enter_context(socket.create_connection(("127.0.0.1", port)))
+            else:
+                client = clients.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                client.connect(str(unix_path))
         loop.run_until_complete(turns(TURNS))
         accepted = len(made)
         for transport in made:
@@ -446,32 +460,15 @@ def test_tls_settings_without_tls_are_refused_up_front() -> None:
 # -- Unix sockets (uvicorn's --uds) ---------------------------------------------------------
 
 
-def unix_connections_accepted_in_turns(loop: asyncio.AbstractEventLoop, path: Path) -> int:
-    """As :func:`connections_accepted_in_turns`, on a Unix socket at ``path``."""
-    factory, made = recorder_factory()
-    server = loop.run_until_complete(loop.create_unix_server(factory, str(path), backlog=128))
-    with ExitStack() as clients:
-        for _ in range(WAITING):
-            client = clients.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            client.connect(str(path))
-        loop.run_until_complete(turns(TURNS))
-        accepted = len(made)
-        for transport in made:
-            transport.close()
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-    return accepted
-
-
 def test_every_waiting_unix_connection_is_accepted_in_a_few_turns(tmp_path: Path) -> None:
     with running(new_event_loop()) as loop:
-        assert unix_connections_accepted_in_turns(loop, tmp_path / "s.sock") == WAITING
+        assert connections_accepted_in_turns(loop, tmp_path / "s.sock") == WAITING
 
 
 def test_plain_uvloop_accepts_one_unix_connection_per_turn(tmp_path: Path) -> None:
     """Why ``create_unix_server`` is replaced too."""
     with running(uvloop.new_event_loop()) as loop:
-        assert unix_connections_accepted_in_turns(loop, tmp_path / "s.sock") < WAITING
+        assert connections_accepted_in_turns(loop, tmp_path / "s.sock") < WAITING
 
 
 def test_a_stale_socket_file_is_replaced_and_another_file_is_not(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from bastion import (
     HealthStatus,
 )
 from conversations import MIGRATIONS
-from tests.conftest import IN_CI, free_port
+from tests.conftest import free_port, unavailable
 
 pytestmark = pytest.mark.postgres
 
@@ -44,10 +44,7 @@ def backend() -> str:
 @pytest.fixture
 def pgbouncer_url(postgres_test_url: str) -> Iterator[str]:
     if not Path(PGBOUNCER).exists():
-        message = "pgbouncer is not installed (apt-get install -y pgbouncer)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("pgbouncer is not installed (apt-get install -y pgbouncer)")
     server = make_url(postgres_test_url)
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="bastion-pgbouncer-"))
