@@ -34,6 +34,7 @@ down, units fail at once with :class:`~bastion.errors.CircuitOpenError` instead 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -460,8 +461,12 @@ class Database:
 
         Pending ORM changes are flushed before COMMIT, so constraint errors from the block's
         own INSERTs and UPDATEs surface as :class:`~bastion.errors.IntegrityViolationError`.
+        Once the block has ended, its COMMIT runs to its end even if the task is cancelled
+        meanwhile; the cancellation is raised after it (a cancellation during the block or
+        the flush rolls back).
 
         Raises:
+            asyncio.CancelledError: the task was cancelled (during the COMMIT: after it ran).
             DatabaseStateError: the Database is not running.
             IntegrityViolationError: a constraint failed, at flush or at COMMIT (deferred
                 constraints).
@@ -485,8 +490,9 @@ class Database:
     async def write_connection(self) -> AsyncIterator[AsyncConnection]:
         """A write unit on a Core ``AsyncConnection``: one transaction, committed at the end.
 
-        The same guarantees as :meth:`write` — COMMIT before the block's caller goes on,
-        ROLLBACK if the block raises, errors translated — without the ORM unit of work, for
+        The same guarantees as :meth:`write` — COMMIT before the block's caller goes on, and
+        run to its end once begun, ROLLBACK if the block raises, errors translated — without
+        the ORM unit of work, for
         routes that write with INSERT/UPDATE statements of their own.
 
         Raises:
@@ -790,6 +796,39 @@ async def _attempt(
 
 
 async def _commit(unit: AsyncSession | AsyncConnection) -> None:
+    """COMMIT, run to its end even if the task is cancelled meanwhile.
+
+    A COMMIT cut short by a cancellation loses its connection half-way (SQLAlchemy invalidates
+    it) and, on PostgreSQL, asyncpg asks the server to cancel it: the work the block finished
+    is rolled back, or not, depending on when the server heard. Once the block has finished,
+    its COMMIT is what the caller asked for, so it runs in a task of its own that a
+    cancellation of this one does not reach (whether it comes once, as ``Task.cancel()``, or
+    again at every await, as from an anyio cancel scope); the cancellation is raised once the
+    COMMIT is over. The COMMIT is bounded as any statement is (``DB_STATEMENT_TIMEOUT``).
+
+    Raises:
+        asyncio.CancelledError: the task was cancelled while the COMMIT ran (it ran to its end;
+            whether it succeeded is not said).
+        CommitOutcomeUnknownError, IntegrityViolationError, …: the COMMIT failed (translated,
+            marked as a failure *during* COMMIT, whose outcome may be unknown).
+    """
+    committing = asyncio.get_running_loop().create_task(_commit_translated(unit))
+    try:
+        # asyncio.shield: a cancellation of this task cancels only the shield's own future.
+        await asyncio.shield(committing)
+        return
+    except asyncio.CancelledError as exc:
+        cancelled = exc
+    while not committing.done():
+        # Cancelled again (an anyio cancel scope cancels every await): still waiting.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait((committing,))
+    if not committing.cancelled():
+        committing.exception()  # retrieved: the cancellation is what the caller hears of
+    raise cancelled
+
+
+async def _commit_translated(unit: AsyncSession | AsyncConnection) -> None:
     """COMMIT, marking a failure as one *during* COMMIT (its outcome may be unknown)."""
     try:
         await (commit_write(unit) if isinstance(unit, AsyncConnection) else unit.commit())

@@ -6,9 +6,10 @@ write that did not land. (A ``yield`` dependency of FastAPI's default request sc
 after the response has gone out.)
 
 * Write units are ``yield`` dependencies declared with ``scope="function"``: their exit is the
-  COMMIT, and FastAPI (0.162.7 on: "Fix async yield dependency cleanup on cancellation")
-  shields a yield dependency's exit from cancellation, so a COMMIT that has begun runs to its
-  end. (Older FastAPI does not; the COMMIT is then as exposed as in ``async with``.)
+  COMMIT, which the unit itself runs to its end once begun, even if the request is cancelled
+  meanwhile (:meth:`Database.write_connection <bastion.Database.write_connection>`). FastAPI
+  0.162.7 and later also shield a yield dependency's exit from anyio cancel scopes; Bastion
+  does not rely on it.
 * Read units are plain ``async`` dependencies that enter their unit on the route's own exit
   stack (:func:`enter_for_route`). Their exit needs no shield: a cancelled close still gives
   the connection back (``bastion._checkout`` shields it as SQLAlchemy's own exit does), and a

@@ -1,0 +1,192 @@
+"""A write unit's COMMIT, once begun, runs to its end when its task is cancelled (PostgreSQL).
+
+Cut short, a COMMIT loses its connection half-way (SQLAlchemy invalidates it) and asyncpg asks
+the server to cancel it: the write the unit had finished is rolled back. Bastion runs the COMMIT
+where a cancellation does not reach it and raises the cancellation once the COMMIT is over,
+whichever way the cancellation comes: once (``Task.cancel()``, ``asyncio.timeout``), or at every
+await until its scope is left (an anyio cancel scope, as Starlette's and anyio-based
+middlewares use). FastAPI 0.162.7 and later also shield a ``yield`` dependency's exit from anyio
+cancel scopes, but not from ``Task.cancel()``, and older FastAPI not at all.
+
+A COMMIT is made slow by a deferred constraint trigger that sleeps at COMMIT; the unit is
+cancelled once the server shows its session running that COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Final
+
+import anyio
+import asyncpg
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bastion import Database
+from bastion.fastapi import WriteConnection, WriteSession, database_lifespan
+from tests.conftest import make_settings, serve
+
+pytestmark = pytest.mark.postgres
+
+COMMIT_SLEEP_S = 1.0
+"""How long the trigger holds each COMMIT: long enough to be seen running and cancelled."""
+
+
+def _dsn(url: str) -> str:
+    return url.replace("+asyncpg", "")
+
+
+@pytest.fixture
+async def slow_commit_table(postgres_test_url: str) -> AsyncIterator[None]:
+    """Table ``slow_commits``, whose every COMMIT after an insert sleeps ``COMMIT_SLEEP_S``."""
+    connection = await asyncpg.connect(_dsn(postgres_test_url))
+    try:
+        await connection.execute(
+            f"""
+            CREATE TABLE slow_commits (id int PRIMARY KEY);
+            CREATE FUNCTION slow_commits_sleep() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN PERFORM pg_sleep({COMMIT_SLEEP_S}); RETURN NULL; END $$;
+            CREATE CONSTRAINT TRIGGER slow_commits_at_commit AFTER INSERT ON slow_commits
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commits_sleep();
+            """
+        )
+        yield
+    finally:
+        await connection.execute(
+            "DROP TABLE IF EXISTS slow_commits; DROP FUNCTION IF EXISTS slow_commits_sleep()"
+        )
+        await connection.close()
+
+
+async def _commit_seen_running(url: str) -> None:
+    """Return once some session of the test's database runs a COMMIT (the trigger holds it)."""
+    watcher = await asyncpg.connect(_dsn(url))
+    try:
+        for _ in range(500):
+            running = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                "AND query LIKE 'COMMIT%' AND datname = current_database()"
+            )
+            if running:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no COMMIT was seen running")
+    finally:
+        await watcher.close()
+
+
+async def _stored(url: str) -> list[int]:
+    reader = await asyncpg.connect(_dsn(url))
+    try:
+        return [row["id"] for row in await reader.fetch("SELECT id FROM slow_commits ORDER BY id")]
+    finally:
+        await reader.close()
+
+
+class AnyioCancelOnEvent:
+    """Cancels every request with an anyio cancel scope once ``cancel`` is set (level-triggered:
+    every await inside is cancelled again until the scope is left), and answers 504."""
+
+    def __init__(self, app: ASGIApp, cancel: asyncio.Event) -> None:
+        self.app = app
+        self.cancel = cancel
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started: list[bool] = []
+
+        async def noting(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started.append(True)
+            await send(message)
+
+        async with anyio.create_task_group() as group:
+
+            async def cancel_when_told() -> None:
+                await self.cancel.wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(cancel_when_told)
+            await self.app(scope, receive, noting)
+            group.cancel_scope.cancel()
+        if not started:
+            await PlainTextResponse("cancelled", status_code=504)(scope, receive, send)
+
+
+INSERT: Final = "INSERT INTO slow_commits (id) VALUES (:id) RETURNING pg_backend_pid()"
+
+
+def slow_commit_app(url: str, cancel: asyncio.Event, sessions: list[int]) -> FastAPI:
+    """Routes that insert a row in a write unit; each notes its server session's pid."""
+    app = FastAPI(lifespan=database_lifespan(make_settings(url)))
+    insert = text(INSERT)
+
+    @app.post("/connection/{row}")
+    async def on_a_connection(row: int, connection: WriteConnection) -> int:
+        sessions.append(await connection.scalar(insert, {"id": row}))
+        return row
+
+    @app.post("/session/{row}")
+    async def on_a_session(row: int, session: WriteSession) -> int:
+        sessions.append(await session.scalar(insert, {"id": row}))
+        return row
+
+    app.add_middleware(AnyioCancelOnEvent, cancel=cancel)
+    return app
+
+
+@pytest.mark.usefixtures("slow_commit_table")
+@pytest.mark.parametrize("unit", ["connection", "session"])
+@pytest.mark.parametrize("cancellation", ["anyio_scope", "task_cancel"])
+async def test_a_request_cancelled_mid_commit_still_commits_and_keeps_its_connection(
+    postgres_test_url: str, unit: str, cancellation: str
+) -> None:
+    cancel = asyncio.Event()
+    sessions: list[int] = []
+    app = slow_commit_app(postgres_test_url, cancel, sessions)
+    async with serve(app) as client:
+        # The ASGI transport runs the app in the task that sends the request.
+        request = asyncio.create_task(client.post(f"/{unit}/1"))
+        await _commit_seen_running(postgres_test_url)
+        # The route has returned; its unit's exit is running the COMMIT.
+        if cancellation == "anyio_scope":
+            cancel.set()
+            assert (await request).status_code == 504  # the cancellation still ended it
+            cancel.clear()
+        else:
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+        database: Database = app.state.database
+        assert database.pool_status().checked_out == 0
+        assert await _stored(postgres_test_url) == [1]  # it committed
+        again = await client.post(f"/{unit}/2")
+        assert (again.status_code, again.json()) == (200, 2)
+    assert await _stored(postgres_test_url) == [1, 2]
+    # The connection was not thrown away mid-COMMIT: the next unit, given the connection the
+    # last one kept, ran in the same server session.
+    assert sessions[0] == sessions[1]
+
+
+@pytest.mark.usefixtures("slow_commit_table")
+@pytest.mark.parametrize("unit", ["write_connection", "write"])
+async def test_a_timeout_during_commit_is_raised_after_the_commit_lands(
+    postgres_test_url: str, unit: str
+) -> None:
+    insert = text(INSERT)
+    async with Database(make_settings(postgres_test_url)) as database:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(COMMIT_SLEEP_S / 4):
+                async with getattr(database, unit)() as handle:
+                    await handle.execute(insert, {"id": 1})
+        # Raised once the COMMIT was over, not at the deadline.
+        assert asyncio.get_running_loop().time() - started >= COMMIT_SLEEP_S
+        assert await _stored(postgres_test_url) == [1]
+        assert database.pool_status().checked_out == 0
