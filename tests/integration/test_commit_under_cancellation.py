@@ -1,4 +1,4 @@
-"""A write unit's COMMIT, once begun, runs to its end when its task is cancelled (PostgreSQL).
+"""A write unit's COMMIT, once begun, runs to its end when its task is cancelled.
 
 Cut short, a COMMIT loses its connection half-way (SQLAlchemy invalidates it) and asyncpg asks
 the server to cancel it: the write the unit had finished is rolled back. Bastion runs the COMMIT
@@ -8,14 +8,19 @@ await until its scope is left (an anyio cancel scope, as Starlette's and anyio-b
 middlewares use). FastAPI 0.162.7 and later also shield a ``yield`` dependency's exit from anyio
 cancel scopes, but not from ``Task.cancel()``, and older FastAPI not at all.
 
-A COMMIT is made slow by a deferred constraint trigger that sleeps at COMMIT; the unit is
-cancelled once the server shows its session running that COMMIT.
+On PostgreSQL, a COMMIT is made slow by a deferred constraint trigger that sleeps at COMMIT;
+the unit is cancelled once the server shows its session running that COMMIT. On SQLite,
+aiosqlite's thread runs a queued COMMIT to its end whatever becomes of the task that queued it;
+Bastion relies on that and raises the cancellation at once there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
+from contextlib import closing
+from pathlib import Path
 from typing import Final
 
 import anyio
@@ -29,8 +34,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bastion import Database
 from bastion.fastapi import WriteConnection, WriteSession, database_lifespan
 from tests.conftest import make_settings, serve
-
-pytestmark = pytest.mark.postgres
 
 COMMIT_SLEEP_S = 1.0
 """How long the trigger holds each COMMIT: long enough to be seen running and cancelled."""
@@ -141,6 +144,7 @@ def slow_commit_app(url: str, cancel: asyncio.Event, sessions: list[int]) -> Fas
     return app
 
 
+@pytest.mark.postgres
 @pytest.mark.usefixtures("slow_commit_table")
 @pytest.mark.parametrize("unit", ["connection", "session"])
 @pytest.mark.parametrize("cancellation", ["anyio_scope", "task_cancel"])
@@ -174,6 +178,7 @@ async def test_a_request_cancelled_mid_commit_still_commits_and_keeps_its_connec
     assert sessions[0] == sessions[1]
 
 
+@pytest.mark.postgres
 @pytest.mark.usefixtures("slow_commit_table")
 @pytest.mark.parametrize("unit", ["write_connection", "write"])
 async def test_a_timeout_during_commit_is_raised_after_the_commit_lands(
@@ -190,3 +195,27 @@ async def test_a_timeout_during_commit_is_raised_after_the_commit_lands(
         assert asyncio.get_running_loop().time() - started >= COMMIT_SLEEP_S
         assert await _stored(postgres_test_url) == [1]
         assert database.pool_status().checked_out == 0
+
+
+@pytest.mark.parametrize("unit", ["write_connection", "write"])
+async def test_a_unit_cancelled_while_its_commit_is_on_sqlite_s_thread_still_commits(
+    tmp_path: Path, unit: str
+) -> None:
+    path = tmp_path / "commits.db"
+    async with Database(make_settings(f"sqlite:///{path}")) as database:
+        async with database.write_connection() as connection:
+            await connection.execute(text("CREATE TABLE commits (id integer PRIMARY KEY)"))
+        this_task = asyncio.current_task()
+        assert this_task is not None
+        with pytest.raises(asyncio.CancelledError):
+            async with getattr(database, unit)() as handle:
+                await handle.execute(text("INSERT INTO commits (id) VALUES (1)"))
+                # Runs at the loop's next turn: by then the block has ended and its COMMIT is
+                # queued on the connection's thread, and this task waits for it.
+                asyncio.get_running_loop().call_soon(this_task.cancel)
+        this_task.uncancel()
+        assert database.pool_status().checked_out == 0
+        async with database.read_connection() as connection:
+            assert (await connection.execute(text("SELECT id FROM commits"))).all() == [(1,)]
+    with closing(sqlite3.connect(path)) as plain:  # and on disk, seen from outside
+        assert plain.execute("SELECT id FROM commits").fetchall() == [(1,)]
