@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bastion._to_completion import wait_to_completion
 from bastion._warm_connections import WarmConnections
 
 __all__ = ["checked_out"]
@@ -70,15 +71,4 @@ async def checked_out(
 
 async def _close_to_completion(connection: AsyncConnection) -> None:
     """Close ``connection`` in a task of its own; a cancellation waits for it, then re-raises."""
-    closing = asyncio.ensure_future(connection.close())
-    cancelled: asyncio.CancelledError | None = None
-    while True:
-        try:
-            await asyncio.shield(closing)
-            break
-        except asyncio.CancelledError as exc:
-            if closing.done():
-                raise
-            cancelled = exc
-    if cancelled is not None:
-        raise cancelled
+    await wait_to_completion(asyncio.ensure_future(connection.close()))

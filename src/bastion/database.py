@@ -34,7 +34,6 @@ down, units fail at once with :class:`~bastion.errors.CircuitOpenError` instead 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
@@ -76,6 +75,7 @@ from bastion._sqlite import (
     UNIT_OPTION,
 )
 from bastion._sqlite_writer import WriterQueue
+from bastion._to_completion import wait_to_completion
 from bastion._translate import translate_error
 from bastion._warm_connections import WarmConnections
 from bastion._warm_connections import supports as supports_warm_connections
@@ -809,35 +809,33 @@ async def _commit(unit: AsyncSession | AsyncConnection, *, in_task: bool) -> Non
     it) and, on PostgreSQL, asyncpg asks the server to cancel it: the work the block finished
     is rolled back, or not, depending on when the server heard. Once the block has finished,
     its COMMIT is what the caller asked for. With ``in_task``, it runs in a task of its own
-    that a cancellation of this one does not reach (whether it comes once, as
-    ``Task.cancel()``, or again at every await, as from an anyio cancel scope), and the
-    cancellation is raised once the COMMIT is over. Without, for a driver that runs a COMMIT
-    to its end once sent (aiosqlite), the cancellation is raised at once. The COMMIT is
-    bounded as any statement is (``DB_STATEMENT_TIMEOUT``).
+    that a cancellation does not reach (:mod:`bastion._to_completion`), and the cancellation
+    is raised once the COMMIT is over. Without, for a driver that runs a COMMIT to its end once
+    sent (aiosqlite), the cancellation is raised at once.
+
+    The COMMIT is bounded only as any statement is: by ``DB_STATEMENT_TIMEOUT`` and the client's
+    grace after it. With no statement timeout, a COMMIT on a dead network holds its caller
+    until the connection is found dead. The event loop shutting down cancels the COMMIT's own
+    task like any other, which rolls the write back.
 
     Raises:
         asyncio.CancelledError: the task was cancelled while the COMMIT ran (with ``in_task``,
-            after it ran; whether it succeeded is not said).
+            after it ran; a COMMIT that failed meanwhile is logged and is its ``__cause__``).
         CommitOutcomeUnknownError, IntegrityViolationError, …: the COMMIT failed (translated,
             marked as a failure *during* COMMIT, whose outcome may be unknown).
     """
     if not in_task:
         await _commit_translated(unit)
         return
-    committing = asyncio.get_running_loop().create_task(_commit_translated(unit))
     try:
-        # asyncio.shield: a cancellation of this task cancels only the shield's own future.
-        await asyncio.shield(committing)
-        return
-    except asyncio.CancelledError as exc:
-        cancelled = exc
-    while not committing.done():
-        # Cancelled again (an anyio cancel scope cancels every await): still waiting.
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait((committing,))
-    if not committing.cancelled():
-        committing.exception()  # retrieved: the cancellation is what the caller hears of
-    raise cancelled
+        await wait_to_completion(asyncio.ensure_future(_commit_translated(unit)))
+    except asyncio.CancelledError as cancelled:
+        failure = cancelled.__cause__
+        if failure is not None:
+            code = failure.code if isinstance(failure, BastionError) else type(failure).__name__
+            # The caller hears only of its cancellation, not that its COMMIT failed.
+            logger.warning("a COMMIT failed while its unit was being cancelled: %s", code)
+        raise
 
 
 async def _commit_translated(unit: AsyncSession | AsyncConnection) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
@@ -28,10 +29,11 @@ import asyncpg
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bastion import Database
+from bastion import Database, IntegrityViolationError
 from bastion.fastapi import WriteConnection, WriteSession, database_lifespan
 from tests.conftest import make_settings, serve
 
@@ -43,38 +45,47 @@ def _dsn(url: str) -> str:
     return url.replace("+asyncpg", "")
 
 
+_DROP: Final = "DROP TABLE IF EXISTS slow_commits; DROP FUNCTION IF EXISTS slow_commits_sleep()"
+
+
 @pytest.fixture
 async def slow_commit_table(postgres_test_url: str) -> AsyncIterator[None]:
-    """Table ``slow_commits``, whose every COMMIT after an insert sleeps ``COMMIT_SLEEP_S``."""
+    """Table ``slow_commits``: every COMMIT after an insert sleeps ``COMMIT_SLEEP_S``, then
+    refuses a negative id (a check violation, at COMMIT)."""
     connection = await asyncpg.connect(_dsn(postgres_test_url))
     try:
         await connection.execute(
-            f"""
+            _DROP
+            + f""";
             CREATE TABLE slow_commits (id int PRIMARY KEY);
-            CREATE FUNCTION slow_commits_sleep() RETURNS trigger LANGUAGE plpgsql AS
-                $$ BEGIN PERFORM pg_sleep({COMMIT_SLEEP_S}); RETURN NULL; END $$;
+            CREATE FUNCTION slow_commits_sleep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                PERFORM pg_sleep({COMMIT_SLEEP_S});
+                IF NEW.id < 0 THEN
+                    RAISE EXCEPTION 'refused at commit' USING ERRCODE = 'check_violation';
+                END IF;
+                RETURN NULL;
+            END $$;
             CREATE CONSTRAINT TRIGGER slow_commits_at_commit AFTER INSERT ON slow_commits
                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commits_sleep();
             """
         )
         yield
     finally:
-        await connection.execute(
-            "DROP TABLE IF EXISTS slow_commits; DROP FUNCTION IF EXISTS slow_commits_sleep()"
-        )
+        await connection.execute(_DROP)
         await connection.close()
 
 
-async def _commit_seen_running(url: str) -> None:
-    """Return once some session of the test's database runs a COMMIT (the trigger holds it)."""
+async def _commit_seen_running(url: str, sessions: list[int]) -> None:
+    """Return once the server session whose pid the unit noted in ``sessions`` runs a COMMIT
+    (the trigger holds it there)."""
     watcher = await asyncpg.connect(_dsn(url))
     try:
         for _ in range(500):
-            running = await watcher.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                "AND query LIKE 'COMMIT%' AND datname = current_database()"
-            )
-            if running:
+            if sessions and await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE pid = $1 AND state = 'active' AND query LIKE 'COMMIT%'",
+                sessions[0],
+            ):
                 return
             await asyncio.sleep(0.01)
         raise AssertionError("no COMMIT was seen running")
@@ -157,7 +168,7 @@ async def test_a_request_cancelled_mid_commit_still_commits_and_keeps_its_connec
     async with serve(app) as client:
         # The ASGI transport runs the app in the task that sends the request.
         request = asyncio.create_task(client.post(f"/{unit}/1"))
-        await _commit_seen_running(postgres_test_url)
+        await _commit_seen_running(postgres_test_url, sessions)
         # The route has returned; its unit's exit is running the COMMIT.
         if cancellation == "anyio_scope":
             cancel.set()
@@ -178,22 +189,70 @@ async def test_a_request_cancelled_mid_commit_still_commits_and_keeps_its_connec
     assert sessions[0] == sessions[1]
 
 
+async def _insert(handle: AsyncConnection | AsyncSession, row: int) -> None:
+    await handle.execute(text(INSERT), {"id": row})
+
+
 @pytest.mark.postgres
 @pytest.mark.usefixtures("slow_commit_table")
 @pytest.mark.parametrize("unit", ["write_connection", "write"])
 async def test_a_timeout_during_commit_is_raised_after_the_commit_lands(
     postgres_test_url: str, unit: str
 ) -> None:
-    insert = text(INSERT)
     async with Database(make_settings(postgres_test_url)) as database:
         started = asyncio.get_running_loop().time()
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(COMMIT_SLEEP_S / 4):
                 async with getattr(database, unit)() as handle:
-                    await handle.execute(insert, {"id": 1})
+                    await _insert(handle, 1)
         # Raised once the COMMIT was over, not at the deadline.
         assert asyncio.get_running_loop().time() - started >= COMMIT_SLEEP_S
         assert await _stored(postgres_test_url) == [1]
+        assert database.pool_status().checked_out == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("slow_commit_table")
+@pytest.mark.parametrize("unit", ["write_connection", "write"])
+async def test_an_anyio_deadline_during_commit_waits_for_it_without_spinning(
+    postgres_test_url: str, unit: str
+) -> None:
+    # Outside FastAPI, whose shield would keep the scope's cancellations away: the scope
+    # cancels every await until it is left, and the wait for the COMMIT must not turn into a
+    # busy loop (it did: 0.7 s of CPU for a COMMIT of 1 s).
+    async with Database(make_settings(postgres_test_url)) as database:
+        with anyio.move_on_after(COMMIT_SLEEP_S / 4) as deadline:
+            async with getattr(database, unit)() as handle:
+                await _insert(handle, 1)
+                cpu_from, wall_from = time.process_time(), time.monotonic()
+        cpu, wall = time.process_time() - cpu_from, time.monotonic() - wall_from
+        assert deadline.cancelled_caught
+        assert wall >= COMMIT_SLEEP_S * 0.7  # the scope ended once the COMMIT was over
+        assert cpu < COMMIT_SLEEP_S / 4, f"{cpu:.2f} s of CPU while waiting {wall:.2f} s"
+        assert await _stored(postgres_test_url) == [1]
+        current = asyncio.current_task()
+        assert current is not None
+        assert current.cancelling() == 0
+        assert database.pool_status().checked_out == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("slow_commit_table")
+async def test_a_commit_that_fails_while_its_unit_is_cancelled_is_told(
+    postgres_test_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Database(make_settings(postgres_test_url)) as database:
+        with pytest.raises(TimeoutError) as raised:
+            async with asyncio.timeout(COMMIT_SLEEP_S / 4):
+                async with database.write_connection() as connection:
+                    await _insert(connection, -1)  # refused at COMMIT, after the deadline
+        cancelled = raised.value.__cause__
+        assert isinstance(cancelled, asyncio.CancelledError)
+        assert isinstance(cancelled.__cause__, IntegrityViolationError)
+        assert "a COMMIT failed while its unit was being cancelled: check_violation" in (
+            caplog.text
+        )
+        assert await _stored(postgres_test_url) == []
         assert database.pool_status().checked_out == 0
 
 
