@@ -18,13 +18,12 @@ instead, and a connection fit for it goes back there rather than to the pool.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bastion._to_completion import wait_to_completion
+from bastion._to_completion import run_to_completion
 from bastion._warm_connections import WarmConnections
 
 __all__ = ["checked_out"]
@@ -71,4 +70,4 @@ async def checked_out(
 
 async def _close_to_completion(connection: AsyncConnection) -> None:
     """Close ``connection`` in a task of its own; a cancellation waits for it, then re-raises."""
-    await wait_to_completion(asyncio.ensure_future(connection.close()))
+    await run_to_completion(connection.close())

@@ -75,7 +75,7 @@ from bastion._sqlite import (
     UNIT_OPTION,
 )
 from bastion._sqlite_writer import WriterQueue
-from bastion._to_completion import wait_to_completion
+from bastion._to_completion import run_to_completion
 from bastion._translate import translate_error
 from bastion._warm_connections import WarmConnections
 from bastion._warm_connections import supports as supports_warm_connections
@@ -809,14 +809,14 @@ async def _commit(unit: AsyncSession | AsyncConnection, *, in_task: bool) -> Non
     it) and, on PostgreSQL, asyncpg asks the server to cancel it: the work the block finished
     is rolled back, or not, depending on when the server heard. Once the block has finished,
     its COMMIT is what the caller asked for. With ``in_task``, it runs in a task of its own
-    that a cancellation does not reach (:mod:`bastion._to_completion`), and the cancellation
-    is raised once the COMMIT is over. Without, for a driver that runs a COMMIT to its end once
-    sent (aiosqlite), the cancellation is raised at once.
+    that refuses cancellation (:mod:`bastion._to_completion`), and a cancellation is raised
+    once the COMMIT is over (an anyio cancel scope's, at the next await after it). Without,
+    for a driver that runs a COMMIT to its end once sent (aiosqlite), the cancellation is
+    raised at once.
 
     The COMMIT is bounded only as any statement is: by ``DB_STATEMENT_TIMEOUT`` and the client's
     grace after it. With no statement timeout, a COMMIT on a dead network holds its caller
-    until the connection is found dead. The event loop shutting down cancels the COMMIT's own
-    task like any other, which rolls the write back.
+    until the connection is found dead (and an event loop shutting down, which waits for it).
 
     Raises:
         asyncio.CancelledError: the task was cancelled while the COMMIT ran (with ``in_task``,
@@ -828,7 +828,7 @@ async def _commit(unit: AsyncSession | AsyncConnection, *, in_task: bool) -> Non
         await _commit_translated(unit)
         return
     try:
-        await wait_to_completion(asyncio.ensure_future(_commit_translated(unit)))
+        await run_to_completion(_commit_translated(unit))
     except asyncio.CancelledError as cancelled:
         failure = cancelled.__cause__
         if failure is not None:

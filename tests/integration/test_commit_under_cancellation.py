@@ -226,8 +226,11 @@ async def test_an_anyio_deadline_during_commit_waits_for_it_without_spinning(
                 await _insert(handle, 1)
                 cpu_from, wall_from = time.process_time(), time.monotonic()
         cpu, wall = time.process_time() - cpu_from, time.monotonic() - wall_from
-        assert deadline.cancelled_caught
-        assert wall >= COMMIT_SLEEP_S * 0.7  # the scope ended once the COMMIT was over
+        # The deadline passed during the COMMIT; the scope ended once the COMMIT was over.
+        # (Whether the unit then raises depends on an await after the COMMIT, where anyio
+        # delivers the cancellation: a session's close has one, a kept connection none.)
+        assert deadline.cancel_called
+        assert wall >= COMMIT_SLEEP_S * 0.7
         assert cpu < COMMIT_SLEEP_S / 4, f"{cpu:.2f} s of CPU while waiting {wall:.2f} s"
         assert await _stored(postgres_test_url) == [1]
         current = asyncio.current_task()
