@@ -70,4 +70,4 @@ async def checked_out(
 
 async def _close_to_completion(connection: AsyncConnection) -> None:
     """Close ``connection`` in a task of its own; a cancellation waits for it, then re-raises."""
-    await run_to_completion(connection.close())
+    await run_to_completion(connection.close(), name="bastion: close a cancelled unit's connection")

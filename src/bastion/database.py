@@ -815,8 +815,11 @@ async def _commit(unit: AsyncSession | AsyncConnection, *, in_task: bool) -> Non
     raised at once.
 
     The COMMIT is bounded only as any statement is: by ``DB_STATEMENT_TIMEOUT`` and the client's
-    grace after it. With no statement timeout, a COMMIT on a dead network holds its caller
-    until the connection is found dead (and an event loop shutting down, which waits for it).
+    grace after it. With no statement timeout (``0``) nothing bounds it: neither asyncpg nor
+    Bastion sets TCP keepalive, so a COMMIT on a dead network can hold its caller for as long
+    as the operating system keeps the socket (minutes, or for good if the server vanished
+    after acknowledging it). An event loop shutting down cancels the COMMIT's task like any
+    other.
 
     Raises:
         asyncio.CancelledError: the task was cancelled while the COMMIT ran (with ``in_task``,
@@ -828,7 +831,7 @@ async def _commit(unit: AsyncSession | AsyncConnection, *, in_task: bool) -> Non
         await _commit_translated(unit)
         return
     try:
-        await run_to_completion(_commit_translated(unit))
+        await run_to_completion(_commit_translated(unit), name="bastion: COMMIT")
     except asyncio.CancelledError as cancelled:
         failure = cancelled.__cause__
         if failure is not None:
