@@ -630,6 +630,13 @@ class Database:
             if translated is None or translated is exc:
                 raise
             raise translated from exc
+        except asyncio.CancelledError as cancelled:
+            # A COMMIT that ran on and failed while the unit was being cancelled (_commit) is
+            # how the database answered: a lost connection counts as an outage.
+            if isinstance(cancelled.__cause__, BastionError):
+                self._breaker.record(cancelled.__cause__, probe=probe)
+                recorded = True
+            raise
         else:
             self._breaker.record(None, probe=probe)
             recorded = True
@@ -823,7 +830,8 @@ async def _commit(unit: AsyncSession | AsyncConnection, *, in_task: bool) -> Non
 
     Raises:
         asyncio.CancelledError: the task was cancelled while the COMMIT ran (with ``in_task``,
-            after it ran; a COMMIT that failed meanwhile is logged and is its ``__cause__``).
+            after it ran; a COMMIT that failed meanwhile is logged, is its ``__cause__``, and
+            is told to the circuit breaker by the unit).
         CommitOutcomeUnknownError, IntegrityViolationError, …: the COMMIT failed (translated,
             marked as a failure *during* COMMIT, whose outcome may be unknown).
     """

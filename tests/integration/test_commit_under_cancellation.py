@@ -33,7 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bastion import Database, IntegrityViolationError
+from bastion import BastionError, Database, IntegrityViolationError
+from bastion.breaker import is_outage
+from bastion.errors import CircuitOpenError
 from bastion.fastapi import WriteConnection, WriteSession, database_lifespan
 from tests.conftest import make_settings, serve
 
@@ -257,6 +259,42 @@ async def test_a_commit_that_fails_while_its_unit_is_cancelled_is_told(
         )
         assert await _stored(postgres_test_url) == []
         assert database.pool_status().checked_out == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("slow_commit_table")
+async def test_a_connection_lost_mid_commit_while_cancelled_counts_for_the_breaker(
+    postgres_test_url: str,
+) -> None:
+    sessions: list[int] = []
+    settings = make_settings(postgres_test_url, BREAKER_FAILURE_THRESHOLD=1)
+    async with Database(settings) as database:
+
+        async def write() -> None:
+            async with asyncio.timeout(COMMIT_SLEEP_S / 4):
+                async with database.write_connection() as connection:
+                    sessions.append(await connection.scalar(text(INSERT), {"id": 1}))
+
+        writing = asyncio.create_task(write())
+        await _commit_seen_running(postgres_test_url, sessions)
+        await asyncio.sleep(COMMIT_SLEEP_S / 2)  # past the deadline: the unit is cancelled
+        assert not writing.done()  # ... and waits for its COMMIT
+        killer = await asyncpg.connect(_dsn(postgres_test_url))
+        try:
+            await killer.execute("SELECT pg_terminate_backend($1)", sessions[0])
+        finally:
+            await killer.close()
+        with pytest.raises(TimeoutError) as raised:
+            await writing
+        assert isinstance(raised.value.__cause__, asyncio.CancelledError)
+        lost = raised.value.__cause__.__cause__
+        assert isinstance(lost, BastionError)
+        assert is_outage(lost), lost
+        # The breaker heard of the outage (threshold 1): the next unit is refused.
+        with pytest.raises(CircuitOpenError):
+            async with database.read_connection():
+                pass
+        assert await _stored(postgres_test_url) == []
 
 
 @pytest.mark.parametrize("unit", ["write_connection", "write"])
