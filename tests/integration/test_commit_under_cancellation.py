@@ -36,14 +36,10 @@ from bastion import BastionError, Database, IntegrityViolationError
 from bastion.breaker import is_outage
 from bastion.errors import CircuitOpenError
 from bastion.fastapi import WriteConnection, WriteSession, database_lifespan
-from tests.conftest import make_settings, serve
+from tests.conftest import _asyncpg_dsn, make_settings, serve
 
 COMMIT_SLEEP_S = 1.0
 """How long the trigger holds each COMMIT: long enough to be seen running and cancelled."""
-
-
-def _dsn(url: str) -> str:
-    return url.replace("+asyncpg", "")
 
 
 _DROP: Final = "DROP TABLE IF EXISTS slow_commits; DROP FUNCTION IF EXISTS slow_commits_sleep()"
@@ -53,7 +49,7 @@ _DROP: Final = "DROP TABLE IF EXISTS slow_commits; DROP FUNCTION IF EXISTS slow_
 async def slow_commit_table(postgres_test_url: str) -> AsyncIterator[None]:
     """Table ``slow_commits``: every COMMIT after an insert sleeps ``COMMIT_SLEEP_S``, then
     refuses a negative id (a check violation, at COMMIT)."""
-    connection = await asyncpg.connect(_dsn(postgres_test_url))
+    connection = await asyncpg.connect(_asyncpg_dsn(postgres_test_url))
     try:
         await connection.execute(
             _DROP
@@ -79,7 +75,7 @@ async def slow_commit_table(postgres_test_url: str) -> AsyncIterator[None]:
 async def _commit_seen_running(url: str, sessions: list[int]) -> None:
     """Return once the server session whose pid the unit noted in ``sessions`` runs a COMMIT
     (the trigger holds it there)."""
-    watcher = await asyncpg.connect(_dsn(url))
+    watcher = await asyncpg.connect(_asyncpg_dsn(url))
     try:
         for _ in range(500):
             if sessions and await watcher.fetchval(
@@ -95,7 +91,7 @@ async def _commit_seen_running(url: str, sessions: list[int]) -> None:
 
 
 async def _stored(url: str) -> list[int]:
-    reader = await asyncpg.connect(_dsn(url))
+    reader = await asyncpg.connect(_asyncpg_dsn(url))
     try:
         return [row["id"] for row in await reader.fetch("SELECT id FROM slow_commits ORDER BY id")]
     finally:
@@ -299,7 +295,7 @@ async def test_a_connection_lost_mid_commit_while_cancelled_counts_for_the_break
         await _commit_seen_running(postgres_test_url, sessions)
         await asyncio.sleep(COMMIT_SLEEP_S / 2)  # past the deadline: the unit is cancelled
         assert not writing.done()  # ... and waits for its COMMIT
-        killer = await asyncpg.connect(_dsn(postgres_test_url))
+        killer = await asyncpg.connect(_asyncpg_dsn(postgres_test_url))
         try:
             await killer.execute("SELECT pg_terminate_backend($1)", sessions[0])
         finally:

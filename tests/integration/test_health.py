@@ -33,7 +33,7 @@ from bastion import (
 )
 from bastion.migrations import head_revisions, upgrade
 from conversations import MIGRATIONS
-from tests.conftest import POSTGRES_URL, make_settings
+from tests.conftest import POSTGRES_URL, _asyncpg_dsn, make_settings
 
 HEALTHY, DEGRADED, UNHEALTHY = HealthStatus.HEALTHY, HealthStatus.DEGRADED, HealthStatus.UNHEALTHY
 
@@ -65,10 +65,6 @@ def select_ones(statements: list[str]) -> int:
     return sum(1 for statement in statements if statement.upper() == "SELECT 1")
 
 
-def _dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture
 async def url_at_0001(backend: str, tmp_path: Path) -> AsyncIterator[str]:
     """A database of ``backend`` migrated only to revision 0001, behind the scripts' head."""
@@ -76,7 +72,7 @@ async def url_at_0001(backend: str, tmp_path: Path) -> AsyncIterator[str]:
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path}/{name}.db"
     else:
-        admin = await asyncpg.connect(_dsn(POSTGRES_URL))
+        admin = await asyncpg.connect(_asyncpg_dsn(POSTGRES_URL))
         try:
             await admin.execute(f'CREATE DATABASE "{name}"')
         finally:
@@ -86,7 +82,7 @@ async def url_at_0001(backend: str, tmp_path: Path) -> AsyncIterator[str]:
         await upgrade(database, MIGRATIONS, "0001")
     yield url
     if backend == "postgresql":
-        admin = await asyncpg.connect(_dsn(POSTGRES_URL))
+        admin = await asyncpg.connect(_asyncpg_dsn(POSTGRES_URL))
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
