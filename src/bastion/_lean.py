@@ -89,6 +89,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import compiler
 from sqlalchemy.util import greenlet_spawn
 
+from bastion._lean_plans import make_plan, plan_of
 from bastion._sqlite_inline import InlineReads
 from bastion._sqlite_inline_writes import InlineWrites
 
@@ -225,33 +226,19 @@ class LeanConnection(AsyncConnection):
         if not self._bastion_ready(dbapi_connection):
             return None
         dialect = sync.dialect
-        try:
-            compiled, extracted, collected, _hit = statement._compile_w_cache(
-                dialect=dialect,
-                compiled_cache=sync.engine._compiled_cache,
-                column_keys=sorted(parameters) if parameters else [],
-                for_executemany=False,
-                schema_translate_map=None,
-                linting=dialect.compiler_linting | compiler.WARN_LINTING,
-            )
-        except Exception:
-            return None  # execute() raises it, wrapped as SQLAlchemy wraps it
-        metadata = compiled._cached_metadata
-        if metadata is None or not compiled.positional or compiled.schema_translate_map:  # type: ignore[attr-defined]
-            return None
-        sql_compiled = cast("compiler.SQLCompiler", compiled)
-        if sql_compiled.insert_prefetch or sql_compiled.update_prefetch:
-            # Column defaults SQLAlchemy computes in Python before a write. (Its postfetch
-            # columns, set by SQL expressions, only inform CursorResult.postfetch_cols().)
-            return None
-        try:
-            sql, arguments = _bind(compiled, parameters, extracted, collected)
-        except Exception:
-            return None  # a missing or unprocessable parameter: execute() says which
-        if compiled.statement is not statement:
-            # The cached compiled statement was made from an equal statement object: rows must
-            # also answer to this one's column objects, as execute() arranges it.
-            metadata = metadata._adapt_to_context(_Invoked(compiled, statement))  # type: ignore[arg-type]
+        compiled_cache = sync.engine._compiled_cache
+        plan = plan_of(statement, compiled_cache, dialect, parameters)
+        if plan is not None:
+            try:
+                arguments = plan.arguments(parameters)
+            except Exception:
+                return None  # an unprocessable parameter: execute() says which
+            sql, metadata = plan.sql, plan.metadata
+        else:
+            prepared = _prepare(statement, dialect, compiled_cache, parameters)
+            if prepared is None:
+                return None
+            sql, arguments, metadata = prepared
         if sync._transaction is None and self._bastion_autobegin:
             # Write units (after a commit() mid-unit) and PgBouncer's read units, whose reads
             # run in driver-level READ ONLY transactions that commit() and rollback() must
@@ -337,19 +324,56 @@ _KNOWN_OPTIONS: Final = frozenset({"bastion_unit"})
 """Connection execution options the lean path honours as ``execute`` would (none need work)."""
 
 
-def _bind(
-    compiled: Any,
-    parameters: Mapping[str, Any] | None,
-    extracted: Any,
-    collected: Any,
-) -> tuple[str, list[Any]]:
-    """The SQL text and positional driver arguments, as ``DefaultExecutionContext`` makes them."""
-    values = compiled.construct_params(
-        parameters,
-        escape_names=False,
-        extracted_parameters=extracted,
-        _collected_params=collected,
-    )
+def _prepare(
+    statement: ClauseElement,
+    dialect: Dialect,
+    compiled_cache: Any,
+    parameters: dict[str, Any] | None,
+) -> tuple[str, list[Any], Any] | None:
+    """The SQL, driver arguments and result metadata of ``statement`` as SQLAlchemy makes them
+    (and its plan kept, where it may have one: :mod:`bastion._lean_plans`), or ``None`` when
+    the lean path does not apply to it."""
+    try:
+        compiled, extracted, collected, _hit = statement._compile_w_cache(
+            dialect=dialect,
+            compiled_cache=compiled_cache,
+            column_keys=sorted(parameters) if parameters else [],
+            for_executemany=False,
+            schema_translate_map=None,
+            linting=dialect.compiler_linting | compiler.WARN_LINTING,
+        )
+    except Exception:
+        return None  # execute() raises it, wrapped as SQLAlchemy wraps it
+    metadata = compiled._cached_metadata
+    if metadata is None or not compiled.positional or compiled.schema_translate_map:  # type: ignore[attr-defined]
+        return None
+    sql_compiled = cast("compiler.SQLCompiler", compiled)
+    if sql_compiled.insert_prefetch or sql_compiled.update_prefetch:
+        # Column defaults SQLAlchemy computes in Python before a write. (Its postfetch
+        # columns, set by SQL expressions, only inform CursorResult.postfetch_cols().)
+        return None
+    try:
+        values = sql_compiled.construct_params(
+            parameters,
+            escape_names=False,
+            extracted_parameters=extracted,
+            _collected_params=collected,
+        )
+        sql, arguments = _bind(compiled, values)
+    except Exception:
+        return None  # a missing or unprocessable parameter: execute() says which
+    if compiled.statement is not statement:
+        # The cached compiled statement was made from an equal statement object: rows must
+        # also answer to this one's column objects, as execute() arranges it.
+        metadata = metadata._adapt_to_context(_Invoked(compiled, statement))  # type: ignore[arg-type]
+    else:
+        make_plan(statement, compiled, extracted, collected, values, compiled_cache, parameters)
+    return sql, arguments, metadata
+
+
+def _bind(compiled: Any, values: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """The SQL text and positional driver arguments for ``values`` (``construct_params``'
+    answer), as ``DefaultExecutionContext`` makes them."""
     if compiled.literal_execute_params or compiled.post_compile_params:
         expansion = _expansion_for(compiled, values)
         if expansion is not None:
