@@ -15,6 +15,10 @@ the same answer every time. :class:`LeanConnection` (what :meth:`Database.read_c
   processors, in its positional order. Expanding ``IN`` parameters are rendered by
   SQLAlchemy's ``_process_parameters_for_postcompile``, once per length of their lists where
   the SQL depends on nothing else (:class:`_Expansion`).
+* **Planned** for a statement object run again (a module-level ``select``, a repository's
+  cached statement): its SQL, where each driver argument comes from and its result metadata
+  are kept from its first lean run, and the next runs skip the compiled-cache lookup and
+  ``construct_params`` (:mod:`bastion._lean_plans`).
 * **Run on the driver** as SQLAlchemy's adapters run it: asyncpg through the adapter's prepared
   statement cache and under its execute lock; SQLite through :mod:`bastion._sqlite_inline`
   (on the event loop within the CPU budget, else on aiosqlite's thread).
