@@ -100,7 +100,7 @@ from bastion._sqlite_inline_writes import InlineWrites
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-    from sqlalchemy.engine import Connection, Dialect
+    from sqlalchemy.engine import Connection, Dialect, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.sql import ClauseElement, Executable
     from sqlalchemy.sql.dml import ValuesBase
@@ -202,8 +202,14 @@ class LeanConnection(AsyncConnection):
             The same as ``AsyncConnection.execute`` (SQLAlchemy's exception classes).
         """
         # Only on a write unit's connection: a read unit refuses writes in a before_execute
-        # listener, which this path does not run.
-        if self._bastion_writes and type(statement) in _WRITES and statement._returning:
+        # listener, which this path does not run. One row's parameters only (a list of rows
+        # is an executemany, SQLAlchemy's).
+        if (
+            self._bastion_writes
+            and type(statement) in _WRITES
+            and statement._returning
+            and type(parameters) is dict
+        ):
             lean = await self._lean_execute(statement, parameters)
             if lean is not None:
                 return lean
@@ -230,8 +236,9 @@ class LeanConnection(AsyncConnection):
         if not self._bastion_ready(dbapi_connection):
             return None
         dialect = sync.dialect
-        compiled_cache = sync.engine._compiled_cache
-        plan = plan_of(statement, compiled_cache, dialect, parameters)
+        engine = sync.engine
+        compiled_cache = engine._compiled_cache
+        plan = plan_of(statement, engine, compiled_cache, parameters)
         if plan is not None:
             try:
                 arguments = plan.arguments(parameters)
@@ -239,7 +246,7 @@ class LeanConnection(AsyncConnection):
                 return None  # an unprocessable parameter: execute() says which
             sql, metadata = plan.sql, plan.metadata
         else:
-            prepared = _prepare(statement, dialect, compiled_cache, parameters)
+            prepared = _prepare(statement, engine, compiled_cache, parameters)
             if prepared is None:
                 return None
             sql, arguments, metadata = prepared
@@ -330,13 +337,14 @@ _KNOWN_OPTIONS: Final = frozenset({"bastion_unit"})
 
 def _prepare(
     statement: ClauseElement,
-    dialect: Dialect,
+    engine: Engine,
     compiled_cache: Any,
     parameters: dict[str, Any] | None,
 ) -> tuple[str, list[Any], Any] | None:
     """The SQL, driver arguments and result metadata of ``statement`` as SQLAlchemy makes them
     (and its plan kept, where it may have one: :mod:`bastion._lean_plans`), or ``None`` when
     the lean path does not apply to it."""
+    dialect = engine.dialect
     try:
         compiled, extracted, collected, _hit = statement._compile_w_cache(
             dialect=dialect,
@@ -371,7 +379,9 @@ def _prepare(
         # also answer to this one's column objects, as execute() arranges it.
         metadata = metadata._adapt_to_context(_Invoked(compiled, statement))  # type: ignore[arg-type]
     else:
-        make_plan(statement, compiled, extracted, collected, values, compiled_cache, parameters)
+        make_plan(
+            statement, compiled, extracted, collected, values, engine, compiled_cache, parameters
+        )
     return sql, arguments, metadata
 
 

@@ -7,23 +7,41 @@ path (``execution_options={}``) on the same connection, on SQLite and on Postgre
 
 from __future__ import annotations
 
+import gc
 import shutil
 import uuid
+import weakref
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Select, bindparam, exc, func, select
+from sqlalchemy import (
+    JSON,
+    Select,
+    String,
+    TypeDecorator,
+    bindparam,
+    delete,
+    exc,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.engine.result import IteratorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bastion import Database
+from bastion import Database, returning_rows
 from bastion._lean_plans import _PLANS
+from conversations.models import User
 from tests.conftest import _empty_postgres_tables, make_settings
 from tests.integration.test_lean_reads import CONVERSATIONS, _seed, _typed
 
 SQLALCHEMY_PATH: dict[str, Any] = {}
+USERS = User.__table__
 
 
 async def _both_ways(
@@ -174,3 +192,153 @@ async def test_a_plan_is_made_per_engine_and_dialect(
                     assert [row["title"][0] for row in lean] == ["title 2"]
     finally:
         await _empty_postgres_tables(postgres_test_url)
+
+
+@pytest.mark.usefixtures("backend")
+async def test_a_planned_run_compiles_nothing(database: Database) -> None:
+    # The plan is what runs: with the engine's compiled cache emptied, a planned statement
+    # runs without putting its compiled form back (a statement without a plan would).
+    owner, ids = await _seed(database)
+    point = select(CONVERSATIONS.c.title).where(
+        CONVERSATIONS.c.id == bindparam("cid"), CONVERSATIONS.c.owner_id == bindparam("owner")
+    )
+    async with database.read_connection() as connection:
+        await _both_ways(connection, point, {"cid": ids[0], "owner": owner})
+        cache = connection.sync_engine._compiled_cache
+        assert cache is not None
+        cache.clear()
+        title = (await connection.execute(point, {"cid": ids[1], "owner": owner})).scalar_one()
+        assert len(cache) == 0
+        unplanned = select(CONVERSATIONS.c.title).where(CONVERSATIONS.c.id == ids[2])
+        await connection.execute(unplanned)
+        assert len(cache) == 1
+    assert title == "title 1"
+
+
+class _Stamped(TypeDecorator[str]):
+    """A bind processor whose answer depends on more than its value (a setting, the time)."""
+
+    impl = String
+    cache_ok = True
+    suffix = "A"
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return f"{value}-{_Stamped.suffix}"
+
+
+@pytest.mark.usefixtures("backend")
+async def test_values_fixed_in_the_statement_are_processed_on_every_run(
+    database: Database,
+) -> None:
+    # As SQLAlchemy does it: a processor may answer differently from one run to the next,
+    # and a value fixed in the statement may be a mutable object changed in between.
+    document = {"n": 1}
+    stamped = select(literal("x", _Stamped()).label("v"), literal(document, JSON()).label("d"))
+    answers = []
+    async with database.read_connection() as connection:
+        for suffix, n in (("A", 1), ("B", 2), ("C", 3)):
+            _Stamped.suffix = suffix
+            document["n"] = n
+            expected, lean = await _both_ways(connection, stamped, None)
+            assert lean == expected
+            answers.append((lean[0]["v"][0], lean[0]["d"][0]))
+    assert stamped in _PLANS
+    assert answers == [("x-A", {"n": 1}), ("x-B", {"n": 2}), ("x-C", {"n": 3})]
+
+
+@pytest.mark.usefixtures("backend")
+async def test_planned_writes_return_what_they_wrote(database: Database) -> None:
+    first, second = uuid.uuid4(), uuid.uuid4()
+    add = insert(USERS).returning(USERS.c.name)
+    rename = update(USERS).where(USERS.c.id == bindparam("uid")).values(name=bindparam("n"))
+    rename = rename.returning(USERS.c.id, USERS.c.name)
+    remove = delete(USERS).where(USERS.c.id == bindparam("uid")).returning(USERS.c.name)
+    stamp = datetime(2026, 11, 25, tzinfo=UTC)
+    async with database.write_connection() as connection:
+        for n, uid in enumerate((first, second)):
+            row = {"id": uid, "name": f"user {n}", "created_at": stamp}
+            if n == 0:  # SQLAlchemy's run caches the result metadata
+                await connection.execute(add, row)
+            else:
+                assert (await returning_rows(connection, add, row)).scalar_one() == "user 1"
+        await connection.execute(rename, {"uid": first, "n": "warm"})
+        renamed = []
+        for uid, name in ((first, "a"), (second, "b"), (first, "c")):
+            result = await returning_rows(connection, rename, {"uid": uid, "n": name})
+            assert isinstance(result, IteratorResult)
+            renamed.append(tuple(result.one()))
+        await connection.execute(remove, {"uid": uuid.uuid4()})
+        removed = await returning_rows(connection, remove, {"uid": second})
+        assert isinstance(removed, IteratorResult)
+        assert removed.scalar_one() == "b"
+        assert all(statement in _PLANS for statement in (add, rename, remove))
+    assert renamed == [(first, "a"), (second, "b"), (first, "c")]
+    async with database.read_connection() as connection:
+        names = (await connection.scalars(select(USERS.c.name), execution_options={})).all()
+    assert names == ["c"]
+
+
+@pytest.mark.usefixtures("backend")
+async def test_a_list_of_rows_to_a_planned_insert_runs_on_sqlalchemy_path(
+    database: Database,
+) -> None:
+    add = insert(USERS).returning(USERS.c.name, sort_by_parameter_order=True)
+    stamp = datetime(2026, 11, 25, tzinfo=UTC)
+
+    def row(name: str) -> dict[str, Any]:
+        return {"id": uuid.uuid4(), "name": name, "created_at": stamp}
+
+    async with database.write_connection() as connection:
+        await connection.execute(add, row("warm-up"))
+        assert isinstance(await returning_rows(connection, add, row("planned")), IteratorResult)
+        assert add in _PLANS
+        several = await connection.returning(add, [row("b"), row("a")])  # type: ignore[arg-type]
+    assert isinstance(several, CursorResult)
+    assert several.scalars().all() == ["b", "a"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_sqlite_read_and_write_engines_keep_a_plan_each(database_url: str) -> None:
+    # SQLite's read units and write units have engines (and compiled caches) of their own:
+    # one statement run in both, in turn, keeps its two plans rather than replacing them.
+    async with Database(make_settings(database_url)) as database:
+        owner, ids = await _seed(database)
+        point = select(CONVERSATIONS.c.title).where(
+            CONVERSATIONS.c.id == bindparam("cid"), CONVERSATIONS.c.owner_id == bindparam("owner")
+        )
+        titles = []
+        for n in range(6):
+            unit = database.read_connection if n % 2 else database.write_connection
+            async with unit() as connection:
+                if n < 2:
+                    await connection.execute(
+                        point, {"cid": ids[0], "owner": owner}, execution_options={}
+                    )
+                result = await connection.execute(point, {"cid": ids[n % 3], "owner": owner})
+                assert isinstance(result, IteratorResult)
+                titles.append(result.scalar_one())
+        assert len(_PLANS[point]) == 2
+    assert titles == ["title 0", "title 1", "title 2"] * 2
+
+
+@pytest.mark.usefixtures("backend")
+async def test_plans_keep_no_closed_database_alive(database_url: str) -> None:
+    # A plan refers to its engine weakly and to no compiled cache (which holds its compiled
+    # form, which holds the statement): once a Database is closed and dropped, its engines,
+    # and statements nothing else holds, go, plans and all.
+    statements: list[weakref.ref[Any]] = []
+    engines: list[weakref.ref[Any]] = []
+    for _ in range(3):
+        database = Database(make_settings(database_url))
+        async with database:
+            point = select(CONVERSATIONS.c.title).where(CONVERSATIONS.c.id == bindparam("cid"))
+            async with database.read_connection() as connection:
+                for _run in range(3):
+                    await connection.execute(point, {"cid": uuid.uuid4()})
+                engines.append(weakref.ref(connection.sync_engine))
+            assert point in _PLANS
+            statements.append(weakref.ref(point))
+        del database, point, connection
+    gc.collect()
+    assert [ref() for ref in statements] == [None, None, None]
+    assert [ref() for ref in engines] == [None, None, None]
