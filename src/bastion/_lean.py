@@ -76,9 +76,11 @@ SQLAlchemy internals used here (``_compile_w_cache``, ``construct_params``, ``_b
 ``_prepare`` and ``_handle_exception``, the asyncpg dialect's ``_invalidate_schema_cache`` and
 its time, ``Connection._autobegin``, ``_handle_dbapi_exception`` and its transaction state)
 are those of the SQLAlchemy range ``pyproject.toml`` allows; ``tests/integration/
-test_lean_reads.py``, ``tests/repository/test_lean_writes.py`` and ``tests/integration/
-test_lean_schema_change.py`` compare this path's results and errors with ``execute``'s, so an
-upgrade that changes them fails there first.
+test_lean_reads.py``, ``tests/repository/test_lean_writes.py``, ``tests/integration/
+test_lean_schema_change.py`` and ``tests/integration/test_lean_plans.py`` compare this path's
+results and errors with ``execute``'s, so an upgrade that changes them fails there first. (The
+plans of :mod:`bastion._lean_plans` also read the compiled statement's ``positiontup``,
+``binds``, ``escaped_bind_names``, ``literal_execute_params`` and ``post_compile_params``.)
 """
 
 from __future__ import annotations
