@@ -32,27 +32,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.engine.result import IteratorResult
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bastion import Database, returning_rows
 from bastion._lean_plans import _PLANS
 from conversations.models import User
 from tests.conftest import _empty_postgres_tables, make_settings
-from tests.integration.test_lean_reads import CONVERSATIONS, _seed, _typed
+from tests.integration.test_lean_reads import (
+    CONVERSATIONS,
+    SQLALCHEMY_PATH,
+    _both_ways,
+    _seed,
+)
 
-SQLALCHEMY_PATH: dict[str, Any] = {}
 USERS = User.__table__
-
-
-async def _both_ways(
-    connection: AsyncConnection, statement: Select[Any], parameters: dict[str, Any] | None
-) -> tuple[list[Any], list[Any]]:
-    """The rows, first from SQLAlchemy's path, then from the lean path."""
-    expected = await connection.execute(statement, parameters, execution_options=SQLALCHEMY_PATH)
-    assert isinstance(expected, CursorResult)
-    lean = await connection.execute(statement, parameters)
-    assert isinstance(lean, IteratorResult), "the statement did not take the lean path"
-    return _typed(expected.mappings()), _typed(lean.mappings())
 
 
 @pytest.mark.usefixtures("backend")
