@@ -207,12 +207,15 @@ def _created(conversation_id: str, body: MessageCreate) -> StoredResponse:
 
 
 def _shaped_app(*, lifespan: Any = None) -> FastAPI:
-    from conversations.app import MAX_BODY_BYTES
+    from conversations.app import MAX_BODY_BYTES, add_request_pacing
 
     app = FastAPI(lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(RequestContextMiddleware)
+    # The reference's pacing too: one request at a time it only adds its own cost, but under
+    # wrk (bench.floors_served) it decides how many requests run at once.
+    add_request_pacing(app, load_settings())
     return app
 
 
@@ -367,9 +370,14 @@ async def measure(workdir: Path, requests: int) -> dict[str, dict[str, float]]:
     }
 
 
-def report(backend: str, costs: dict[str, dict[str, float]]) -> list[str]:
-    """The table and the bounds, as printed."""
-    lines = [f"{backend}: CPU us per request, in-process, sequential"]
+def report(
+    backend: str,
+    costs: dict[str, dict[str, float]],
+    title: str = "CPU us per request, in-process, sequential",
+) -> list[str]:
+    """The table of ``costs`` (us per request by scenario and app) and the bounds, as
+    printed."""
+    lines = [f"{backend}: {title}"]
     lines.append(f"  {'app':16}" + "".join(f"{scenario:>18}" for scenario in costs))
     for name in APPS:
         lines.append(f"  {name:16}" + "".join(f"{by_app[name]:18.0f}" for by_app in costs.values()))

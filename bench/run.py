@@ -133,13 +133,23 @@ class Server:
     """
 
     def __init__(
-        self, variant: str, env: dict[str, str], workdir: Path, loop: str = "uvloop"
+        self,
+        variant: str,
+        env: dict[str, str],
+        workdir: Path,
+        loop: str = "uvloop",
+        *,
+        factory: str | None = None,
     ) -> None:
+        """``factory``: serve the app this ``module:function`` makes instead of the
+        variant's (``bench.floors_served``'s floors), on ``loop`` as given."""
         self.variant = variant
         self.port = free_port()
-        target = VARIANTS[variant]
+        target = factory or VARIANTS[variant]
         command = [sys.executable, "-m", "uvicorn", target, "--port", str(self.port)]
-        if target == BASTION_APP:
+        if factory is not None:
+            command.append("--factory")
+        elif target == BASTION_APP:
             command.append("--factory")
             if loop == "uvloop":
                 loop = BASTION_UVLOOP

@@ -29,7 +29,7 @@ from conversations import MIGRATIONS
 from conversations.key_guard import DEFAULT_FAILED_KEY_RATE, KeyGuard
 from conversations.routes import conversations, messages, stream
 
-__all__ = ["MAX_BODY_BYTES", "create_app"]
+__all__ = ["MAX_BODY_BYTES", "add_request_pacing", "create_app"]
 
 # Large enough for a 100,000-character message of 4-byte characters plus metadata and sources.
 MAX_BODY_BYTES: Final = 1024 * 1024
@@ -93,6 +93,24 @@ def create_app(
     # Added last, so it runs first: the request id covers everything below it.
     app.add_middleware(RequestContextMiddleware, n_plus_one_threshold=settings.n_plus_one_threshold)
     # Outermost, so that a waiting request has cost nothing but its parse.
+    add_request_pacing(app, settings)
+    # The API's own routes first: Starlette tries routes in order, and every request pays for
+    # each route tried before its own (the admin router alone has a dozen).
+    app.include_router(conversations.router)
+    app.include_router(messages.router)
+    app.include_router(stream.router)
+    app.include_router(create_health_router(migrations=MIGRATIONS))
+    app.include_router(create_metrics_router())
+    app.include_router(create_admin_router(migrations=MIGRATIONS, backups=backups))
+    return app
+
+
+def add_request_pacing(app: FastAPI, settings: DatabaseSettings) -> None:
+    """Add the middleware that paces the start of requests on ``settings``' backend: on
+    SQLite, :class:`~bastion.fastapi.TurnBudgetMiddleware`; on PostgreSQL, at most
+    ``MAX_REQUESTS_IN_FLIGHT`` at once (:class:`~bastion.fastapi.InFlightLimitMiddleware`).
+    Add it last, so that it runs first. (``bench.floors`` gives its floors the same pacing.)
+    """
     if settings.backend == "sqlite":
         # SQLite reads run on the loop without yielding, so under load one turn would run every
         # waiting request (bench/README.md, finding 34).
@@ -107,12 +125,3 @@ def create_app(
             max_in_flight=MAX_REQUESTS_IN_FLIGHT,
             max_wait_s=settings.pool_timeout_s,
         )
-    # The API's own routes first: Starlette tries routes in order, and every request pays for
-    # each route tried before its own (the admin router alone has a dozen).
-    app.include_router(conversations.router)
-    app.include_router(messages.router)
-    app.include_router(stream.router)
-    app.include_router(create_health_router(migrations=MIGRATIONS))
-    app.include_router(create_metrics_router())
-    app.include_router(create_admin_router(migrations=MIGRATIONS, backups=backups))
-    return app
