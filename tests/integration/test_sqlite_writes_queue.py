@@ -17,6 +17,7 @@ from sqlalchemy.engine.result import IteratorResult
 from bastion import (
     Database,
     DatabaseUnavailableError,
+    IntegrityViolationError,
     TransactionConflictError,
     UniqueViolationError,
     returning_rows,
@@ -25,7 +26,7 @@ from bastion._sqlite_inline import FALLBACKS, SLOW_STATEMENTS
 from bastion._sqlite_inline_writes import FAST_WRITES
 from bastion._sqlite_writer import WriterQueue
 from tests.conftest import make_settings
-from tests.integration.sqlite_calls import thread_calls
+from tests.integration.sqlite_calls import slow_commits, thread_calls
 
 
 @pytest.fixture
@@ -185,20 +186,99 @@ async def test_a_lean_write_that_fails_rolls_its_unit_back(database: Database) -
     assert ids == [1, 5]
 
 
-async def test_a_write_unit_hops_to_the_thread_for_its_commit_only(database: Database) -> None:
-    # BEGIN IMMEDIATE, the cursors and the pool's rollback after COMMIT run on the loop.
+async def test_a_write_unit_known_fast_makes_no_thread_hop_at_all(database: Database) -> None:
+    # BEGIN IMMEDIATE, the cursors, the statement, COMMIT (the fixture's was fast) and the
+    # pool's rollback after it all run on the loop.
     update = text("UPDATE counter SET n = n + 1 WHERE id = 1")
     async with database.write_connection() as connection:
         await connection.execute(update)  # known fast from here on
         driver = (await connection.get_raw_connection()).driver_connection
+    assert driver._bastion_commits.on_loop
     after_first = driver._bastion_queued
     async with database.write_connection() as connection:
         assert (await connection.get_raw_connection()).driver_connection is driver
-        at_start = await thread_calls(connection)
         await connection.execute(update)
-        before_commit = await thread_calls(connection)
-    assert (at_start - after_first, before_commit - at_start) == (0, 0)
-    assert driver._bastion_queued - before_commit == 1  # the COMMIT
+    assert driver._bastion_queued == after_first
+    async with database.read_connection() as connection:
+        assert await connection.scalar(text("SELECT n FROM counter")) == 2
+
+
+async def test_an_engines_first_commit_runs_on_the_thread(tmp_path: Path) -> None:
+    settings = make_settings(f"sqlite:///{tmp_path / 'first.db'}")
+    async with Database(settings) as db:
+        async with db.write_connection() as connection:
+            await connection.execute(text("CREATE TABLE t (n INT)"))
+            driver = (await connection.get_raw_connection()).driver_connection
+            assert not driver._bastion_commits.on_loop
+            before_commit = driver._bastion_queued
+        assert driver._bastion_queued == before_commit + 1  # the COMMIT, timed there
+        assert driver._bastion_commits.on_loop
+
+
+async def test_a_commit_over_the_budget_on_the_loop_sends_commits_back_to_the_thread(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = slow_commits(monkeypatch)
+    update = text("UPDATE counter SET n = n + 1 WHERE id = 1")
+    async with database.write_connection() as connection:
+        await connection.execute(update)
+        driver = (await connection.get_raw_connection()).driver_connection
+        place = driver._bastion_commits
+        assert place.on_loop
+        fallbacks = FALLBACKS["slow_commit"]
+        clock.slow = True  # this unit's COMMIT, on the loop, takes 3 ms
+    assert not place.on_loop
+    assert FALLBACKS["slow_commit"] == fallbacks + 1
+    async with database.write_connection() as connection:
+        await connection.execute(update)
+        before_commit = driver._bastion_queued
+    assert driver._bastion_queued == before_commit + 1  # on the thread, still slow there
+    assert not place.on_loop
+    clock.slow = False
+    async with database.write_connection() as connection:
+        await connection.execute(update)
+    assert place.on_loop  # a fast COMMIT on the thread brings them back
+    async with database.read_connection() as connection:
+        assert await connection.scalar(text("SELECT n FROM counter")) == 3
+
+
+@pytest.mark.parametrize("on_loop", [True, False], ids=["on_the_loop", "on_the_thread"])
+async def test_a_commit_that_fails_rolls_its_unit_back_and_frees_the_write_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_loop: bool
+) -> None:
+    # A deferred foreign key is checked at COMMIT, which fails and leaves SQLite's transaction
+    # open: it must be rolled back there, not left holding the write lock.
+    slow_commits(monkeypatch, slow=not on_loop)
+    path = tmp_path / "deferred.db"
+    async with Database(make_settings(f"sqlite:///{path}")) as db:
+        async with db.write_connection() as connection:
+            await connection.execute(text("CREATE TABLE parent (id INTEGER PRIMARY KEY)"))
+            await connection.execute(
+                text(
+                    "CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INT REFERENCES "
+                    "parent (id) DEFERRABLE INITIALLY DEFERRED)"
+                )
+            )
+        async with db.write_connection() as connection:
+            await connection.execute(text("INSERT INTO parent VALUES (1)"))
+            driver = (await connection.get_raw_connection()).driver_connection
+        assert driver._bastion_commits.on_loop is on_loop
+        with pytest.raises(IntegrityViolationError):
+            async with db.write_connection() as connection:
+                await connection.execute(text("INSERT INTO child VALUES (1, 1)"))
+                await connection.execute(text("INSERT INTO child VALUES (2, 99)"))
+        assert not driver._connection.in_transaction
+        other = sqlite3.connect(path, isolation_level=None, timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # the write lock is free: no "database is locked"
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        async with db.write_connection() as connection:
+            await connection.execute(text("INSERT INTO child VALUES (3, 1)"))
+        async with db.read_connection() as connection:
+            ids = (await connection.scalars(text("SELECT id FROM child"))).all()
+        assert ids == [3]
 
 
 class LockedByAnotherProcess:
