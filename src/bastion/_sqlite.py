@@ -226,6 +226,9 @@ def install_sqlite_listeners(
                 cursor.execute("PRAGMA journal_mode=WAL")
                 # The mode the file is in: a file system without shared memory keeps another.
                 wal = str(cursor.fetchone()[0]).lower() == "wal"
+                if inline_writes and wal:
+                    # Its unit checkpoints, off the loop (bastion._sqlite_inline_writes).
+                    cursor.execute("PRAGMA wal_autocheckpoint=0")
             cursor.execute("PRAGMA foreign_keys=ON")
             # An inline read must fail at once rather than wait on the loop; see InlineReads.
             cursor.execute(f"PRAGMA busy_timeout={0 if inline else int(busy_timeout_ms)}")

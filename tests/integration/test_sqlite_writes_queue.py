@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,11 @@ from bastion import (
     returning_rows,
 )
 from bastion._sqlite_inline import FALLBACKS, SLOW_STATEMENTS
-from bastion._sqlite_inline_writes import FAST_WRITES
+from bastion._sqlite_inline_writes import (
+    CHECKPOINT_AFTER_CHANGES,
+    CHECKPOINT_EVERY,
+    FAST_WRITES,
+)
 from bastion._sqlite_writer import WriterQueue
 from tests.conftest import make_settings
 from tests.integration.sqlite_calls import slow_commits, thread_calls
@@ -398,3 +403,54 @@ async def test_a_unit_cancelled_while_its_begin_waits_discards_its_connection(
         await connection.execute(text("INSERT INTO t VALUES (2)"))
     async with db.read_connection() as connection:
         assert (await connection.scalars(text("SELECT n FROM t"))).all() == [2]
+
+
+def _rows_in_main_file(path: Path, copy: Path) -> int:
+    """Rows of ``counter`` in the database file itself, without its WAL: what a checkpoint
+    has copied there."""
+    copy.write_bytes(path.read_bytes())
+    with closing(sqlite3.connect(copy)) as plain:
+        if plain.execute("SELECT 1 FROM sqlite_master WHERE name = 'counter'").fetchone() is None:
+            return 0  # not even the table
+        return int(plain.execute("SELECT count(*) FROM counter").fetchone()[0])
+
+
+async def test_the_wal_is_checkpointed_on_the_thread_every_so_many_commits(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "checkpoints.db"
+    async with Database(make_settings(f"sqlite:///{path}")) as db:
+        async with db.write_connection() as connection:
+            await connection.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INT)"))
+            driver = (await connection.get_raw_connection()).driver_connection
+            autocheckpoint = await connection.scalar(text("PRAGMA wal_autocheckpoint"))
+        assert autocheckpoint == 0  # not inside a COMMIT, which may run on the loop
+        place = driver._bastion_commits
+        assert place.commits == 1
+        for n in range(CHECKPOINT_EVERY - 2):
+            async with db.write_connection() as connection:
+                await connection.execute(text("INSERT INTO counter VALUES (:n, 0)"), {"n": n})
+        copy = tmp_path / "copy.db"
+        assert _rows_in_main_file(path, copy) == 0  # all of it still in the WAL
+        before = driver._bastion_queued
+        async with db.write_connection() as connection:  # the engine's 100th COMMIT
+            await connection.execute(text("INSERT INTO counter VALUES (:n, 0)"), {"n": -1})
+        assert driver._bastion_queued == before + 1  # the checkpoint, on the thread
+        assert place.commits == 0
+        assert _rows_in_main_file(path, copy) == CHECKPOINT_EVERY - 1
+
+
+async def test_a_commit_of_many_changes_checkpoints_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "bulk.db"
+    async with Database(make_settings(f"sqlite:///{path}")) as db:
+        async with db.write_connection() as connection:
+            await connection.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INT)"))
+        async with db.write_connection() as connection:
+            await connection.execute(
+                text(
+                    "WITH RECURSIVE k(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM k "
+                    "WHERE n < :rows) INSERT INTO counter SELECT n, n FROM k"
+                ),
+                {"rows": CHECKPOINT_AFTER_CHANGES},
+            )
+        assert _rows_in_main_file(path, tmp_path / "copy.db") == CHECKPOINT_AFTER_CHANGES
