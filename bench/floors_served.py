@@ -16,7 +16,9 @@ and not by the same amount for every app (bench/README.md, fifteenth pass: the r
 SQLite point read 338 against 600 us, ``raw``'s 82 against 150), so in-process bounds can
 say a target is within reach when it is not. A server that uses a whole core serves
 ``1 / CPU per request``; where one uses less (waiting on its database), its req/s falls
-further behind than its CPU says, so a bound stays an upper bound.
+further behind than its CPU says, so a bound stays an upper bound. ``naive`` on SQLite uses
+a little more than a core (aiosqlite's thread beside the loop), so its req/s is a little
+higher than its CPU says, and the bounds to ``naive`` a little lower than printed.
 """
 
 from __future__ import annotations
