@@ -27,7 +27,7 @@ from sqlalchemy.util import await_
 
 from bastion._lean_transactions import raise_as_sqlalchemy
 from bastion._sqlite_inline import InlineAdaptedConnection, InlineReads, inline_driver_class
-from bastion._sqlite_inline_writes import BEGIN_WRITE, CommitPlace, InlineWrites
+from bastion._sqlite_inline_writes import BEGIN_WRITE, InlineWrites
 
 __all__ = ["UNIT_OPTION", "install_sqlite_listeners", "sqlite_connect_args"]
 
@@ -206,9 +206,6 @@ def install_sqlite_listeners(
     elif inline_writes:
         mixins = (_StopOnce, InlineWrites)
     event.listen(engine, "connect", _adopt_driver_connection(*mixins), insert=True)
-    # Where this engine's write units COMMIT (bastion._sqlite_inline_writes): one record for
-    # all its connections, which write to the same file.
-    commits = CommitPlace()
 
     @event.listens_for(engine, "connect")
     def _configure_connection(dbapi_connection: Any, record: Any) -> None:
@@ -220,15 +217,9 @@ def install_sqlite_listeners(
         # None: the driver never emits BEGIN/COMMIT on its own; see the module docstring.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        wal = False
         try:
             if not memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
-                # The mode the file is in: a file system without shared memory keeps another.
-                wal = str(cursor.fetchone()[0]).lower() == "wal"
-                if inline_writes and wal:
-                    # Its unit checkpoints, off the loop (bastion._sqlite_inline_writes).
-                    cursor.execute("PRAGMA wal_autocheckpoint=0")
             cursor.execute("PRAGMA foreign_keys=ON")
             # An inline read must fail at once rather than wait on the loop; see InlineReads.
             cursor.execute(f"PRAGMA busy_timeout={0 if inline else int(busy_timeout_ms)}")
@@ -239,8 +230,6 @@ def install_sqlite_listeners(
         if inline or inline_writes:
             driver_connection = dbapi_connection.driver_connection
             driver_connection._bastion_busy_timeout_ms = busy_timeout_ms
-            if inline_writes and wal:
-                driver_connection._bastion_commits = commits
             driver_connection._bastion_deadline = deadline  # last: from here calls may go inline
 
     @event.listens_for(engine, "reset")

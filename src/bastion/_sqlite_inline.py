@@ -90,10 +90,9 @@ class StatementSet:
 SLOW_STATEMENTS: Final = StatementSet(_MAX_SLOW_STATEMENTS)
 """SQL texts that overran the inline budget: they run on the thread until a run is fast."""
 
-FALLBACKS: Final[dict[str, int]] = {"budget": 0, "busy": 0, "known_slow": 0, "slow_commit": 0}
+FALLBACKS: Final[dict[str, int]] = {"budget": 0, "busy": 0, "known_slow": 0}
 """Statements sent to the thread, by reason, in this process
-(``bastion_sqlite_inline_fallbacks``); ``slow_commit``: a COMMIT on the loop overran the budget
-and sent its engine's COMMITs back to the thread (:mod:`bastion._sqlite_inline_writes`)."""
+(``bastion_sqlite_inline_fallbacks``)."""
 
 
 class MustWait(Exception):  # noqa: N818 - a signal, not an error

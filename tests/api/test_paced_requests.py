@@ -8,14 +8,12 @@ import asyncio
 from typing import Any, TypeVar
 
 import httpx
-import pytest
 from fastapi import FastAPI
 
 from bastion import DatabaseSettings
 from bastion.fastapi import InFlightLimitMiddleware, TurnBudgetMiddleware
 from conversations.app import create_app
 from tests.conftest import Users, new_conversation, serve
-from tests.integration.sqlite_calls import slow_commits
 
 MiddlewareT = TypeVar("MiddlewareT")
 
@@ -81,12 +79,8 @@ async def test_the_service_paces_starts_on_sqlite_and_limits_in_flight_on_postgr
 
 
 async def test_requests_limited_to_one_in_flight_are_all_served_in_full(
-    settings: DatabaseSettings, users: Users, monkeypatch: pytest.MonkeyPatch
+    settings: DatabaseSettings, users: Users
 ) -> None:
-    # On SQLite, COMMITs as slow as the disk of a busy machine: they run on aiosqlite's
-    # thread, so a write suspends there and others come in. (Known fast, a request would run
-    # to its end on the loop, and no other would ever wait for its place.)
-    slow_commits(monkeypatch, slow=True)
     app = with_only(create_app(settings), InFlightLimitMiddleware, max_in_flight=1)
     async with serve(app) as client:
         cid = await new_conversation(client, users)
@@ -155,9 +149,8 @@ async def test_without_the_middleware_the_metrics_have_no_pacing_counters(
 
 
 async def test_the_limit_counters_are_scraped_with_the_database_metrics(
-    settings: DatabaseSettings, users: Users, monkeypatch: pytest.MonkeyPatch
+    settings: DatabaseSettings, users: Users
 ) -> None:
-    slow_commits(monkeypatch, slow=True)  # as in the test above: writes suspend on SQLite
     app = with_only(create_app(settings), InFlightLimitMiddleware, max_in_flight=1)
     async with serve(app) as client:
         cid = await new_conversation(client, users)

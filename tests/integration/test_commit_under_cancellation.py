@@ -37,7 +37,6 @@ from bastion.breaker import is_outage
 from bastion.errors import CircuitOpenError
 from bastion.fastapi import WriteConnection, WriteSession, database_lifespan
 from tests.conftest import _asyncpg_dsn, make_settings, serve
-from tests.integration.sqlite_calls import slow_commits
 
 COMMIT_SLEEP_S = 1.0
 """How long the trigger holds each COMMIT: long enough to be seen running and cancelled."""
@@ -316,10 +315,8 @@ async def test_a_connection_lost_mid_commit_while_cancelled_counts_for_the_break
 
 @pytest.mark.parametrize("unit", ["write_connection", "write"])
 async def test_a_unit_cancelled_while_its_commit_is_on_sqlite_s_thread_still_commits(
-    tmp_path: Path, unit: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, unit: str
 ) -> None:
-    # COMMITs as slow as a busy disk's stay on the thread (bastion._sqlite_inline_writes).
-    slow_commits(monkeypatch, slow=True)
     path = tmp_path / "commits.db"
     async with Database(make_settings(f"sqlite:///{path}")) as database:
         async with database.write_connection() as connection:

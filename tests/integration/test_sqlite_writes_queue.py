@@ -7,7 +7,6 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,10 @@ from bastion import (
     returning_rows,
 )
 from bastion._sqlite_inline import FALLBACKS, SLOW_STATEMENTS
-from bastion._sqlite_inline_writes import (
-    CHECKPOINT_AFTER_CHANGES,
-    CHECKPOINT_EVERY,
-    FAST_WRITES,
-)
+from bastion._sqlite_inline_writes import FAST_WRITES
 from bastion._sqlite_writer import WriterQueue
 from tests.conftest import make_settings
-from tests.integration.sqlite_calls import slow_commits, thread_calls
+from tests.integration.sqlite_calls import thread_calls
 
 
 @pytest.fixture
@@ -191,69 +186,27 @@ async def test_a_lean_write_that_fails_rolls_its_unit_back(database: Database) -
     assert ids == [1, 5]
 
 
-async def test_a_write_unit_known_fast_makes_no_thread_hop_at_all(database: Database) -> None:
-    # BEGIN IMMEDIATE, the cursors, the statement, COMMIT (the fixture's was fast) and the
-    # pool's rollback after it all run on the loop.
+async def test_a_write_unit_hops_to_the_thread_for_its_commit_only(database: Database) -> None:
+    # BEGIN IMMEDIATE, the cursors and the pool's rollback after COMMIT run on the loop.
     update = text("UPDATE counter SET n = n + 1 WHERE id = 1")
     async with database.write_connection() as connection:
         await connection.execute(update)  # known fast from here on
         driver = (await connection.get_raw_connection()).driver_connection
-    assert driver._bastion_commits.on_loop
     after_first = driver._bastion_queued
     async with database.write_connection() as connection:
         assert (await connection.get_raw_connection()).driver_connection is driver
+        at_start = await thread_calls(connection)
         await connection.execute(update)
-    assert driver._bastion_queued == after_first
-    async with database.read_connection() as connection:
-        assert await connection.scalar(text("SELECT n FROM counter")) == 2
+        before_commit = await thread_calls(connection)
+    assert (at_start - after_first, before_commit - at_start) == (0, 0)
+    assert driver._bastion_queued - before_commit == 1  # the COMMIT
 
 
-async def test_an_engines_first_commit_runs_on_the_thread(tmp_path: Path) -> None:
-    settings = make_settings(f"sqlite:///{tmp_path / 'first.db'}")
-    async with Database(settings) as db:
-        async with db.write_connection() as connection:
-            await connection.execute(text("CREATE TABLE t (n INT)"))
-            driver = (await connection.get_raw_connection()).driver_connection
-            assert not driver._bastion_commits.on_loop
-            before_commit = driver._bastion_queued
-        assert driver._bastion_queued == before_commit + 1  # the COMMIT, timed there
-        assert driver._bastion_commits.on_loop
-
-
-async def test_a_commit_over_the_budget_on_the_loop_sends_commits_back_to_the_thread(
-    database: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    clock = slow_commits(monkeypatch)
-    update = text("UPDATE counter SET n = n + 1 WHERE id = 1")
-    async with database.write_connection() as connection:
-        await connection.execute(update)
-        driver = (await connection.get_raw_connection()).driver_connection
-        place = driver._bastion_commits
-        assert place.on_loop
-        fallbacks = FALLBACKS["slow_commit"]
-        clock.slow = True  # this unit's COMMIT, on the loop, takes 3 ms
-    assert not place.on_loop
-    assert FALLBACKS["slow_commit"] == fallbacks + 1
-    async with database.write_connection() as connection:
-        await connection.execute(update)
-        before_commit = driver._bastion_queued
-    assert driver._bastion_queued == before_commit + 1  # on the thread, still slow there
-    assert not place.on_loop
-    clock.slow = False
-    async with database.write_connection() as connection:
-        await connection.execute(update)
-    assert place.on_loop  # a fast COMMIT on the thread brings them back
-    async with database.read_connection() as connection:
-        assert await connection.scalar(text("SELECT n FROM counter")) == 3
-
-
-@pytest.mark.parametrize("on_loop", [True, False], ids=["on_the_loop", "on_the_thread"])
 async def test_a_commit_that_fails_rolls_its_unit_back_and_frees_the_write_lock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_loop: bool
+    tmp_path: Path,
 ) -> None:
     # A deferred foreign key is checked at COMMIT, which fails and leaves SQLite's transaction
     # open: it must be rolled back there, not left holding the write lock.
-    slow_commits(monkeypatch, slow=not on_loop)
     path = tmp_path / "deferred.db"
     async with Database(make_settings(f"sqlite:///{path}")) as db:
         async with db.write_connection() as connection:
@@ -267,7 +220,6 @@ async def test_a_commit_that_fails_rolls_its_unit_back_and_frees_the_write_lock(
         async with db.write_connection() as connection:
             await connection.execute(text("INSERT INTO parent VALUES (1)"))
             driver = (await connection.get_raw_connection()).driver_connection
-        assert driver._bastion_commits.on_loop is on_loop
         with pytest.raises(IntegrityViolationError):
             async with db.write_connection() as connection:
                 await connection.execute(text("INSERT INTO child VALUES (1, 1)"))
@@ -403,54 +355,3 @@ async def test_a_unit_cancelled_while_its_begin_waits_discards_its_connection(
         await connection.execute(text("INSERT INTO t VALUES (2)"))
     async with db.read_connection() as connection:
         assert (await connection.scalars(text("SELECT n FROM t"))).all() == [2]
-
-
-def _rows_in_main_file(path: Path, copy: Path) -> int:
-    """Rows of ``counter`` in the database file itself, without its WAL: what a checkpoint
-    has copied there."""
-    copy.write_bytes(path.read_bytes())
-    with closing(sqlite3.connect(copy)) as plain:
-        if plain.execute("SELECT 1 FROM sqlite_master WHERE name = 'counter'").fetchone() is None:
-            return 0  # not even the table
-        return int(plain.execute("SELECT count(*) FROM counter").fetchone()[0])
-
-
-async def test_the_wal_is_checkpointed_on_the_thread_every_so_many_commits(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "checkpoints.db"
-    async with Database(make_settings(f"sqlite:///{path}")) as db:
-        async with db.write_connection() as connection:
-            await connection.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INT)"))
-            driver = (await connection.get_raw_connection()).driver_connection
-            autocheckpoint = await connection.scalar(text("PRAGMA wal_autocheckpoint"))
-        assert autocheckpoint == 0  # not inside a COMMIT, which may run on the loop
-        place = driver._bastion_commits
-        assert place.commits == 1
-        for n in range(CHECKPOINT_EVERY - 2):
-            async with db.write_connection() as connection:
-                await connection.execute(text("INSERT INTO counter VALUES (:n, 0)"), {"n": n})
-        copy = tmp_path / "copy.db"
-        assert _rows_in_main_file(path, copy) == 0  # all of it still in the WAL
-        before = driver._bastion_queued
-        async with db.write_connection() as connection:  # the engine's 100th COMMIT
-            await connection.execute(text("INSERT INTO counter VALUES (:n, 0)"), {"n": -1})
-        assert driver._bastion_queued == before + 1  # the checkpoint, on the thread
-        assert place.commits == 0
-        assert _rows_in_main_file(path, copy) == CHECKPOINT_EVERY - 1
-
-
-async def test_a_commit_of_many_changes_checkpoints_at_once(tmp_path: Path) -> None:
-    path = tmp_path / "bulk.db"
-    async with Database(make_settings(f"sqlite:///{path}")) as db:
-        async with db.write_connection() as connection:
-            await connection.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INT)"))
-        async with db.write_connection() as connection:
-            await connection.execute(
-                text(
-                    "WITH RECURSIVE k(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM k "
-                    "WHERE n < :rows) INSERT INTO counter SELECT n, n FROM k"
-                ),
-                {"rows": CHECKPOINT_AFTER_CHANGES},
-            )
-        assert _rows_in_main_file(path, tmp_path / "copy.db") == CHECKPOINT_AFTER_CHANGES
