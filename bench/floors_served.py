@@ -28,8 +28,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -40,12 +38,13 @@ from bench.floors import ANSWERS, APPS, report
 from bench.run import (
     BASTION_UVLOOP,
     CONNECTIONS,
-    ROOT,
     SCENARIOS,
     Server,
     create_postgres_database,
     drop_postgres_database,
     run_wrk,
+    seed,
+    server_env,
 )
 
 FACTORY: Final = "bench.floors_served:served_app"
@@ -212,19 +211,9 @@ def main() -> None:
             url = asyncio.run(create_postgres_database(name))
         else:
             url = f"sqlite:///{workdir}/{name}.db"
-        env = {
-            **os.environ,
-            "DATABASE_URL": url,
-            "BENCH_DATABASE_URL": url,
-            # make bench's pools: 16 connections per variant (bastion: per pool).
-            "DB_POOL_SIZE": "8",
-            "DB_MAX_OVERFLOW": "8",
-            "PYTHONPATH": str(ROOT),
-        }
+        env = server_env(url)  # make bench's, pools included
         try:
-            subprocess.run(
-                [sys.executable, "-m", "bench.seed", str(workdir)], env=env, cwd=ROOT, check=True
-            )
+            seed(env, workdir)
             key = (workdir / "key.txt").read_text().strip()
             ids = (workdir / "ids.txt").read_text().split()
             wrk_env = {"BENCH_IDS": str(workdir / "ids.txt"), "BENCH_KEY": key}

@@ -355,6 +355,31 @@ def timed_phase(backend: str, phase: str) -> Iterator[None]:
     print(f"{backend:10} {phase} took {time.monotonic() - started:.0f} s", flush=True)
 
 
+def server_env(url: str) -> dict[str, str]:
+    """The environment of every variant's server (and of the seeding) on database ``url``."""
+    return {
+        **os.environ,
+        "DATABASE_URL": url,
+        "BENCH_DATABASE_URL": url,
+        # Each variant may use 16 connections for its work (bastion: per pool), so that all
+        # four servers fit in the shared server's max_connections (100) at once.
+        "DB_POOL_SIZE": "8",
+        "DB_MAX_OVERFLOW": "8",
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def seed(env: dict[str, str], workdir: Path) -> None:
+    """Seed the database of ``env`` (``bench.seed``: its key and ids go to ``workdir``).
+
+    Raises:
+        subprocess.CalledProcessError: seeding failed.
+    """
+    subprocess.run(
+        [sys.executable, "-m", "bench.seed", str(workdir)], env=env, cwd=ROOT, check=True
+    )
+
+
 def bench_backend(
     backend: str,
     workdir: Path,
@@ -367,21 +392,10 @@ def bench_backend(
         url = asyncio.run(create_postgres_database("bastion_bench"))
     else:
         url = f"sqlite:///{workdir}/bench.db"
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "BENCH_DATABASE_URL": url,
-        # Each variant may use 16 connections for its work (bastion: per pool), so that all
-        # four servers fit in the shared server's max_connections (100) at once.
-        "DB_POOL_SIZE": "8",
-        "DB_MAX_OVERFLOW": "8",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = server_env(url)
     try:
         with timed_phase(backend, "seeding"):
-            subprocess.run(
-                [sys.executable, "-m", "bench.seed", str(workdir)], env=env, cwd=ROOT, check=True
-            )
+            seed(env, workdir)
         wrk_env = {
             "BENCH_IDS": str(workdir / "ids.txt"),
             "BENCH_KEY": (workdir / "key.txt").read_text().strip(),
